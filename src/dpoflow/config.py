@@ -1,0 +1,163 @@
+"""Typed run configuration: one pydantic model per step plus the run.
+
+`params.yaml` at the repository root is the default run (the demo). The CLI, DVC and KFP all load it
+with `load_config`, apply `--set a.b=c` overrides with `apply_overrides`, and hash it with
+`config_hash`. Every model forbids unknown keys, so a typo is an error that names the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message says which key and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DvcSource(_Strict):
+    repo: str = Field(description="git+DVC repository: a local path or a git URL")
+    path: str = Field(description="path of the data file or folder inside the repo")
+    rev: str | None = Field(None, description="git revision (commit, tag, branch); None = working tree/HEAD")
+
+
+class DemoConfig(_Strict):
+    n_reviews: int = Field(6000, ge=10, description="number of generated reviews")
+    seed: int = Field(0, description="seed of the review grammar")
+
+
+class DataConfig(_Strict):
+    kind: Literal["preferences", "sft", "prompts"] = Field(
+        "sft", description="what the source holds: preference pairs, an SFT corpus, or prompts only"
+    )
+    source: str = Field(
+        "demo", description="'demo' (generated corpus), a local file/folder, or 'hub:<id>' (online only)"
+    )
+    dvc: DvcSource | None = Field(None, description="read `source` from a DVC repo at a revision instead")
+    format: Literal["auto", "standard", "implicit", "conversational"] = Field(
+        "auto", description="preference format; auto = detect from the columns"
+    )
+    mode: Literal["strict", "quarantine"] = Field(
+        "strict", description="strict: fail on any bad row; quarantine: set bad rows aside with a reason"
+    )
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of prompts held out (by hash)")
+    max_prompt_tokens: int = Field(256, gt=0, description="longest allowed prompt (tokens, else chars)")
+    tokenizer: str | None = Field(None, description="tokenizer dir for max_prompt_tokens; None = chars")
+    prompt_words: tuple[int, int] = Field(
+        (2, 8), description="for an SFT corpus: prompts are review openings of this many words"
+    )
+    demo: DemoConfig = DemoConfig()
+
+    @model_validator(mode="after")
+    def _check_words(self) -> DataConfig:
+        low, high = self.prompt_words
+        if not 1 <= low <= high:
+            raise ValueError(f"prompt_words must be [min, max] with 1 <= min <= max, got {list(self.prompt_words)}")
+        return self
+
+
+class RunConfig(_Strict):
+    name: str = Field("demo", description="run name: outputs go to <output_dir>/<name>")
+    output_dir: str = Field("outputs", description="root folder of step outputs")
+    seed: int = Field(0, description="global seed")
+
+
+class Config(_Strict):
+    run: RunConfig = RunConfig()
+    data: DataConfig = DataConfig()
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _format_validation_error(error: ValidationError, origin: str) -> str:
+    lines = [f"invalid config ({origin}):"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (check the spelling; `dpoflow config show` lists valid keys)")
+        else:
+            lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override value the way YAML would (`3` -> int, `true` -> bool, `[1,2]` -> list)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=c` overrides to a raw config dict; unknown keys are caught by validation later."""
+    result = json.loads(json.dumps(raw))
+    for override in overrides:
+        if "=" not in override:
+            raise ConfigError(f"override {override!r} is not of the form key.path=value")
+        key, value = override.split("=", 1)
+        parts = key.strip().split(".")
+        node = result
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = _parse_value(value)
+    return result
+
+
+def load_config(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> Config:
+    """Load and validate a config file (None or a missing default file = all defaults)."""
+    raw: dict = {}
+    origin = "defaults"
+    if path is not None:
+        path = Path(path)
+        if path.exists():
+            origin = str(path)
+            raw = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+        elif str(path) != "params.yaml":
+            raise ConfigError(f"config file {path} does not exist")
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+        origin += " + --set " + " ".join(overrides)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error, origin)) from None
+
+
+def config_dict(config: BaseModel) -> dict:
+    return config.model_dump(mode="json")
+
+
+def config_hash(config: BaseModel) -> str:
+    """Stable hash of a resolved config: same values => same hash, whatever the key order."""
+    canonical = json.dumps(config_dict(config), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}: the form MLflow params and DVC params use."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat

@@ -1,0 +1,63 @@
+"""The command line and the DVC stage call the same step; `--help` lists only working commands."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def dpoflow(*args, cwd=ROOT, check=True):
+    result = subprocess.run([str(BIN / "dpoflow"), *args], cwd=cwd, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(result.stderr)
+    return result
+
+
+def test_data_command_shortcuts(tmp_path):
+    rows = [{"prompt": f"q{i}", "chosen": "a", "rejected": "b"} for i in range(8)] + [{"prompt": "q9", "chosen": "x"}]
+    source = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    failed = dpoflow("data", "--set", "data.kind=preferences", "--source", str(source), "--out", str(tmp_path / "s"),
+                     check=False)
+    assert failed.returncode == 1 and "row 9: missing_field - field 'rejected' is missing" in failed.stderr
+    assert "--mode quarantine" in failed.stderr
+    ok = dpoflow("data", "--set", "data.kind=preferences", "--source", str(source), "--mode", "quarantine",
+                 "--out", str(tmp_path / "q"))
+    assert "9 rows in, 8 kept, quarantined {'missing_field': 1}" in ok.stdout
+    stats = json.loads((tmp_path / "q" / "stats.json").read_text())
+    assert stats["rows_in"] == 9 and stats["kept"] == 8 and stats["quarantined"] == {"missing_field": 1}
+
+
+def test_bad_override_exits_2_naming_the_key():
+    result = dpoflow("config", "show", "--set", "data.nope=1", check=False)
+    assert result.returncode == 2 and "data.nope: unknown key" in result.stderr
+
+
+def test_config_show_prints_hash():
+    out = dpoflow("config", "show").stdout
+    assert json.loads(out.rsplit("config_hash:", 1)[0])["data"]["source"] == "demo"
+    assert len(out.rsplit("config_hash: ", 1)[1].strip()) == 16
+
+
+@pytest.mark.slow
+def test_dvc_repro_data_in_a_fresh_copy(tmp_path):
+    """`dvc repro data` in a fresh git clone-like copy of the project runs `dpoflow data`."""
+    work = tmp_path / "project"
+    tracked = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.split()
+    for name in tracked:
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, work / name)
+    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
+    env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    subprocess.run([str(BIN / "dvc"), "repro", "--force", "data"], cwd=work, check=True, env=env,
+                   capture_output=True, text=True)
+    stats = json.loads((work / "outputs/demo/data/stats.json").read_text())
+    assert stats["rows_in"] == stats["kept"] > 0
+    assert (work / "dvc.lock").exists()
