@@ -12,8 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def write_jsonl(path: Path, rows) -> Path:
     with open(path, "wb") as handle:
-        for row in rows:
-            handle.write(row if isinstance(row, bytes) else (json.dumps(row) + "\n").encode())
+        handle.writelines(row if isinstance(row, bytes) else (json.dumps(row) + "\n").encode() for row in rows)
     return path
 
 

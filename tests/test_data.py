@@ -4,8 +4,8 @@ import json
 
 import pandas as pd
 import pytest
-from conftest import write_jsonl
 
+from conftest import write_jsonl
 from dpoflow.config import DataConfig
 from dpoflow.data.formats import common_prefix
 from dpoflow.data.step import DataValidationError, run_data, split_of

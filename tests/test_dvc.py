@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-from conftest import write_jsonl
 
+from conftest import write_jsonl
 from dpoflow.config import DataConfig, DvcSource
 from dpoflow.data.step import run_data
 

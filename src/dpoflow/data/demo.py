@@ -14,14 +14,7 @@ import re
 from functools import lru_cache
 
 # Candidates, read naturally after "the plot was ..."; polarity is taken from the VADER lexicon.
-_ADJECTIVE_CANDIDATES = (
-    "great wonderful brilliant beautiful charming clever stunning strong fun funny delightful superb "
-    "excellent lovely gorgeous fresh honest perfect fantastic amazing sweet hilarious original impressive "
-    "awesome enjoyable entertaining inspiring warm exciting smart powerful touching fascinating magnificent "
-    "awful terrible boring dull weak horrible stupid annoying painful confusing disappointing ugly "
-    "pathetic lame poor dumb messy bad sad cheap tiresome lousy awkward "
-    "long quiet slow dark simple loud familiar short busy steady modern classic"
-).split()
+_ADJECTIVE_CANDIDATES = ["great", "wonderful", "brilliant", "beautiful", "charming", "clever", "stunning", "strong", "fun", "funny", "delightful", "superb", "excellent", "lovely", "gorgeous", "fresh", "honest", "perfect", "fantastic", "amazing", "sweet", "hilarious", "original", "impressive", "awesome", "enjoyable", "entertaining", "inspiring", "warm", "exciting", "smart", "powerful", "touching", "fascinating", "magnificent", "awful", "terrible", "boring", "dull", "weak", "horrible", "stupid", "annoying", "painful", "confusing", "disappointing", "ugly", "pathetic", "lame", "poor", "dumb", "messy", "bad", "sad", "cheap", "tiresome", "lousy", "awkward", "long", "quiet", "slow", "dark", "simple", "loud", "familiar", "short", "busy", "steady", "modern", "classic"]
 _NOUN_PHRASES = (
     "movie", "film", "story", "plot", "script", "cast", "acting", "ending", "soundtrack", "dialogue",
     "direction", "pacing", "camera work", "lead actor", "villain", "score", "first half", "finale",

@@ -183,8 +183,7 @@ def run_data(cfg: DataConfig, out_dir: str | Path, seed: int = 0) -> DataResult:
     quarantine_path.unlink(missing_ok=True)
     if bad:
         with open(quarantine_path, "w") as handle:
-            for item in bad:
-                handle.write(json.dumps(item, ensure_ascii=False, default=str) + "\n")
+            handle.writelines(json.dumps(item, ensure_ascii=False, default=str) + "\n" for item in bad)
 
     dataset = {**asdict(info), "data_kind": cfg.kind}
     stats = {
