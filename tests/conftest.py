@@ -19,3 +19,44 @@ def write_jsonl(path: Path, rows) -> Path:
 @pytest.fixture(autouse=True)
 def _hf_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path_factory.getbasetemp() / "hf_home"))
+
+
+PAIR_WORDS = "great fun lovely dull awful boring superb film movie plot acting was the a and it is".split()
+
+
+def make_pairs(n: int, seed: int = 0):
+    import random
+
+    import pandas as pd
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        prompt = " ".join(rng.choice(PAIR_WORDS) for _ in range(rng.randint(2, 6))) + f" {i}"
+        chosen = " " + " ".join(rng.choice(PAIR_WORDS[:7]) for _ in range(rng.randint(1, 6)))
+        rejected = " " + " ".join(rng.choice(PAIR_WORDS[3:]) for _ in range(rng.randint(1, 8)))
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected + " no", "prompt_messages": ""})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny Llama + BPE tokenizer built from a config, saved as safetensors (nothing downloaded)."""
+    from dpoflow.modeling import build_model, train_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny_model")
+    frame = make_pairs(64, seed=99)
+    texts = (frame.prompt + frame.chosen).tolist() + (frame.prompt + frame.rejected).tolist()
+    tokenizer = train_tokenizer(texts * 4, vocab_size=320)
+    model = build_model(tokenizer, "tiny", seed=0)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def pairs_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pairs")
+    make_pairs(16).to_parquet(path / "train.parquet")
+    make_pairs(8, seed=1).to_parquet(path / "eval.parquet")
+    return path

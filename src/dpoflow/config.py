@@ -65,15 +65,71 @@ class DataConfig(_Strict):
         return self
 
 
+class ModelConfig(_Strict):
+    base: str | None = Field(None, description="base model: local dir, hub id, or models:/name@alias; None = build")
+    preset: Literal["tiny", "small"] = Field("small", description="size of a from-scratch model (base: null)")
+    vocab_size: int = Field(2000, ge=300, description="BPE vocabulary of a from-scratch tokenizer")
+    allow_pickle: bool = Field(False, description="allow non-safetensors weights (runs pickle: trusted files only)")
+    trust_remote_code: bool = Field(False, description="allow model code from the checkpoint")
+
+
+class LoraConfig(_Strict):
+    enabled: bool = Field(False, description="train LoRA adapters instead of all weights")
+    r: int = Field(8, gt=0, description="adapter rank")
+    alpha: int = Field(16, gt=0, description="adapter scaling numerator")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="adapter dropout")
+    target_modules: list[str] = Field(["q_proj", "v_proj"], description="module names that get adapters")
+
+
+class OptimConfig(_Strict):
+    optimizer: Literal["adamw", "rmsprop"] = Field("adamw", description="adamw, or rmsprop as in the DPO paper")
+    learning_rate: float = Field(5e-4, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
+    scheduler: Literal["constant", "linear", "cosine"] = Field("constant", description="schedule after warm-up")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
+    per_device_batch_size: int = Field(8, gt=0, description="pairs (or sequences) per device per micro-step")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="micro-steps per optimizer step")
+    max_steps: int = Field(100, gt=0, description="optimizer steps")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU")
+    gradient_checkpointing: bool = Field(False, description="recompute activations to save memory")
+    checkpoint_every: int = Field(0, ge=0, description="save a resumable checkpoint every N steps (0 = never)")
+    log_every: int = Field(1, gt=0, description="write metrics every N steps")
+    seed: int = Field(0, description="seed of data order and init")
+
+
+class SftConfig(OptimConfig):
+    enabled: bool = Field(True, description="fine-tune the base first; false = the base is the reference")
+    max_length: int = Field(128, gt=1, description="longest training sequence in tokens")
+
+
+class DpoConfig(OptimConfig):
+    beta: float = Field(0.1, gt=0, description="KL strength β (one run); run.betas sweeps it")
+    loss_type: Literal["sigmoid", "cdpo", "robust", "hinge", "ipo"] = Field("sigmoid", description="DPO loss variant")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="ε for cdpo/robust")
+    rpo_alpha: float = Field(0.0, ge=0.0, description="weight of the chosen-NLL term (RPO); 0 = off")
+    max_length: int = Field(128, gt=1, description="longest prompt+completion in tokens")
+    truncation: Literal["keep_start", "error"] = Field("keep_start", description="what to do with longer pairs")
+    reference: Literal["cached", "live", "lora_disabled"] = Field(
+        "cached", description="cached log-probs (default), a live frozen copy, or the LoRA base (adapters off)"
+    )
+    prefix_sharing: bool = Field(False, description="encode the prompt once for chosen and rejected")
+    lora: LoraConfig = LoraConfig()
+
+
 class RunConfig(_Strict):
     name: str = Field("demo", description="run name: outputs go to <output_dir>/<name>")
     output_dir: str = Field("outputs", description="root folder of step outputs")
     seed: int = Field(0, description="global seed")
+    betas: list[float] = Field([0.1], min_length=1, description="β values swept by `dpoflow run`")
 
 
 class Config(_Strict):
     run: RunConfig = RunConfig()
     data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    sft: SftConfig = SftConfig()
+    dpo: DpoConfig = DpoConfig()
 
 
 def _type_name(annotation: Any) -> str:

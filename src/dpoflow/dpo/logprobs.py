@@ -1,0 +1,203 @@
+"""Sequence log-probs of completions: tokenization, batch layout, and the forward that sums them.
+
+Tokenization (as TRL does for the same data): prompt tokens = the prompt text (or the chat template
+of `prompt_messages` with the generation prompt), no special tokens added; completion tokens = the
+completion text + EOS. The pair is truncated `keep_start` to `max_length` over prompt + completion.
+
+Batch layout of `collate_pairs` (B pairs -> 2B rows, chosen rows first, then rejected, prompt masked):
+
+    pairs: ("Hi", " yes"), ("Hi", " no")          tokens: Hi=5, yes=7, no=8, EOS=2, PAD=0
+    input_ids      [[5, 7, 2],      # chosen_0
+                    [5, 8, 2]]      # rejected_0
+    labels         [[-100, 7, 2],
+                    [-100, 8, 2]]   # prompt and padding are -100
+    attention_mask [[1, 1, 1], [1, 1, 1]]
+
+`SequenceLogProbs` wraps the causal LM so one forward returns per-row summed log-probs. It runs the
+decoder, then the lm_head ONLY at positions whose next token is a completion token, and takes the
+log-softmax in fp32: full-vocabulary logits for prompt positions are never built. Wrapping (rather
+than calling submodules from the loop) keeps DDP/FSDP hooks on the module that accelerate prepares.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE = -100
+
+
+class TruncationError(ValueError):
+    """A pair that cannot be trained on at the configured max_length."""
+
+
+@dataclass
+class TokenizedPairs:
+    prompt_ids: list[list[int]]
+    chosen_ids: list[list[int]]
+    rejected_ids: list[list[int]]
+    truncated: int  # pairs shortened to max_length (keep_start)
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+
+def tokenize_prompt(tokenizer, prompt: str, prompt_messages: str = "") -> list[int]:
+    if prompt_messages and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(json.loads(prompt_messages), tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
+def tokenize_completion(tokenizer, completion: str) -> list[int]:
+    return tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def tokenize_pairs(frame, tokenizer, max_length: int, truncation: str = "keep_start") -> TokenizedPairs:
+    """Tokenize a preference frame (columns prompt, chosen, rejected[, prompt_messages]).
+
+    truncation="keep_start" cuts each prompt+completion to max_length from the end; "error" refuses
+    any pair longer than max_length. A pair whose prompt alone fills max_length has nothing left to
+    score under either mode, and is always an error that names its row.
+    """
+    prompts, chosen, rejected, truncated = [], [], [], 0
+    messages = frame["prompt_messages"] if "prompt_messages" in frame else [""] * len(frame)
+    for row, (prompt, chosen_text, rejected_text, prompt_messages) in enumerate(
+        zip(frame["prompt"], frame["chosen"], frame["rejected"], messages)
+    ):
+        prompt_ids = tokenize_prompt(tokenizer, prompt, prompt_messages)
+        chosen_ids = tokenize_completion(tokenizer, chosen_text)
+        rejected_ids = tokenize_completion(tokenizer, rejected_text)
+        if len(prompt_ids) >= max_length:
+            raise TruncationError(
+                f"pair {row}: the prompt alone is {len(prompt_ids)} tokens >= max_length={max_length}, leaving no "
+                "completion token to train on; raise dpo.max_length or drop long prompts with data.max_prompt_tokens"
+            )
+        longest = len(prompt_ids) + max(len(chosen_ids), len(rejected_ids))
+        if longest > max_length:
+            if truncation == "error":
+                raise TruncationError(
+                    f"pair {row}: prompt+completion is {longest} tokens > max_length={max_length}; raise "
+                    "dpo.max_length or set dpo.truncation=keep_start"
+                )
+            truncated += 1
+            room = max_length - len(prompt_ids)
+            chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
+        prompts.append(prompt_ids)
+        chosen.append(chosen_ids)
+        rejected.append(rejected_ids)
+    return TokenizedPairs(prompts, chosen, rejected, truncated)
+
+
+def collate_pairs(pairs: TokenizedPairs, indices, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Concatenated layout: rows [chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}], right-padded."""
+    sequences, labels = [], []
+    for completions in (pairs.chosen_ids, pairs.rejected_ids):
+        for i in indices:
+            prompt = pairs.prompt_ids[i]
+            sequences.append(prompt + completions[i])
+            labels.append([IGNORE] * len(prompt) + completions[i])
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    label_tensor = torch.full((len(sequences), width), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, (sequence, label) in enumerate(zip(sequences, labels)):
+        input_ids[row, : len(sequence)] = torch.tensor(sequence)
+        label_tensor[row, : len(label)] = torch.tensor(label)
+        attention_mask[row, : len(sequence)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_tensor}
+
+
+def collate_shared_prefix(pairs: TokenizedPairs, indices, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Prefix sharing: one row per pair = [prompt, chosen, rejected], the prompt encoded once.
+
+    A block attention mask keeps chosen and rejected apart (rejected tokens see the prompt and earlier
+    rejected tokens, never chosen tokens), and rejected positions restart right after the prompt, so
+    each completion sees exactly what it sees in the concatenated layout. `labels` marks chosen
+    tokens in `chosen_labels` and rejected tokens in `rejected_labels`.
+    """
+    rows = []
+    for i in indices:
+        prompt, chosen, rejected = pairs.prompt_ids[i], pairs.chosen_ids[i], pairs.rejected_ids[i]
+        rows.append((prompt, chosen, rejected))
+    width = max(len(p) + len(c) + len(r) for p, c, r in rows)
+    batch = len(rows)
+    input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((batch, width), dtype=torch.long)
+    chosen_labels = torch.full((batch, width), IGNORE, dtype=torch.long)
+    rejected_labels = torch.full((batch, width), IGNORE, dtype=torch.long)
+    allowed = torch.zeros((batch, width, width), dtype=torch.bool)
+    for row, (prompt, chosen, rejected) in enumerate(rows):
+        p, c, r = len(prompt), len(chosen), len(rejected)
+        input_ids[row, : p + c + r] = torch.tensor(prompt + chosen + rejected)
+        position_ids[row, : p + c] = torch.arange(p + c)
+        position_ids[row, p + c : p + c + r] = torch.arange(p, p + r)
+        causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
+        block = torch.zeros(width, width, dtype=torch.bool)
+        block[: p + c, : p + c] = True
+        block[p + c : p + c + r, :p] = True
+        block[p + c : p + c + r, p + c : p + c + r] = True
+        allowed[row] = causal & block
+        allowed[row, p + c + r :, 0] = True  # padding rows attend somewhere (avoids NaN), never scored
+        # labels sit at the position of the token they score; the first rejected token is predicted
+        # from the last prompt token, which is not the previous position in this packed row
+        chosen_labels[row, p : p + c] = torch.tensor(chosen)
+        rejected_labels[row, p + c : p + c + r] = torch.tensor(rejected)
+    return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": allowed,
+            "chosen_labels": chosen_labels, "rejected_labels": rejected_labels,
+            "prompt_lengths": torch.tensor([len(p) for p, _, _ in rows])}
+
+
+def _token_logps(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor) -> torch.Tensor:
+    """Log-prob of each target token from its predecessor's hidden state; (N, H) -> (N,), fp32 softmax."""
+    logits = lm_head(hidden).float()
+    return torch.gather(F.log_softmax(logits, dim=-1), 1, targets.unsqueeze(1)).squeeze(1)
+
+
+class SequenceLogProbs(nn.Module):
+    """forward(batch) -> (summed completion log-probs per row (R,), completion token counts (R,))."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def _hidden(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+        decoder = self.model.get_decoder()
+        return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False).last_hidden_state
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if "chosen_labels" in batch:
+            return self._forward_shared_prefix(batch)
+        attention_mask = batch["attention_mask"]
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = self._hidden(batch["input_ids"], attention_mask, position_ids)  # (R, T, H)
+        labels = batch["labels"][:, 1:]  # token t is scored from position t-1
+        rows, positions = (labels != IGNORE).nonzero(as_tuple=True)
+        token_logps = _token_logps(hidden[:, :-1][rows, positions], self.model.get_output_embeddings(),
+                                   labels[rows, positions])
+        sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, rows, token_logps)
+        counts = (labels != IGNORE).sum(-1)
+        return sums, counts
+
+    def _forward_shared_prefix(self, batch):
+        mask = batch["attention_mask"][:, None, :, :]  # (B, 1, T, T) boolean: True = may attend
+        hidden = self._hidden(batch["input_ids"], mask, batch["position_ids"])
+        lm_head = self.model.get_output_embeddings()
+        results = []
+        for key in ("chosen_labels", "rejected_labels"):
+            labels = batch[key]
+            rows, positions = (labels != IGNORE).nonzero(as_tuple=True)
+            # predecessor of each scored token: the previous position, except the first completion
+            # token, which is predicted from the last prompt token
+            starts = (labels != IGNORE).int().argmax(-1)  # first scored position of each row
+            previous = torch.where(positions == starts[rows], batch["prompt_lengths"][rows] - 1, positions - 1)
+            token_logps = _token_logps(hidden[rows, previous], lm_head, labels[rows, positions])
+            sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, rows, token_logps)
+            results.append((sums, (labels != IGNORE).sum(-1)))
+        (chosen, chosen_counts), (rejected, rejected_counts) = results
+        return torch.cat([chosen, rejected]), torch.cat([chosen_counts, rejected_counts])

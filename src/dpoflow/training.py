@@ -1,0 +1,114 @@
+"""Machinery shared by the SFT and DPO loops: accelerator, optimizer, schedule, data order,
+checkpoints and metrics. The loops themselves live in sft.py and dpo/train.py.
+
+Exact resume: the data order is a pure function of (seed, epoch), so the position in the data is
+derived from the optimizer step; `accelerator.save_state` stores model, optimizer, scheduler and RNG
+states. A resumed run therefore replays exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import torch
+
+from dpoflow.config import OptimConfig
+
+STATE_FILE = "trainer_state.json"
+
+
+def make_accelerator(precision: str):
+    from accelerate import Accelerator
+
+    cuda = torch.cuda.is_available()
+    mixed = "bf16" if precision == "bf16" or (precision == "auto" and cuda) else "no"
+    return Accelerator(cpu=not cuda, mixed_precision=mixed)
+
+
+def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if cfg.optimizer == "rmsprop":  # the DPO paper's choice
+        return torch.optim.RMSprop(params, lr=cfg.learning_rate)
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer, cfg: OptimConfig):
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        if cfg.scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        if cfg.scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def global_batch_indices(n_items: int, global_batch: int, step: int, seed: int) -> list[int]:
+    """Indices of the examples of optimizer step `step` (0-based): a seeded permutation per epoch.
+
+    Drops the last incomplete global batch of an epoch so every step has the same size (the
+    invariance batch 8 x GAS 1 == batch 4 x GAS 2 == 2 ranks x batch 4 depends on it).
+    """
+    if n_items < global_batch:
+        raise ValueError(f"{n_items} examples are fewer than one global batch of {global_batch}; lower the batch size")
+    steps_per_epoch = n_items // global_batch
+    epoch, offset = divmod(step, steps_per_epoch)
+    order = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    return order[offset * global_batch : (offset + 1) * global_batch]
+
+
+def micro_batches(indices: list[int], rank: int, world: int, per_device: int) -> list[list[int]]:
+    """This rank's micro-batches of a global batch: rank r takes a contiguous share, then splits it."""
+    size = len(indices) // world
+    share = indices[rank * size : (rank + 1) * size]
+    return [share[i : i + per_device] for i in range(0, len(share), per_device)]
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    checkpoints = sorted((out_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    complete = [p for p in checkpoints if (p / STATE_FILE).exists()]  # written last: a killed save is skipped
+    return complete[-1] if complete else None
+
+
+def save_checkpoint(accelerator, out_dir: Path, step: int, keep: int = 2) -> None:
+    path = out_dir / "checkpoints" / f"step-{step}"
+    accelerator.save_state(str(path))
+    if accelerator.is_main_process:
+        (path / STATE_FILE).write_text(json.dumps({"step": step}) + "\n")
+        for old in sorted((out_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def resume_step(accelerator, out_dir: Path) -> int:
+    """Load the latest complete checkpoint into the prepared objects; return its step (0 if none)."""
+    checkpoint = latest_checkpoint(out_dir)
+    if checkpoint is None:
+        return 0
+    accelerator.load_state(str(checkpoint))
+    return json.loads((checkpoint / STATE_FILE).read_text())["step"]
+
+
+class MetricsWriter:
+    """Appends one JSON line per logged step to metrics.jsonl and forwards to an optional callback."""
+
+    def __init__(self, path: Path, enabled: bool, callback=None, resume_from: int = 0):
+        self.path, self.enabled, self.callback = path, enabled, callback
+        if enabled and path.exists():  # a resumed run keeps earlier lines up to the checkpoint
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_from]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def __call__(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: round(float(v), 8) for k, v in metrics.items()}}
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.callback:
+            self.callback(step, metrics)
