@@ -52,6 +52,55 @@ def cmd_data(args) -> int:
     return 0
 
 
+def _paths(cfg):
+    from dpoflow.runner import step_dirs
+
+    return step_dirs(cfg)
+
+
+def cmd_reference(args) -> int:
+    from dpoflow.dpo.reference import run_reference
+
+    cfg = load_config(args.config, args.overrides)
+    paths = _paths(cfg)
+    run_reference(args.pairs or paths["pairs"], args.model or paths["reference_model"], _out_dir(args, cfg, "reference"),
+                  max_length=cfg.dpo.max_length, truncation=cfg.dpo.truncation, cache_dir=args.cache_dir)
+    return 0
+
+
+def _relaunch(num_processes: int) -> int:
+    """Re-run this command under N processes: torchrun (gloo) on CPU, accelerate launch on GPUs."""
+    import os
+    import subprocess
+
+    import torch
+
+    argv = [a for i, a in enumerate(sys.argv[1:]) if a != "--num-processes" and sys.argv[i] != "--num-processes"]
+    if torch.cuda.is_available():
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes)]
+    else:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(num_processes)]
+    return subprocess.call([*launcher, "-m", "dpoflow.cli", *argv], env={**os.environ, "DPOFLOW_LAUNCHED": "1"})
+
+
+def cmd_dpo(args) -> int:
+    import os
+
+    from dpoflow.dpo.train import run_dpo
+
+    if args.num_processes > 1 and not os.environ.get("DPOFLOW_LAUNCHED") and "WORLD_SIZE" not in os.environ:
+        return _relaunch(args.num_processes)
+    cfg = load_config(args.config, args.overrides)
+    paths = _paths(cfg)
+    out_dir = _out_dir(args, cfg, "dpo")
+    summary = run_dpo(cfg.dpo, args.pairs or paths["pairs"], args.reference_model or paths["reference_model"], out_dir,
+                      reference_dir=args.reference_dir or paths["reference"], resume=args.resume)
+    if summary:
+        print(f"dpo: {summary['steps']} steps, {summary['s_per_step']} s/step, {summary['tokens_per_s']} tokens/s "
+              f"-> {out_dir / 'model'}")
+    return 0
+
+
 def cmd_run(args) -> int:
     from dpoflow.runner import run_pipeline
 
@@ -66,6 +115,22 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the whole pipeline from the config (the default demo: make run)")
     _add_common(run, out=False)
     run.set_defaults(func=cmd_run)
+
+    reference = sub.add_parser("reference", help="compute the reference model's log-probs over all pairs once")
+    _add_common(reference)
+    reference.add_argument("--pairs", help="folder with train/eval.parquet pairs")
+    reference.add_argument("--model", help="reference model folder")
+    reference.add_argument("--cache-dir", help="content-addressed cache shared across runs")
+    reference.set_defaults(func=cmd_reference)
+
+    dpo = sub.add_parser("dpo", help="train the policy with DPO on accelerate")
+    _add_common(dpo)
+    dpo.add_argument("--pairs", help="folder with train.parquet pairs")
+    dpo.add_argument("--reference-model", help="reference model folder (also the policy's init)")
+    dpo.add_argument("--reference-dir", help="output of `dpoflow reference` (dpo.reference=cached)")
+    dpo.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    dpo.add_argument("--num-processes", type=int, default=1, help="data-parallel processes (gloo on CPU)")
+    dpo.set_defaults(func=cmd_dpo)
 
     config = sub.add_parser("config", help="show the resolved config and its hash")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")

@@ -45,6 +45,15 @@ def run_step(name: str, out_dir: Path, key: str, fn: Callable[[], object], log=p
     return False, seconds
 
 
+def step_dirs(cfg: Config) -> dict[str, Path]:
+    """Where each step of a run reads and writes: <output_dir>/<run name>/<step>."""
+    root = Path(cfg.run.output_dir) / cfg.run.name
+    pairs = root / "data" if cfg.data.kind == "preferences" else root / "prefs"
+    reference_model = root / "sft" / "model" if cfg.sft.enabled else Path(cfg.model.base or root / "base")
+    return {"root": root, "data": root / "data", "pairs": pairs, "reference_model": reference_model,
+            "reference": root / "reference"}
+
+
 def run_pipeline(cfg: Config, log=print) -> dict:
     from dpoflow.data.step import run_data
 

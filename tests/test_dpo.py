@@ -1,0 +1,256 @@
+"""DPO engine: losses by hand, log-prob masking, ln 2 at step 1, invariances, cache == live,
+prefix sharing == concatenated, exact resume after SIGKILL, LoRA, bad input."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpoflow.config import DpoConfig
+from dpoflow.dpo.logprobs import IGNORE, SequenceLogProbs, TruncationError, collate_pairs, collate_shared_prefix, tokenize_pairs
+from dpoflow.dpo.losses import preference_loss, sft_loss
+from dpoflow.dpo.reference import ReferenceCacheError, run_reference
+from dpoflow.dpo.train import run_dpo
+from dpoflow.modeling import load_model, load_tokenizer
+
+BIN = Path(sys.executable).parent
+T = torch.tensor
+
+
+# --- losses, worked by hand (see the losses.py docstring) ----------------------------------------
+def _worked(loss_type, **kw):
+    losses, chosen, rejected = preference_loss(T([-10.0]), T([-14.0]), T([-12.0]), T([-12.0]), beta=0.1,
+                                               loss_type=loss_type, **kw)
+    return losses.item(), chosen.item(), rejected.item()
+
+
+def test_sigmoid_by_hand():
+    loss, chosen, rejected = _worked("sigmoid")
+    assert loss == pytest.approx(math.log(1 + math.exp(-0.4)), abs=1e-6) and loss == pytest.approx(0.513015, abs=1e-6)
+    assert (chosen, rejected) == pytest.approx((0.2, -0.2))
+
+
+def test_hinge_cdpo_robust_by_hand():
+    assert _worked("hinge")[0] == pytest.approx(0.6)
+    # cdpo ε=0.1: 0.9·0.513015 + 0.1·0.913015 = 0.553015
+    assert _worked("cdpo", label_smoothing=0.1)[0] == pytest.approx(0.553015, abs=1e-6)
+    # robust ε=0.1: (0.9·0.513015 − 0.1·0.913015)/0.8 = 0.463015
+    assert _worked("robust", label_smoothing=0.1)[0] == pytest.approx(0.463015, abs=1e-6)
+
+
+def test_ipo_by_hand_uses_length_averaged_ratios():
+    # log-ratios 2 and −2 over 4 and 2 tokens: h̄ = 0.5 + 1 = 1.5; (1.5 − 5)² = 12.25
+    losses, _, _ = preference_loss(T([-10.0]), T([-14.0]), T([-12.0]), T([-12.0]), beta=0.1, loss_type="ipo",
+                                   chosen_lengths=T([4.0]), rejected_lengths=T([2.0]))
+    assert losses.item() == pytest.approx(12.25)
+    with pytest.raises(ValueError, match="needs chosen_lengths"):
+        preference_loss(T([0.0]), T([0.0]), T([0.0]), T([0.0]), beta=0.1, loss_type="ipo")
+
+
+def test_sft_term_and_unknown_loss():
+    assert sft_loss(T([-6.0]), T([3.0])).item() == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="unknown loss_type 'dpo2'"):
+        preference_loss(T([0.0]), T([0.0]), T([0.0]), T([0.0]), beta=0.1, loss_type="dpo2")
+
+
+# --- log-probs --------------------------------------------------------------------------------------
+def test_batch_layout_and_masking(tiny_model_dir):
+    import pandas as pd
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    frame = pd.DataFrame({"prompt": ["the film", "a"], "chosen": [" was great", " fun"], "rejected": [" dull", " boring it was"]})
+    pairs = tokenize_pairs(frame, tokenizer, 64)
+    batch = collate_pairs(pairs, [0, 1], tokenizer.pad_token_id)
+    assert batch["input_ids"].shape[0] == 4  # chosen_0, chosen_1, rejected_0, rejected_1
+    for row, (prompt, completion) in enumerate([(0, pairs.chosen_ids[0]), (1, pairs.chosen_ids[1]),
+                                                (0, pairs.rejected_ids[0]), (1, pairs.rejected_ids[1])]):
+        n_prompt = len(pairs.prompt_ids[prompt])
+        labels = batch["labels"][row]
+        assert (labels[:n_prompt] == IGNORE).all()
+        assert labels[n_prompt:n_prompt + len(completion)].tolist() == completion
+        assert (labels[n_prompt + len(completion):] == IGNORE).all()
+        assert completion[-1] == tokenizer.eos_token_id
+
+    # summed log-probs equal a brute-force full-logits computation on completion tokens only
+    model = load_model(str(tiny_model_dir)).eval()
+    with torch.no_grad():
+        sums, counts = SequenceLogProbs(model)(batch)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        token = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        expected = (token * (labels != IGNORE)).sum(-1)
+    torch.testing.assert_close(sums, expected, atol=1e-5, rtol=0)
+    assert counts.tolist() == [len(c) for c in pairs.chosen_ids + pairs.rejected_ids]
+
+    with torch.no_grad():
+        shared, shared_counts = SequenceLogProbs(model)(collate_shared_prefix(pairs, [0, 1], tokenizer.pad_token_id))
+    torch.testing.assert_close(shared, sums, atol=1e-5, rtol=0)
+    assert shared_counts.tolist() == counts.tolist()
+
+
+def test_truncation_counted_and_errors(tiny_model_dir):
+    import pandas as pd
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    frame = pd.DataFrame({"prompt": ["the film", "a"], "chosen": [" was great " * 20, " fun"], "rejected": [" dull", " no"]})
+    assert tokenize_pairs(frame, tokenizer, 24).truncated == 1
+    with pytest.raises(TruncationError, match=r"pair 0: prompt\+completion is \d+ tokens > max_length=24"):
+        tokenize_pairs(frame, tokenizer, 24, truncation="error")
+    long_prompt = pd.DataFrame({"prompt": ["the film was " * 30], "chosen": [" a"], "rejected": [" b"]})
+    with pytest.raises(TruncationError, match="pair 0: the prompt alone is"):
+        tokenize_pairs(long_prompt, tokenizer, 24)
+
+
+# --- training ---------------------------------------------------------------------------------------
+def _cfg(**kw):
+    base = dict(max_steps=5, per_device_batch_size=8, learning_rate=1e-2, max_length=64, log_every=1, seed=3)
+    return DpoConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def reference_dir(tmp_path_factory, pairs_dir, tiny_model_dir):
+    out = tmp_path_factory.mktemp("reference")
+    run_reference(pairs_dir, tiny_model_dir, out, max_length=64)
+    return out
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(out):
+    return load_file(str(out / "model" / "model.safetensors"))
+
+
+def _assert_same_weights(a, b, atol):
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=atol, rtol=0, msg=name)
+
+
+def test_step_one_loss_is_ln2_and_metric_names(tmp_path, pairs_dir, tiny_model_dir, reference_dir):
+    run_dpo(_cfg(max_steps=3), pairs_dir, tiny_model_dir, tmp_path, reference_dir=reference_dir)
+    metrics = _metrics(tmp_path)
+    assert abs(metrics[0]["loss"] - math.log(2)) < 1e-6
+    assert metrics[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert set(metrics[0]) == {"step", "loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
+                               "rewards/accuracies", "logps/chosen", "logps/rejected", "grad_norm", "learning_rate"}
+    assert metrics[-1]["loss"] < metrics[0]["loss"] and metrics[-1]["rewards/margins"] > 0
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert summary["steps"] == 3 and summary["pairs"] == 16 and summary["tokens_per_s"] > 0
+
+
+# Adam turns float noise in near-zero gradients into steps of size ~lr, so the invariance runs use a
+# small learning rate; the weights must then agree to 1e-5.
+def test_gradient_accumulation_invariance(tmp_path, pairs_dir, tiny_model_dir, reference_dir):
+    run_dpo(_cfg(learning_rate=1e-3), pairs_dir, tiny_model_dir, tmp_path / "b8", reference_dir=reference_dir)
+    run_dpo(_cfg(learning_rate=1e-3, per_device_batch_size=4, gradient_accumulation_steps=2), pairs_dir, tiny_model_dir,
+            tmp_path / "b4x2", reference_dir=reference_dir)
+    _assert_same_weights(tmp_path / "b8", tmp_path / "b4x2", atol=1e-5)
+    for a, b in zip(_metrics(tmp_path / "b8"), _metrics(tmp_path / "b4x2")):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_gloo_equal_one(tmp_path, pairs_dir, tiny_model_dir, reference_dir):
+    run_dpo(_cfg(learning_rate=1e-3), pairs_dir, tiny_model_dir, tmp_path / "one", reference_dir=reference_dir)
+    command = [str(BIN / "dpoflow"), "dpo", "--num-processes", "2", "--pairs", str(pairs_dir),
+               "--reference-model", str(tiny_model_dir), "--reference-dir", str(reference_dir), "--out",
+               str(tmp_path / "two")] + [f"--set=dpo.{k}={v}" for k, v in
+                                         dict(max_steps=5, per_device_batch_size=4, learning_rate=1e-3,
+                                              max_length=64, seed=3).items()]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "train_summary.json").read_text())["processes"] == 2
+    _assert_same_weights(tmp_path / "one", tmp_path / "two", atol=1e-5)
+    for a, b in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / "two")):
+        assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-5)
+
+
+def test_cached_reference_equals_live_and_prefix_sharing_equals_concat(tmp_path, pairs_dir, tiny_model_dir, reference_dir):
+    run_dpo(_cfg(), pairs_dir, tiny_model_dir, tmp_path / "cached", reference_dir=reference_dir)
+    run_dpo(_cfg(reference="live"), pairs_dir, tiny_model_dir, tmp_path / "live")
+    run_dpo(_cfg(prefix_sharing=True), pairs_dir, tiny_model_dir, tmp_path / "shared", reference_dir=reference_dir)
+    for other in ("live", "shared"):
+        for a, b in zip(_metrics(tmp_path / "cached"), _metrics(tmp_path / other)):
+            assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), other
+        _assert_same_weights(tmp_path / "cached", tmp_path / other, atol=1e-4)
+
+
+def test_reference_cache_reuse_and_mismatch(tmp_path, pairs_dir, tiny_model_dir):
+    said = []
+    first = run_reference(pairs_dir, tiny_model_dir, tmp_path / "a", max_length=64, cache_dir=tmp_path / "cache", log=said.append)
+    second = run_reference(pairs_dir, tiny_model_dir, tmp_path / "b", max_length=64, cache_dir=tmp_path / "cache", log=said.append)
+    assert not first.reused and second.reused and first.cache_key == second.cache_key
+    assert "cache hit" in said[-1]
+    with pytest.raises(ReferenceCacheError, match="were computed for other inputs"):
+        run_dpo(_cfg(max_length=32), pairs_dir, tiny_model_dir, tmp_path / "x", reference_dir=tmp_path / "a")
+    with pytest.raises(ReferenceCacheError, match="run `dpoflow reference` first"):
+        run_dpo(_cfg(), pairs_dir, tiny_model_dir, tmp_path / "y", reference_dir=tmp_path / "missing")
+
+
+def test_lora_reference_is_base_and_only_adapters_change(tmp_path, pairs_dir, tiny_model_dir, reference_dir):
+    cfg = _cfg(reference="lora_disabled", lora={"enabled": True, "r": 4, "alpha": 8})
+    run_dpo(cfg, pairs_dir, tiny_model_dir, tmp_path / "lora")
+    cached = run_dpo(_cfg(lora={"enabled": True, "r": 4, "alpha": 8}), pairs_dir, tiny_model_dir, tmp_path / "lc",
+                     reference_dir=reference_dir)
+    assert cached
+    # adapters-off reference == the base model's cached log-probs: identical losses at every step
+    for a, b in zip(_metrics(tmp_path / "lora"), _metrics(tmp_path / "lc")):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    adapter = load_file(str(tmp_path / "lora" / "adapter" / "adapter_model.safetensors"))
+    assert adapter and all("lora_" in name for name in adapter)
+    assert any(v.abs().sum() > 0 for name, v in adapter.items() if "lora_B" in name)  # B starts at 0: it trained
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    merged = _weights(tmp_path / "lora")
+    changed = {name for name in base if not torch.equal(base[name], merged[name])}
+    assert changed and all(("q_proj" in n or "v_proj" in n) for n in changed)  # only LoRA-targeted weights moved
+
+
+def test_bad_inputs_are_clear(tmp_path, tiny_model_dir, reference_dir, pairs_dir):
+    import pandas as pd
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    pd.DataFrame(columns=["prompt", "chosen", "rejected"]).to_parquet(empty / "train.parquet")
+    with pytest.raises(ValueError, match="no preference pairs"):
+        run_dpo(_cfg(), empty, tiny_model_dir, tmp_path / "o")
+    with pytest.raises(ValueError, match="loss_type"):
+        DpoConfig(loss_type="dpo2")
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        run_dpo(_cfg(per_device_batch_size=32), pairs_dir, tiny_model_dir, tmp_path / "o2", reference_dir=reference_dir)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_exact(tmp_path, pairs_dir, tiny_model_dir, reference_dir):
+    settings = [f"--set=dpo.{k}={v}" for k, v in dict(max_steps=60, per_device_batch_size=8, learning_rate=1e-2,
+                                                        max_length=64, seed=3, checkpoint_every=5).items()]
+    base = [str(BIN / "dpoflow"), "dpo", "--pairs", str(pairs_dir), "--reference-model", str(tiny_model_dir),
+            "--reference-dir", str(reference_dir)]
+    subprocess.run([*base, "--out", str(tmp_path / "full"), *settings], check=True, capture_output=True, cwd=tmp_path)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([*base, "--out", str(killed), *settings], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, cwd=tmp_path)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (killed / "checkpoints" / "step-10" / "trainer_state.json").exists():
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert not (killed / "model").exists(), "the run finished before the kill; the test proves nothing"
+    result = subprocess.run([*base, "--out", str(killed), "--resume", *settings], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((killed / "train_summary.json").read_text())
+    assert summary["resumed_from"] >= 10
+    _assert_same_weights(tmp_path / "full", killed, atol=1e-6)
+    assert [m["step"] for m in _metrics(killed)] == list(range(1, 61))
