@@ -58,6 +58,23 @@ def _paths(cfg):
     return step_dirs(cfg)
 
 
+def cmd_sft(args) -> int:
+    from dpoflow.sft import run_sft
+
+    cfg = load_config(args.config, args.overrides)
+    run_sft(cfg.sft, cfg.model, args.data or _paths(cfg)["data"], _out_dir(args, cfg, "sft"), resume=args.resume)
+    return 0
+
+
+def cmd_prefs(args) -> int:
+    from dpoflow.preferences import run_prefs
+
+    cfg = load_config(args.config, args.overrides)
+    paths = _paths(cfg)
+    run_prefs(cfg.prefs, args.data or paths["data"], args.model or paths["reference_model"], _out_dir(args, cfg, "prefs"))
+    return 0
+
+
 def cmd_reference(args) -> int:
     from dpoflow.dpo.reference import run_reference
 
@@ -115,6 +132,18 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the whole pipeline from the config (the default demo: make run)")
     _add_common(run, out=False)
     run.set_defaults(func=cmd_run)
+
+    sft = sub.add_parser("sft", help="fine-tune the base on the SFT corpus; the result is the reference")
+    _add_common(sft)
+    sft.add_argument("--data", help="output folder of `dpoflow data` (an SFT corpus)")
+    sft.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    sft.set_defaults(func=cmd_sft)
+
+    prefs = sub.add_parser("prefs", help="sample the reference k times per prompt and build judged pairs")
+    _add_common(prefs)
+    prefs.add_argument("--data", help="output folder of `dpoflow data` (with prompts_*.parquet)")
+    prefs.add_argument("--model", help="reference model folder")
+    prefs.set_defaults(func=cmd_prefs)
 
     reference = sub.add_parser("reference", help="compute the reference model's log-probs over all pairs once")
     _add_common(reference)

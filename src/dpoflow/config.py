@@ -117,6 +117,19 @@ class DpoConfig(OptimConfig):
     lora: LoraConfig = LoraConfig()
 
 
+class PrefsConfig(_Strict):
+    enabled: bool = Field(True, description="generate pairs from the reference; false = data holds pairs")
+    judge: str = Field("callable:dpoflow.evaluation.judges:vader_sentiment", description="scores samples")
+    k: int = Field(4, ge=2, description="samples per prompt; best vs worst become a pair")
+    min_gap: float = Field(0.1, ge=0.0, description="smallest judge-score gap kept as a pair")
+    temperature: float = Field(1.0, gt=0.0, description="sampling temperature")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
+    max_new_tokens: int = Field(48, gt=0, description="longest sampled completion")
+    max_prompts: int = Field(100000, gt=0, description="cap on training prompts used")
+    max_eval_prompts: int = Field(100000, gt=0, description="cap on held-out prompts used for eval pairs")
+    seed: int = Field(0, description="sampling seed")
+
+
 class RunConfig(_Strict):
     name: str = Field("demo", description="run name: outputs go to <output_dir>/<name>")
     output_dir: str = Field("outputs", description="root folder of step outputs")
@@ -129,6 +142,7 @@ class Config(_Strict):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     sft: SftConfig = SftConfig()
+    prefs: PrefsConfig = PrefsConfig()
     dpo: DpoConfig = DpoConfig()
 
 

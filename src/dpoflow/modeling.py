@@ -105,3 +105,39 @@ def load_model(uri: str, *, allow_pickle: bool = False, trust_remote_code: bool 
         )
     except OSError as error:
         raise ModelLoadError(f"cannot load model {uri!r}: {error}") from error
+
+
+def sample_completions(model, tokenizer, prompts: list[str], *, num_samples: int = 1, temperature: float = 1.0,
+                       top_p: float = 1.0, max_new_tokens: int = 48, seed: int = 0, batch_size: int = 64,
+                       prompt_messages: list[str] | None = None) -> list[list[str]]:
+    """k completions per prompt with batched `generate` (KV cache, left padding). Greedy at temperature 0.
+
+    Each batch reseeds from (seed, batch start), so results do not depend on what ran before.
+    """
+    import torch
+
+    from dpoflow.dpo.logprobs import tokenize_prompt
+
+    model.eval()
+    device = next(model.parameters()).device
+    messages = prompt_messages or [""] * len(prompts)
+    encoded = [tokenize_prompt(tokenizer, p, m) for p, m in zip(prompts, messages)]
+    results: list[list[str]] = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start:start + batch_size]
+        width = max(len(ids) for ids in chunk)
+        input_ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, ids in enumerate(chunk):
+            input_ids[row, width - len(ids):] = torch.tensor(ids)
+            attention_mask[row, width - len(ids):] = 1
+        torch.manual_seed(seed * 1_000_003 + start)
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+        with torch.no_grad():
+            output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                    max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
+                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                    top_k=0, **sampling)
+        texts = tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
+        results += [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(chunk))]
+    return results

@@ -1,0 +1,97 @@
+"""SFT -> reference, and preference pairs sampled from it and judged (the DPO paper's protocol)."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from dpoflow.config import DataConfig, ModelConfig, PrefsConfig, SftConfig
+from dpoflow.data.step import run_data
+from dpoflow.dpo.logprobs import IGNORE
+from dpoflow.modeling import ModelLoadError, load_model, load_tokenizer
+from dpoflow.preferences import run_prefs
+from dpoflow.sft import encode_example, run_sft
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    run_data(DataConfig(demo={"n_reviews": 600}, eval_fraction=0.2), root / "data")
+    cfg = SftConfig(max_steps=60, per_device_batch_size=16, learning_rate=5e-3, max_length=96, log_every=10)
+    summary = run_sft(cfg, ModelConfig(preset="tiny", vocab_size=400), root / "data", root / "sft")
+    return root, summary
+
+
+def test_tokenizer_and_model_build(demo):
+    root, _ = demo
+    tokenizer = load_tokenizer(str(root / "sft" / "base"))
+    ids = tokenizer("The movie was great.", add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == "The movie was great." and len(ids) < 10  # BPE merged the corpus words
+    assert tokenizer.eos_token_id is not None and tokenizer.pad_token_id is not None and tokenizer.chat_template
+    model = load_model(str(root / "sft" / "base"))
+    assert model.config.model_type == "llama" and model.config.vocab_size == len(tokenizer)
+
+
+def test_sft_lowers_held_out_nll(demo):
+    _, summary = demo
+    assert summary["eval_nll"] < summary["eval_nll_before"] - 1.5  # from ~6 nats/token (uniform) down
+    assert summary["eval_nll"] < 4.0
+
+
+def test_conversational_sft_masks_non_assistant_tokens(demo):
+    root, _ = demo
+    tokenizer = load_tokenizer(str(root / "sft" / "base"))
+    messages = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Rate it."},
+                {"role": "assistant", "content": "Great film."}, {"role": "user", "content": "Why?"},
+                {"role": "assistant", "content": "Fun plot."}]
+    ids, labels = encode_example(tokenizer, {"messages": json.dumps(messages)}, 256)
+    assert len(ids) == len(labels)
+    trained = tokenizer.decode([i for i, lab in zip(ids, labels) if lab != IGNORE])
+    assert trained == "<|assistant|>Great film.<|eos|><|assistant|>Fun plot.<|eos|>"
+    ignored = tokenizer.decode([i for i, lab in zip(ids, labels) if lab == IGNORE])
+    assert "Rate it." in ignored and "Be kind." in ignored and "Great film" not in ignored
+    # prompt/completion rows: only completion + EOS carry loss
+    ids, labels = encode_example(tokenizer, {"prompt": "The movie", "completion": " was fun."}, 64)
+    assert tokenizer.decode([i for i, lab in zip(ids, labels) if lab != IGNORE]) == " was fun.<|eos|>"
+
+
+def test_pairs_respect_min_gap_and_are_deterministic(demo):
+    root, _ = demo
+    cfg = PrefsConfig(k=4, min_gap=0.2, max_new_tokens=24, max_prompts=40, max_eval_prompts=10)
+    first = run_prefs(cfg, root / "data", root / "sft" / "model", root / "prefs_a")
+    run_prefs(cfg, root / "data", root / "sft" / "model", root / "prefs_b")
+    a = pd.read_parquet(root / "prefs_a" / "train.parquet")
+    b = pd.read_parquet(root / "prefs_b" / "train.parquet")
+    pd.testing.assert_frame_equal(a, b)
+    assert len(a) > 0 and (a.chosen_score >= a.rejected_score + 0.2).all()
+    assert first["train"]["prompts"] == 40 and first["train"]["pairs"] + sum(first["train"]["dropped"].values()) == 40
+    other = run_prefs(cfg.model_copy(update={"seed": 1}), root / "data", root / "sft" / "model", root / "prefs_c")
+    assert not pd.read_parquet(root / "prefs_c" / "train.parquet").equals(a) and other
+
+
+def test_pickle_checkpoint_is_refused(demo, tmp_path):
+    root, _ = demo
+    model = load_model(str(root / "sft" / "model"))
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")  # a pickle checkpoint, as older tools write
+    with pytest.raises(ModelLoadError, match="only pickle weights.*allow_pickle: true"):
+        load_model(str(tmp_path))
+    loaded = load_model(str(tmp_path), allow_pickle=True)
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_models_uri_through_sqlite_mlflow(demo, tmp_path, monkeypatch):
+    from dpoflow.tracking import register_model_dir
+
+    root, _ = demo
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
+    monkeypatch.chdir(tmp_path)  # artifacts land under ./mlartifacts of this temp dir
+    version = register_model_dir(str(root / "sft" / "model"), "demo-reference", alias="champion")
+    assert version == "1"
+    loaded = load_model("models:/demo-reference@champion")
+    original = load_model(str(root / "sft" / "model"))
+    assert torch.equal(loaded.lm_head.weight, original.lm_head.weight)
+    assert load_tokenizer("models:/demo-reference/1").eos_token == "<|eos|>"
+    with pytest.raises(ValueError, match="cannot resolve models:/nope@champion"):
+        load_model("models:/nope@champion")
