@@ -22,7 +22,11 @@ STATE_FILE = "trainer_state.json"
 
 def make_accelerator(precision: str):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    # a step is one run; forget precision settings left by an earlier Accelerator in this process
+    # (e.g. a TRL trainer in the same test session). The process-group state is kept.
+    AcceleratorState._reset_state()
     cuda = torch.cuda.is_available()
     mixed = "bf16" if precision == "bf16" or (precision == "auto" and cuda) else "no"
     return Accelerator(cpu=not cuda, mixed_precision=mixed)
