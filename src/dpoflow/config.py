@@ -130,6 +130,15 @@ class PrefsConfig(_Strict):
     seed: int = Field(0, description="sampling seed")
 
 
+class EvalConfig(_Strict):
+    judge: str = Field("callable:dpoflow.evaluation.judges:vader_sentiment", description="scores both models")
+    max_prompts: int = Field(1000, gt=0, description="held-out prompts evaluated")
+    temperature: float = Field(0.7, ge=0.0, description="sampling temperature for both models (0 = greedy)")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus mass")
+    max_new_tokens: int = Field(48, gt=0, description="longest completion")
+    seed: int = Field(0, description="sampling seed, the same for policy and reference")
+
+
 class RunConfig(_Strict):
     name: str = Field("demo", description="run name: outputs go to <output_dir>/<name>")
     output_dir: str = Field("outputs", description="root folder of step outputs")
@@ -144,6 +153,7 @@ class Config(_Strict):
     sft: SftConfig = SftConfig()
     prefs: PrefsConfig = PrefsConfig()
     dpo: DpoConfig = DpoConfig()
+    eval: EvalConfig = EvalConfig()
 
 
 def _type_name(annotation: Any) -> str:

@@ -55,17 +55,56 @@ def step_dirs(cfg: Config) -> dict[str, Path]:
 
 
 def run_pipeline(cfg: Config, log=print) -> dict:
+    """data -> sft -> prefs -> reference -> (dpo -> eval) for each β -> summary.json."""
     from dpoflow.data.step import run_data
+    from dpoflow.dpo.reference import run_reference
+    from dpoflow.dpo.train import run_dpo
+    from dpoflow.evaluation.evaluate import run_eval
+    from dpoflow.preferences import run_prefs
+    from dpoflow.sft import run_sft
 
-    root = Path(cfg.run.output_dir) / cfg.run.name
+    paths = step_dirs(cfg)
+    root = paths["root"]
     timings: dict[str, float] = {}
 
-    data_dir = root / "data"
-    data_key = _step_key(config_dict(cfg.data), cfg.run.seed)
-    _, timings["data"] = run_step("data", data_dir, data_key, lambda: run_data(cfg.data, data_dir, seed=cfg.run.seed), log)
+    def step(name, out_dir, key_parts, fn):
+        _, timings[name] = run_step(name, out_dir, _step_key(*key_parts), fn, log)
 
-    summary = {"run": cfg.run.name, "data": json.loads((data_dir / "stats.json").read_text()),
-               "timings_s": {k: round(v, 2) for k, v in timings.items()}}
+    data_key = [config_dict(cfg.data), cfg.run.seed]
+    step("data", paths["data"], data_key, lambda: run_data(cfg.data, paths["data"], seed=cfg.run.seed))
+    sft_key = data_key + [config_dict(cfg.sft), config_dict(cfg.model)]
+    if cfg.sft.enabled:
+        step("sft", root / "sft", sft_key, lambda: run_sft(cfg.sft, cfg.model, paths["data"], root / "sft", log=log))
+    prefs_key = sft_key + [config_dict(cfg.prefs)]
+    if cfg.data.kind != "preferences":
+        step("prefs", paths["pairs"], prefs_key,
+             lambda: run_prefs(cfg.prefs, paths["data"], paths["reference_model"], paths["pairs"], log=log))
+    reference_key = prefs_key + [cfg.dpo.max_length, cfg.dpo.truncation]
+    step("reference", paths["reference"], reference_key,
+         lambda: run_reference(paths["pairs"], paths["reference_model"], paths["reference"],
+                               max_length=cfg.dpo.max_length, truncation=cfg.dpo.truncation, log=log))
+
+    results = {}
+    for beta in cfg.run.betas:
+        dpo_cfg = cfg.dpo.model_copy(update={"beta": beta})
+        name = f"beta-{beta:g}"
+        dpo_dir, eval_dir = root / "dpo" / name, root / "eval" / name
+        dpo_key = reference_key + [config_dict(dpo_cfg)]
+        step(f"dpo {name}", dpo_dir, dpo_key,
+             lambda: run_dpo(dpo_cfg, paths["pairs"], paths["reference_model"], dpo_dir,
+                             reference_dir=paths["reference"], log=log))
+        step(f"eval {name}", eval_dir, dpo_key + [config_dict(cfg.eval)],
+             lambda: run_eval(cfg.eval, dpo_dir / "model", paths["reference_model"], paths["data"], eval_dir,
+                              beta=beta, pairs_dir=paths["pairs"], max_length=cfg.dpo.max_length, log=log))
+        results[name] = json.loads((eval_dir / "metrics.json").read_text())
+
+    summary = {"run": cfg.run.name, "results": results, "timings_s": {k: round(v, 2) for k, v in timings.items()},
+               "data": json.loads((paths["data"] / "stats.json").read_text())}
     (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    log(f"run {cfg.run.name}: data in {data_dir}; summary in {root / 'summary.json'}")
+    log(f"\nrun {cfg.run.name}: outputs in {root}")
+    for name, m in results.items():
+        log(f"  {name}: win rate {m['win_rate']:.3f} [{m['win_rate_ci_low']:.3f}, {m['win_rate_ci_high']:.3f}] over "
+            f"{m['n_prompts']} prompts; reward margin {m['reward_margin']:+.3f}; KL {m['kl']:.2f}; "
+            f"implicit accuracy {m.get('implicit_accuracy', float('nan')):.3f} -> {root / 'dpo' / name / 'model'}")
+    log(f"  summary: {root / 'summary.json'}")
     return summary
