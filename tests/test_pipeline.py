@@ -1,0 +1,34 @@
+"""`dpoflow run` end to end on a tiny config: every step really runs, then a rerun reuses them."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["run.name=tiny", "run.betas=[0.1,0.5]", "data.demo.n_reviews=400", "data.eval_fraction=0.3",
+        "model.preset=tiny", "model.vocab_size=400", "sft.max_steps=30", "sft.per_device_batch_size=16",
+        "prefs.max_new_tokens=16", "prefs.max_prompts=64", "prefs.max_eval_prompts=24", "dpo.max_steps=8",
+        "dpo.per_device_batch_size=8", "dpo.checkpoint_every=0", "eval.max_prompts=24", "eval.max_new_tokens=16"]
+
+
+@pytest.mark.slow
+def test_run_end_to_end_and_reuse(tmp_path):
+    args = [str(Path(sys.executable).parent / "dpoflow"), "run", "-c", str(ROOT / "params.yaml"),
+            f"--set=run.output_dir={tmp_path}"] + [f"--set={s}" for s in TINY]
+    first = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    summary = json.loads((tmp_path / "tiny" / "summary.json").read_text())
+    assert set(summary["results"]) == {"beta-0.1", "beta-0.5"}
+    for metrics in summary["results"].values():
+        assert metrics["n_prompts"] == 24 and 0.0 <= metrics["win_rate_ci_low"] <= metrics["win_rate"] <= metrics["win_rate_ci_high"]
+        assert {"kl", "reward_margin", "implicit_accuracy", "length_policy"} <= set(metrics)
+    assert {"data", "sft", "prefs", "reference", "dpo beta-0.1", "eval beta-0.5"} <= set(summary["timings_s"])
+    assert "win rate" in first.stdout and "summary.json" in first.stdout
+
+    second = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path)
+    assert second.returncode == 0
+    assert second.stdout.count("inputs unchanged, reusing") == 8  # data sft prefs reference + 2x(dpo, eval)
+    assert json.loads((tmp_path / "tiny" / "summary.json").read_text())["results"] == summary["results"]
