@@ -4,8 +4,8 @@ import pytest
 
 from dpoflow.config import DataConfig, EvalConfig
 from dpoflow.data.step import run_data
-from dpoflow.evaluation.evaluate import run_eval, win_rate_from_verdicts
-from dpoflow.evaluation.stats import bootstrap_mean_interval, wilson_interval
+from dpoflow.evaluation.evaluate import run_eval
+from dpoflow.evaluation.stats import bootstrap_mean_interval, wilson_interval, win_rate_summary
 
 
 def test_wilson_interval_known_values():
@@ -17,7 +17,7 @@ def test_wilson_interval_known_values():
 
 
 def test_ties_count_half():
-    result = win_rate_from_verdicts([1.0, 1.0, 0.5, 0.5, 0.0])
+    result = win_rate_summary([1.0, 1.0, 0.5, 0.5, 0.0])
     assert result["win_rate"] == pytest.approx(0.6)
     assert (result["wins"], result["ties"], result["losses"], result["n_prompts"]) == (2, 2, 1, 5)
     assert (result["win_rate_ci_low"], result["win_rate_ci_high"]) == pytest.approx(wilson_interval(3, 5))
@@ -39,3 +39,37 @@ def test_model_against_itself(tmp_path, tiny_model_dir):
     assert abs(metrics["kl"]) < 1e-4 and metrics["reward_margin"] == 0.0
     assert metrics["length_policy"] == metrics["length_reference"]
     assert (tmp_path / "eval" / "samples.parquet").exists()
+
+
+def test_report_contains_the_plots(tmp_path):
+    html = (tmp_path / "eval_report.html")
+    import pandas as pd
+
+    from dpoflow.evaluation.report import write_frontier, write_report
+
+    (tmp_path / "metrics.jsonl").write_text("".join(
+        f'{{"step": {s}, "loss": {0.69 - s / 100}, "rewards/margins": {s / 10}, "rewards/accuracies": 0.5, "grad_norm": 1.0}}\n'
+        for s in range(1, 6)))
+    samples = pd.DataFrame({"prompt": ["a <b>"], "policy": ["x"], "reference": ["y"], "policy_score": [0.5],
+                            "reference_score": [0.1], "verdict": [1.0]})
+    metrics = {"win_rate": 0.8, "win_rate_ci_low": 0.6, "win_rate_ci_high": 0.9, "beta": 0.1, "kl": 2.0}
+    text = write_report(html, metrics, samples, tmp_path / "metrics.jsonl").read_text()
+    assert text.count("data:image/png;base64,") == 3  # win rate, rewards, training curves
+    assert "Training curves" in text and "a &lt;b&gt;" in text  # user text is escaped
+    frontier = write_frontier(tmp_path / "f", {"beta-0.1": {**metrics, "reward_policy": 0.7},
+                                               "beta-0.5": {**metrics, "beta": 0.5, "kl": 0.5, "reward_policy": 0.3}})
+    assert [row["beta"] for row in frontier["frontier"]] == [0.5, 0.1]  # sorted by KL
+    assert "data:image/png;base64," in (tmp_path / "f" / "frontier.html").read_text()
+
+
+def test_evaluate_modules_load_offline(monkeypatch):
+    import evaluate
+
+    from dpoflow.evaluation.metrics import METRICS_DIR
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    win_rate = evaluate.load(str(METRICS_DIR / "win_rate"))
+    assert win_rate.compute(verdicts=[1.0, 0.5, 0.0, 1.0])["win_rate"] == 0.625
+    margin = evaluate.load(str(METRICS_DIR / "reward_margin"))
+    result = margin.compute(policy_scores=[1.0, 0.5], reference_scores=[0.0, 0.1])
+    assert result["reward_margin"] == pytest.approx(0.7)

@@ -118,6 +118,18 @@ def cmd_dpo(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from dpoflow.evaluation.evaluate import run_eval
+
+    cfg = load_config(args.config, args.overrides)
+    paths = _paths(cfg)
+    policy = Path(args.policy) if args.policy else paths["root"] / "dpo" / f"beta-{cfg.dpo.beta:g}" / "model"
+    run_eval(cfg.eval, policy, args.reference_model or paths["reference_model"], args.data or paths["data"],
+             _out_dir(args, cfg, "eval"), beta=cfg.dpo.beta, pairs_dir=args.pairs or paths["pairs"],
+             max_length=cfg.dpo.max_length, training_metrics=policy.parent / "metrics.jsonl")
+    return 0
+
+
 def cmd_run(args) -> int:
     from dpoflow.runner import run_pipeline
 
@@ -160,6 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     dpo.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     dpo.add_argument("--num-processes", type=int, default=1, help="data-parallel processes (gloo on CPU)")
     dpo.set_defaults(func=cmd_dpo)
+
+    evaluation = sub.add_parser("eval", help="win rate of the policy vs the reference, reward margin, KL, report")
+    _add_common(evaluation)
+    evaluation.add_argument("--policy", help="policy model folder (default: the dpo output for dpo.beta)")
+    evaluation.add_argument("--reference-model", help="reference model folder")
+    evaluation.add_argument("--data", help="output of `dpoflow data` (prompts_eval.parquet)")
+    evaluation.add_argument("--pairs", help="held-out preference pairs (eval.parquet) for implicit-reward accuracy")
+    evaluation.set_defaults(func=cmd_eval)
 
     config = sub.add_parser("config", help="show the resolved config and its hash")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")

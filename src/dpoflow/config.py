@@ -130,8 +130,23 @@ class PrefsConfig(_Strict):
     seed: int = Field(0, description="sampling seed")
 
 
+class LLMJudgeConfig(_Strict):
+    base_url: str | None = Field(None, description="OpenAI-compatible API root, e.g. http://host:8000/v1")
+    model: str | None = Field(None, description="judge model name")
+    api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the API key")
+    template: str = Field(
+        "Which completion of the prompt is better? Answer with exactly '1' or '2'.\n\nPrompt: {prompt}\n\n"
+        "Completion 1: {first}\n\nCompletion 2: {second}", description="prompt with {prompt} {first} {second}")
+    max_retries: int = Field(3, ge=0, description="retries per item (exponential backoff)")
+    backoff_s: float = Field(1.0, ge=0, description="first backoff delay in seconds")
+    timeout_s: float = Field(60.0, gt=0, description="per-request timeout")
+    seed: int = Field(0, description="seed of the per-item A/B order")
+
+
 class EvalConfig(_Strict):
-    judge: str = Field("callable:dpoflow.evaluation.judges:vader_sentiment", description="scores both models")
+    judge: str = Field("callable:dpoflow.evaluation.judges:vader_sentiment",
+                       description="callable:<mod>:<fn> | reward_model:<dir|models:/> | llm")
+    llm_judge: LLMJudgeConfig = LLMJudgeConfig()
     max_prompts: int = Field(1000, gt=0, description="held-out prompts evaluated")
     temperature: float = Field(0.7, ge=0.0, description="sampling temperature for both models (0 = greedy)")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus mass")

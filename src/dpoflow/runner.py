@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from dpoflow.config import Config, config_dict
+from dpoflow.config import Config, config_dict, config_hash
 
 
 def code_hash() -> str:
@@ -60,6 +60,7 @@ def run_pipeline(cfg: Config, log=print) -> dict:
     from dpoflow.dpo.reference import run_reference
     from dpoflow.dpo.train import run_dpo
     from dpoflow.evaluation.evaluate import run_eval
+    from dpoflow.evaluation.report import write_frontier
     from dpoflow.preferences import run_prefs
     from dpoflow.sft import run_sft
 
@@ -95,10 +96,13 @@ def run_pipeline(cfg: Config, log=print) -> dict:
                              reference_dir=paths["reference"], log=log))
         step(f"eval {name}", eval_dir, dpo_key + [config_dict(cfg.eval)],
              lambda: run_eval(cfg.eval, dpo_dir / "model", paths["reference_model"], paths["data"], eval_dir,
-                              beta=beta, pairs_dir=paths["pairs"], max_length=cfg.dpo.max_length, log=log))
+                              beta=beta, pairs_dir=paths["pairs"], max_length=cfg.dpo.max_length,
+                              training_metrics=dpo_dir / "metrics.jsonl", log=log))
         results[name] = json.loads((eval_dir / "metrics.json").read_text())
+    write_frontier(root / "frontier", results)
 
-    summary = {"run": cfg.run.name, "results": results, "timings_s": {k: round(v, 2) for k, v in timings.items()},
+    summary = {"run": cfg.run.name, "config_hash": config_hash(cfg), "results": results,
+               "timings_s": {k: round(v, 2) for k, v in timings.items()},
                "data": json.loads((paths["data"] / "stats.json").read_text())}
     (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log(f"\nrun {cfg.run.name}: outputs in {root}")
@@ -106,5 +110,6 @@ def run_pipeline(cfg: Config, log=print) -> dict:
         log(f"  {name}: win rate {m['win_rate']:.3f} [{m['win_rate_ci_low']:.3f}, {m['win_rate_ci_high']:.3f}] over "
             f"{m['n_prompts']} prompts; reward margin {m['reward_margin']:+.3f}; KL {m['kl']:.2f}; "
             f"implicit accuracy {m.get('implicit_accuracy', float('nan')):.3f} -> {root / 'dpo' / name / 'model'}")
+    log(f"  reports: {root / 'eval'}/<beta>/report.html; frontier: {root / 'frontier' / 'frontier.html'}")
     log(f"  summary: {root / 'summary.json'}")
     return summary

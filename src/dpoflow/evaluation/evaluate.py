@@ -7,7 +7,9 @@ Both models sample with identical settings and seeds; the judge scores both comp
     kl: KL(π‖π_ref) estimated on the policy's own samples = mean over samples of
         Σ_t [log π(y_t|·) − log π_ref(y_t|·)]   (an unbiased Monte-Carlo estimate of the sequence KL)
     mean completion lengths (tokens) of both, and win rate per policy-length bucket (length bias)
-Writes metrics.json, samples.parquet and report.html.
+Writes metrics.json, samples.parquet (both completions, scores, verdict, judge A/B order and
+failure per item) and a self-contained report.html. Win rate and reward margin are computed by the
+HF `evaluate` modules in evaluation/metrics (one implementation of the math).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 import torch
 
 from dpoflow.config import EvalConfig
-from dpoflow.evaluation.stats import bootstrap_mean_interval, wilson_interval
+from dpoflow.evaluation.metrics import load_metric
 
 
 def _completion_logps(model, tokenizer, prompts: list[str], completions: list[str], max_length: int):
@@ -32,19 +34,13 @@ def _completion_logps(model, tokenizer, prompts: list[str], completions: list[st
     return values[:, 0], values[:, 2]
 
 
-def win_rate_from_verdicts(verdicts: list[float]) -> dict:
-    n = len(verdicts)
-    wins, ties = sum(v == 1.0 for v in verdicts), sum(v == 0.5 for v in verdicts)
-    low, high = wilson_interval(wins + 0.5 * ties, n)
-    return {"win_rate": (wins + 0.5 * ties) / n if n else 0.0, "win_rate_ci_low": low, "win_rate_ci_high": high,
-            "wins": wins, "ties": ties, "losses": n - wins - ties, "n_prompts": n}
-
-
 def run_eval(cfg: EvalConfig, policy_dir, reference_model_dir, data_dir, out_dir, *, beta: float, pairs_dir=None,
-             max_length: int = 128, log=print) -> dict:
+             max_length: int = 128, training_metrics=None, log=print) -> dict:
+    """`training_metrics`: the DPO run's metrics.jsonl, plotted in the report when given."""
     import pandas as pd
 
     from dpoflow.evaluation.judges import load_judge
+    from dpoflow.evaluation.report import write_report
     from dpoflow.modeling import load_model, load_tokenizer, sample_completions
 
     out_dir = Path(out_dir)
@@ -57,27 +53,33 @@ def run_eval(cfg: EvalConfig, policy_dir, reference_model_dir, data_dir, out_dir
                     seed=cfg.seed, prompt_messages=prompts_frame.prompt_messages.tolist())
     policy_text = [s[0] for s in sample_completions(policy, tokenizer, prompts, **settings)]
     reference_text = [s[0] for s in sample_completions(reference, tokenizer, prompts, **settings)]
-    judge = load_judge(cfg.judge)
-    policy_scores, reference_scores = judge.score(prompts, policy_text), judge.score(prompts, reference_text)
-    verdicts = [1.0 if a > b else 0.0 if a < b else 0.5 for a, b in zip(policy_scores, reference_scores)]
+    judge = load_judge(cfg.judge, cfg.llm_judge)
+    metrics: dict = {"beta": beta, "judge": cfg.judge}
+    if judge.pairwise_only:
+        policy_scores = reference_scores = [None] * len(prompts)
+        verdicts = judge.compare(prompts, policy_text, reference_text)
+        orders, failures = judge.last_orders, judge.last_failures
+    else:
+        policy_scores, reference_scores = judge.score(prompts, policy_text), judge.score(prompts, reference_text)
+        verdicts = [1.0 if a > b else 0.0 if a < b else 0.5 for a, b in zip(policy_scores, reference_scores)]
+        orders, failures = ["AB"] * len(prompts), [""] * len(prompts)
+        metrics.update(load_metric("reward_margin").compute(policy_scores=policy_scores,
+                                                            reference_scores=reference_scores, seed=cfg.seed))
+    judged = [v for v in verdicts if v is not None]  # a failed judgement is never a win
+    metrics.update(load_metric("win_rate").compute(verdicts=judged))
+    metrics["judge_failures"] = len(verdicts) - len(judged)
 
     policy_logps, policy_lengths = _completion_logps(policy, tokenizer, prompts, policy_text, max_length)
     reference_on_policy, _ = _completion_logps(reference, tokenizer, prompts, policy_text, max_length)
     _, reference_lengths = _completion_logps(reference, tokenizer, prompts, reference_text, max_length)
     kl_per_sample = (policy_logps - reference_on_policy).tolist()
-
-    margins = [a - b for a, b in zip(policy_scores, reference_scores)]
-    metrics = {**win_rate_from_verdicts(verdicts), "beta": beta, "judge": cfg.judge,
-               "reward_policy": sum(policy_scores) / len(prompts), "reward_reference": sum(reference_scores) / len(prompts),
-               "reward_margin": sum(margins) / len(margins)}
-    metrics["reward_margin_ci_low"], metrics["reward_margin_ci_high"] = bootstrap_mean_interval(margins, cfg.seed)
     metrics["kl"] = sum(kl_per_sample) / len(kl_per_sample)
     metrics["length_policy"] = float(policy_lengths.mean())
     metrics["length_reference"] = float(reference_lengths.mean())
     median = float(policy_lengths.median())
     for name, chosen in (("short", policy_lengths <= median), ("long", policy_lengths > median)):
-        bucket = [v for v, keep in zip(verdicts, chosen.tolist()) if keep]
-        metrics[f"win_rate_{name}"] = sum(bucket) / len(bucket) if bucket else None
+        bucket = [v for v, keep in zip(verdicts, chosen.tolist()) if keep and v is not None]
+        metrics[f"win_rate_{name}_completions"] = sum(bucket) / len(bucket) if bucket else None
 
     if pairs_dir is not None and (Path(pairs_dir) / "eval.parquet").exists():
         from dpoflow.dpo.reference import compute_logps
@@ -92,10 +94,15 @@ def run_eval(cfg: EvalConfig, policy_dir, reference_model_dir, data_dir, out_dir
             metrics["implicit_margin"] = float((chosen - rejected).mean())
             metrics["n_eval_pairs"] = len(pairs)
 
-    pd.DataFrame({"prompt": prompts, "policy": policy_text, "reference": reference_text,
-                  "policy_score": policy_scores, "reference_score": reference_scores, "verdict": verdicts,
-                  "policy_minus_reference_logp": kl_per_sample}).to_parquet(out_dir / "samples.parquet", index=False)
+    samples = pd.DataFrame({"prompt": prompts, "policy": policy_text, "reference": reference_text,
+                            "policy_score": policy_scores, "reference_score": reference_scores, "verdict": verdicts,
+                            "judge_order": orders, "judge_failure": failures,
+                            "policy_length": policy_lengths.tolist(), "reference_length": reference_lengths.tolist(),
+                            "policy_minus_reference_logp": kl_per_sample})
+    samples.to_parquet(out_dir / "samples.parquet", index=False)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_report(out_dir / "report.html", metrics, samples, training_metrics)
+    margin = f", reward margin {metrics['reward_margin']:+.3f}" if "reward_margin" in metrics else ""
     log(f"eval: win rate {metrics['win_rate']:.3f} [{metrics['win_rate_ci_low']:.3f}, {metrics['win_rate_ci_high']:.3f}] "
-        f"on {len(prompts)} prompts, reward margin {metrics['reward_margin']:+.3f}, KL {metrics['kl']:.2f}")
+        f"on {metrics['n_prompts']} prompts{margin}, KL {metrics['kl']:.2f}, judge failures {metrics['judge_failures']}")
     return metrics

@@ -2,6 +2,8 @@
 
     callable:<module>:<function>   a python function f(prompt, completion) -> float (the demo: VADER)
     reward_model:<path or models:/ URI>   AutoModelForSequenceClassification, score = logit 0
+    llm                            an OpenAI-compatible chat-completions judge (pairwise only),
+                                   configured by eval.llm_judge
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import importlib
 
 
 class Judge:
+    pairwise_only = False
+
     def score(self, prompts: list[str], completions: list[str]) -> list[float]:
         raise NotImplementedError
 
@@ -69,10 +73,94 @@ def vader_sentiment(prompt: str, completion: str) -> float:
     return analyzer.polarity_scores(prompt + completion)["compound"]
 
 
-def load_judge(spec: str) -> Judge:
+def load_judge(spec: str, llm=None) -> Judge:
+    """`spec` names the judge; `llm` (an LLMJudgeConfig) configures the 'llm' judge."""
     kind, _, target = spec.partition(":")
+    if kind == "llm":
+        if llm is None or not llm.base_url or not llm.model:
+            raise ValueError("judge 'llm' needs eval.llm_judge.base_url and eval.llm_judge.model")
+        return LLMJudge(llm.base_url, llm.model, llm.api_key_env, llm.template, llm.max_retries, llm.backoff_s,
+                        llm.timeout_s, llm.seed)
     if kind == "callable":
         return CallableJudge(target)
     if kind == "reward_model":
         return RewardModelJudge(target)
-    raise ValueError(f"unknown judge {spec!r}; use 'callable:<module>:<function>' or 'reward_model:<path|models:/...>'")
+    raise ValueError(f"unknown judge {spec!r}; use 'callable:<module>:<function>', "
+                     "'reward_model:<path|models:/...>' or 'llm'")
+
+
+DEFAULT_LLM_TEMPLATE = (
+    "Which completion of the prompt is better? Answer with exactly '1' or '2'.\n\n"
+    "Prompt: {prompt}\n\nCompletion 1: {first}\n\nCompletion 2: {second}"
+)
+
+
+class LLMJudge(Judge):
+    """Pairwise judge over any OpenAI-compatible chat-completions endpoint.
+
+    Per item the order of the two completions is randomised (seeded) and recorded, so position bias
+    cancels out on average and can be audited. A request is retried with exponential backoff; an
+    item that still fails, or whose answer is neither '1' nor '2', is a failure: its verdict is None,
+    it is counted and reported, and it never counts as a win.
+    """
+
+    pairwise_only = True
+
+    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY",
+                 template: str = DEFAULT_LLM_TEMPLATE, max_retries: int = 3, backoff_s: float = 1.0,
+                 timeout_s: float = 60.0, seed: int = 0, sleep=None):
+        import os
+        import time
+
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model, self.template, self.max_retries = model, template, max_retries
+        self.backoff_s, self.timeout_s, self.seed = backoff_s, timeout_s, seed
+        self.api_key = os.environ.get(api_key_env, "")
+        self.sleep = sleep or time.sleep
+        self.name = f"llm:{model}"
+        self.last_orders: list[str] = []
+        self.last_failures: list[str] = []
+
+    def score(self, prompts, completions):
+        raise TypeError("the LLM judge is pairwise: use compare(prompts, a, b)")
+
+    def _ask(self, content: str) -> str:
+        import json
+        import urllib.request
+
+        body = json.dumps({"model": self.model, "temperature": 0,
+                           "messages": [{"role": "user", "content": content}]}).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+            return json.loads(response.read())["choices"][0]["message"]["content"].strip()
+
+    def compare(self, prompts, a, b):
+        import random
+
+        rng = random.Random(self.seed)
+        verdicts, self.last_orders, self.last_failures = [], [], []
+        for prompt, first_a, first_b in zip(prompts, a, b):
+            swapped = rng.random() < 0.5
+            first, second = (first_b, first_a) if swapped else (first_a, first_b)
+            self.last_orders.append("BA" if swapped else "AB")
+            answer, error = None, ""
+            for attempt in range(self.max_retries + 1):
+                try:
+                    answer = self._ask(self.template.format(prompt=prompt, first=first, second=second))
+                    break
+                except Exception as failure:  # HTTP error, timeout, malformed response
+                    error = f"{type(failure).__name__}: {failure}"
+                    if attempt < self.max_retries:
+                        self.sleep(self.backoff_s * 2 ** attempt)
+            choice = answer[:1] if answer else ""
+            if choice not in ("1", "2"):
+                verdicts.append(None)
+                self.last_failures.append(error or f"unparseable answer {answer!r}")
+                continue
+            self.last_failures.append("")
+            first_wins = choice == "1"
+            verdicts.append(1.0 if first_wins != swapped else 0.0)
+        return verdicts

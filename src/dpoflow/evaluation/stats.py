@@ -25,3 +25,20 @@ def bootstrap_mean_interval(values: list[float], seed: int = 0, rounds: int = 20
     n = len(values)
     means = sorted(sum(rng.choices(values, k=n)) / n for _ in range(rounds))
     return means[int(0.025 * rounds)], means[int(0.975 * rounds) - 1]
+
+
+def win_rate_summary(verdicts: list[float]) -> dict:
+    """Verdicts 1 / ½ / 0 per item -> win rate (ties ½), its Wilson interval and the counts."""
+    n = len(verdicts)
+    wins, ties = sum(v == 1.0 for v in verdicts), sum(v == 0.5 for v in verdicts)
+    low, high = wilson_interval(wins + 0.5 * ties, n)
+    return {"win_rate": (wins + 0.5 * ties) / n if n else 0.0, "win_rate_ci_low": low, "win_rate_ci_high": high,
+            "wins": wins, "ties": ties, "losses": n - wins - ties, "n_prompts": n}
+
+
+def reward_margin_summary(policy_scores: list[float], reference_scores: list[float], seed: int = 0) -> dict:
+    margins = [a - b for a, b in zip(policy_scores, reference_scores)]
+    n = max(len(margins), 1)
+    low, high = bootstrap_mean_interval(margins, seed)
+    return {"reward_policy": sum(policy_scores) / n, "reward_reference": sum(reference_scores) / n,
+            "reward_margin": sum(margins) / n, "reward_margin_ci_low": low, "reward_margin_ci_high": high}
