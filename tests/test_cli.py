@@ -47,18 +47,31 @@ def test_config_show_prints_hash():
 
 
 @pytest.mark.slow
-def test_dvc_repro_data_in_a_fresh_copy(tmp_path):
-    """`dvc repro data` in a fresh git clone-like copy of the project runs `dpoflow data`."""
+def test_dvc_repro_in_a_fresh_copy(tmp_path):
+    """`dvc repro` in a fresh copy of the project runs every stage through `dpoflow <step>`; tiny params."""
+    import yaml
+    from test_pipeline import TINY
+
+    from dpoflow.config import apply_overrides
+
     work = tmp_path / "project"
     tracked = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                              capture_output=True, text=True, check=True).stdout.split()
     for name in tracked:
         (work / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, work / name)
+    params = apply_overrides(yaml.safe_load((work / "params.yaml").read_text()),
+                             [s for s in TINY if not s.startswith("run.name")])
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
     subprocess.run(["git", "init", "-q"], cwd=work, check=True)
-    env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(tmp_path)}
-    subprocess.run([str(BIN / "dvc"), "repro", "--force", "data"], cwd=work, check=True, env=env,
-                   capture_output=True, text=True)
+    env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf")}
+    result = subprocess.run([str(BIN / "dvc"), "repro"], cwd=work, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     stats = json.loads((work / "outputs/demo/data/stats.json").read_text())
-    assert stats["rows_in"] == stats["kept"] > 0
+    assert stats["rows_in"] == stats["kept"] == 400
+    metrics = subprocess.run([str(BIN / "dvc"), "metrics", "show", "--json"], cwd=work, env=env,
+                             capture_output=True, text=True, check=True).stdout
+    shown = json.dumps(json.loads(metrics))
+    assert "outputs/demo/eval/beta-0.1/metrics.json" in shown and "outputs/demo/eval/beta-0.5/metrics.json" in shown
+    assert '"win_rate"' in shown and '"kl"' in shown
     assert (work / "dvc.lock").exists()

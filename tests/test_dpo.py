@@ -254,3 +254,13 @@ def test_resume_after_sigkill_is_exact(tmp_path, pairs_dir, tiny_model_dir, refe
     assert summary["resumed_from"] >= 10
     _assert_same_weights(tmp_path / "full", killed, atol=1e-6)
     assert [m["step"] for m in _metrics(killed)] == list(range(1, 61))
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "deepspeed_zero2"])
+def test_accelerate_recipes_are_valid_accelerate_configs(name):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / f"{name}.yaml"
+    config = ClusterConfig.from_yaml_file(str(path))
+    assert config.distributed_type.value == {"ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed_zero2": "DEEPSPEED"}[name]
+    assert config.mixed_precision == "bf16"

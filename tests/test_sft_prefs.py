@@ -95,3 +95,25 @@ def test_models_uri_through_sqlite_mlflow(demo, tmp_path, monkeypatch):
     assert load_tokenizer("models:/demo-reference/1").eos_token == "<|eos|>"
     with pytest.raises(ValueError, match="cannot resolve models:/nope@champion"):
         load_model("models:/nope@champion")
+
+
+def test_sft_resume_from_checkpoint_is_exact(demo, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    root, _ = demo
+    base = ModelConfig(base=str(root / "sft" / "base"))
+    cfg = SftConfig(max_steps=8, per_device_batch_size=8, learning_rate=1e-3, max_length=64, checkpoint_every=4,
+                    scheduler="cosine", warmup_steps=2)
+    run_sft(cfg, base, root / "data", tmp_path / "full")
+    assert (tmp_path / "full" / "checkpoints" / "step-4" / "trainer_state.json").exists()
+    # a run that stopped at step 4: only its checkpoint exists, then --resume finishes it
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-4", tmp_path / "resumed" / "checkpoints" / "step-4")
+    run_sft(cfg, base, root / "data", tmp_path / "resumed", resume=True)
+    full = load_file(str(tmp_path / "full" / "model" / "model.safetensors"))
+    resumed = load_file(str(tmp_path / "resumed" / "model" / "model.safetensors"))
+    for name in full:
+        torch.testing.assert_close(full[name], resumed[name], atol=1e-6, rtol=0)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps[0] == 5  # steps 1-4 were not re-run

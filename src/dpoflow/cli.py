@@ -85,15 +85,25 @@ def cmd_reference(args) -> int:
     return 0
 
 
-def _relaunch(num_processes: int) -> int:
-    """Re-run this command under N processes: torchrun (gloo) on CPU, accelerate launch on GPUs."""
+def _relaunch(num_processes: int, accelerate_config: str | None) -> int:
+    """Re-run this command under N processes: accelerate launch on GPUs (or with a config file for
+    FSDP/DeepSpeed), torchrun with gloo on CPU (`accelerate launch --cpu` would start only one)."""
     import os
     import subprocess
 
     import torch
 
-    argv = [a for i, a in enumerate(sys.argv[1:]) if a != "--num-processes" and sys.argv[i] != "--num-processes"]
-    if torch.cuda.is_available():
+    skip = {"--num-processes", "--accelerate-config"}
+    argv, previous = [], ""
+    for arg in sys.argv[1:]:
+        if arg not in skip and previous not in skip:
+            argv.append(arg)
+        previous = arg
+    if accelerate_config:
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config]
+        if num_processes > 1:
+            launcher += ["--num_processes", str(num_processes)]
+    elif torch.cuda.is_available():
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes)]
     else:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(num_processes)]
@@ -105,8 +115,9 @@ def cmd_dpo(args) -> int:
 
     from dpoflow.dpo.train import run_dpo
 
-    if args.num_processes > 1 and not os.environ.get("DPOFLOW_LAUNCHED") and "WORLD_SIZE" not in os.environ:
-        return _relaunch(args.num_processes)
+    launched = os.environ.get("DPOFLOW_LAUNCHED") or "WORLD_SIZE" in os.environ
+    if (args.num_processes > 1 or args.accelerate_config) and not launched:
+        return _relaunch(args.num_processes, args.accelerate_config)
     cfg = load_config(args.config, args.overrides)
     paths = _paths(cfg)
     out_dir = _out_dir(args, cfg, "dpo")
@@ -171,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     dpo.add_argument("--reference-dir", help="output of `dpoflow reference` (dpo.reference=cached)")
     dpo.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     dpo.add_argument("--num-processes", type=int, default=1, help="data-parallel processes (gloo on CPU)")
+    dpo.add_argument("--accelerate-config", help="accelerate config file (FSDP, DeepSpeed, multi-node); "
+                     "see configs/accelerate/")
     dpo.set_defaults(func=cmd_dpo)
 
     evaluation = sub.add_parser("eval", help="win rate of the policy vs the reference, reward margin, KL, report")
