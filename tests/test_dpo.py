@@ -264,3 +264,14 @@ def test_accelerate_recipes_are_valid_accelerate_configs(name):
     config = ClusterConfig.from_yaml_file(str(path))
     assert config.distributed_type.value == {"ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed_zero2": "DEEPSPEED"}[name]
     assert config.mixed_precision == "bf16"
+
+
+def test_logged_metrics_average_the_logging_window(tmp_path, pairs_dir, tiny_model_dir, reference_dir):
+    run_dpo(_cfg(max_steps=4), pairs_dir, tiny_model_dir, tmp_path / "every", reference_dir=reference_dir)
+    run_dpo(_cfg(max_steps=4, log_every=2), pairs_dir, tiny_model_dir, tmp_path / "window", reference_dir=reference_dir)
+    every, window = _metrics(tmp_path / "every"), _metrics(tmp_path / "window")
+    assert [m["step"] for m in window] == [2, 4]
+    for logged, (a, b) in zip(window, [(every[0], every[1]), (every[2], every[3])]):
+        for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen"):
+            assert logged[key] == pytest.approx((a[key] + b[key]) / 2, abs=1e-6)
+        assert logged["grad_norm"] == pytest.approx(b["grad_norm"], abs=1e-6)  # the last step's, as TRL

@@ -29,7 +29,8 @@ def test_first_step_matches_trl(tmp_path, models, loss_type, label_smoothing):
     pairs = make_pairs(16)
     args = trl.DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=16, max_steps=1, learning_rate=1e-3,
                          beta=0.1, loss_type=[loss_type], label_smoothing=label_smoothing, logging_steps=1,
-                         report_to=[], use_cpu=True, max_length=128, save_strategy="no", disable_tqdm=True)
+                         report_to=[], use_cpu=True, max_length=128, save_strategy="no", disable_tqdm=True,
+                         bf16=False, gradient_checkpointing=False)  # TRL's defaults are bf16 + checkpointing
     trainer = trl.DPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=args,
                              train_dataset=datasets.Dataset.from_pandas(pairs[["prompt", "chosen", "rejected"]]),
                              processing_class=tokenizer)

@@ -141,6 +141,13 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from dpoflow.bench import run_bench
+
+    run_bench(steps=args.steps, batch=args.batch, preset=args.preset, out=args.out)
+    return 0
+
+
 def cmd_run(args) -> int:
     from dpoflow.runner import run_pipeline
 
@@ -193,6 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--data", help="output of `dpoflow data` (prompts_eval.parquet)")
     evaluation.add_argument("--pairs", help="held-out preference pairs (eval.parquet) for implicit-reward accuracy")
     evaluation.set_defaults(func=cmd_eval)
+
+    bench = sub.add_parser("bench", help="DPO throughput: dpoflow vs TRL DPOTrainer on the same model and data")
+    bench.add_argument("--steps", type=int, default=5, help="timed steps per contender (after 1 warm-up)")
+    bench.add_argument("--batch", type=int, default=8, help="pairs per step")
+    bench.add_argument("--preset", default="bench", help="model size preset (bench ~15M params)")
+    bench.add_argument("--out", help="write the results as JSON here")
+    bench.set_defaults(func=cmd_bench)
 
     config = sub.add_parser("config", help="show the resolved config and its hash")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")

@@ -18,12 +18,15 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
-# Llama-style sizes. `tiny` is for unit tests (~0.1M params), `small` for the CPU demo (~1.6M).
+# Llama-style sizes. `tiny` is for unit tests (~0.1M params), `small` for the CPU demo (~1.3M).
 PRESETS = {
     "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=256),
     "small": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256),
+    # ~15M parameters: the size of the benchmark in shared REFERENCE.md ("17M-param Llama")
+    "bench": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=6,
+                  num_key_value_heads=6, max_position_embeddings=512),
 }
 
 

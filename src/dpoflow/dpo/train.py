@@ -119,7 +119,7 @@ def run_dpo(cfg: DpoConfig, pairs_dir, reference_model_dir, out_dir, *, referenc
     global_batch = cfg.per_device_batch_size * cfg.gradient_accumulation_steps * world
     progress = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="dpo",
                     disable=not accelerator.is_local_main_process)
-    started, tokens = time.perf_counter(), 0
+    started, tokens, window = time.perf_counter(), 0, []
     for step in progress:
         indices = global_batch_indices(len(pairs), global_batch, step, cfg.seed)
         micro = micro_batches(indices, rank, world, cfg.per_device_batch_size)
@@ -150,8 +150,11 @@ def run_dpo(cfg: DpoConfig, pairs_dir, reference_model_dir, out_dir, *, referenc
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        values = accelerator.gather(torch.cat(per_example).float())  # every example of every rank
+        window.append(accelerator.gather(torch.cat(per_example).float()))  # every example of every rank
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
+            # like TRL: example metrics are averaged over every step since the last log line
+            values = torch.cat(window)
+            window = []
             loss, chosen, rejected, logps_chosen, logps_rejected = values.mean(0).tolist()
             metrics = {
                 "loss": loss, "rewards/chosen": chosen, "rewards/rejected": rejected,
