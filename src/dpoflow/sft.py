@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from dpoflow.config import ModelConfig, SftConfig
-from dpoflow.dpo.logprobs import IGNORE
+from dpoflow.dpo.logprobs import IGNORE, pad_right
 from dpoflow.training import (
     MetricsWriter,
     global_batch_indices,
@@ -53,16 +53,7 @@ def encode_example(tokenizer, row: dict, max_length: int) -> tuple[list[int], li
 
 
 def collate(examples, indices, pad_token_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(examples[i][0]) for i in indices)
-    input_ids = torch.full((len(indices), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(indices), width), IGNORE, dtype=torch.long)
-    attention_mask = torch.zeros((len(indices), width), dtype=torch.long)
-    for row, i in enumerate(indices):
-        ids, labs = examples[i]
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        labels[row, : len(labs)] = torch.tensor(labs)
-        attention_mask[row, : len(ids)] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    return pad_right([examples[i][0] for i in indices], [examples[i][1] for i in indices], pad_token_id)
 
 
 def _token_nll(model, batch) -> tuple[torch.Tensor, torch.Tensor]:

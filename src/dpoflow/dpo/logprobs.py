@@ -101,6 +101,11 @@ def collate_pairs(pairs: TokenizedPairs, indices, pad_token_id: int) -> dict[str
             prompt = pairs.prompt_ids[i]
             sequences.append(prompt + completions[i])
             labels.append([IGNORE] * len(prompt) + completions[i])
+    return pad_right(sequences, labels, pad_token_id)
+
+
+def pad_right(sequences: list[list[int]], labels: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad token and label rows to one width: input_ids, attention_mask, labels (-100 on padding)."""
     width = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     label_tensor = torch.full((len(sequences), width), IGNORE, dtype=torch.long)
