@@ -48,3 +48,14 @@ def test_hash_is_stable_and_sensitive():
     b = load_config(None, ["data.mode=strict"])  # same value as the default
     c = load_config(None, ["data.mode=quarantine"])
     assert config_hash(a) == config_hash(b) != config_hash(c)
+
+
+def test_pipeline_combinations_are_checked():
+    from dpoflow.config import check_pipeline
+
+    check_pipeline(load_config(ROOT / "params.yaml"))
+    with pytest.raises(ConfigError, match="set sft.enabled=false and model.base") as error:
+        check_pipeline(load_config(None, ["data.kind=preferences"]))
+    assert "set prefs.enabled=false" in str(error.value)
+    with pytest.raises(ConfigError, match="makes model.base the reference: set model.base"):
+        check_pipeline(load_config(None, ["sft.enabled=false"]))

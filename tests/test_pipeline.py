@@ -32,3 +32,23 @@ def test_run_end_to_end_and_reuse(tmp_path):
     assert second.returncode == 0
     assert second.stdout.count("inputs unchanged, reusing") == 8  # data sft prefs reference + 2x(dpo, eval)
     assert json.loads((tmp_path / "tiny" / "summary.json").read_text())["results"] == summary["results"]
+
+
+@pytest.mark.slow
+def test_run_on_user_pairs_with_a_given_reference(tmp_path, tiny_model_dir):
+    """The path of a real user: own preference pairs + an existing reference model (no SFT, no prefs)."""
+    from conftest import make_pairs
+
+    frame = make_pairs(60).drop(columns=["prompt_messages"])
+    (tmp_path / "pairs.jsonl").write_text(frame.to_json(orient="records", lines=True))
+    settings = ["run.name=user", "run.betas=[0.1]", "data.kind=preferences", f"data.source={tmp_path / 'pairs.jsonl'}",
+                "data.eval_fraction=0.3", f"model.base={tiny_model_dir}", "sft.enabled=false", "prefs.enabled=false",
+                "dpo.max_steps=4", "dpo.per_device_batch_size=8", "eval.max_new_tokens=8"]
+    args = [str(Path(sys.executable).parent / "dpoflow"), "run", "-c", str(ROOT / "params.yaml"),
+            f"--set=run.output_dir={tmp_path}"] + [f"--set={s}" for s in settings]
+    result = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "user" / "summary.json").read_text())["results"]["beta-0.1"]
+    held_out_prompts = json.loads((tmp_path / "user" / "data" / "stats.json").read_text())["splits"]["prompts_eval"]
+    assert metrics["n_prompts"] == held_out_prompts > 0 and metrics["n_eval_pairs"] == held_out_prompts
+    assert not (tmp_path / "user" / "sft").exists() and not (tmp_path / "user" / "prefs").exists()

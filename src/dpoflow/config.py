@@ -171,8 +171,21 @@ class Config(_Strict):
     eval: EvalConfig = EvalConfig()
 
 
-def _type_name(annotation: Any) -> str:
-    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+def check_pipeline(cfg: Config) -> None:
+    """The step combinations `dpoflow run` can execute; each message says which keys to change."""
+    problems = []
+    if cfg.sft.enabled and cfg.data.kind != "sft":
+        problems.append(f"sft.enabled needs an SFT corpus but data.kind is {cfg.data.kind!r}: set "
+                        "sft.enabled=false and model.base to the reference model")
+    if not cfg.sft.enabled and cfg.model.base is None:
+        problems.append("sft.enabled=false makes model.base the reference: set model.base")
+    if cfg.data.kind == "preferences" and cfg.prefs.enabled:
+        problems.append("data.kind=preferences already holds pairs: set prefs.enabled=false")
+    if cfg.data.kind != "preferences" and not cfg.prefs.enabled:
+        problems.append(f"data.kind={cfg.data.kind!r} holds no pairs: prefs.enabled must be true "
+                        "(or point data at preference pairs)")
+    if problems:
+        raise ConfigError("config cannot run as a pipeline:\n  " + "\n  ".join(problems))
 
 
 def _format_validation_error(error: ValidationError, origin: str) -> str:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from dpoflow.config import Config, config_dict, config_hash
+from dpoflow.config import Config, check_pipeline, config_dict, config_hash
 
 
 def code_hash() -> str:
@@ -64,6 +64,7 @@ def run_pipeline(cfg: Config, log=print) -> dict:
     from dpoflow.preferences import run_prefs
     from dpoflow.sft import run_sft
 
+    check_pipeline(cfg)
     paths = step_dirs(cfg)
     root = paths["root"]
     timings: dict[str, float] = {}

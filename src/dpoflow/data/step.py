@@ -5,7 +5,8 @@
 Outputs in `out_dir`:
     train.parquet, eval.parquet         the kind's internal schema (see formats.py)
     prompts_train.parquet, prompts_eval.parquet
-                                        (SFT corpora only) review openings used as prompts
+                                        the split's unique prompts (for an SFT corpus: 2-8-word
+                                        openings, split by their own hash)
     stats.json                          rows_in, kept, quarantined {reason: count}, split sizes,
                                         input md5, output fingerprint
     dataset.json                        source, kind, rev, md5 (the lineage record)
@@ -168,14 +169,18 @@ def run_data(cfg: DataConfig, out_dir: str | Path, seed: int = 0) -> DataResult:
         split_rows[split_of(formats.split_text(cfg.kind, row), cfg.eval_fraction)].append(row)
     # Rows are written in hash order: the output (and its fingerprint) does not depend on input order.
     frames = {name: pd.DataFrame(sorted(items, key=_row_hash), columns=columns) for name, items in split_rows.items()}
+    # every kind also yields prompts_{train,eval}: what prefs samples from and eval evaluates on
     if cfg.kind == "sft":
         texts = [r["completion"] for r in kept if not r["messages"]]
-        prompts = derive_prompts(texts, cfg.prompt_words, seed)
         prompt_rows: dict[str, list[dict]] = {"train": [], "eval": []}
-        for prompt in sorted(prompts):
+        for prompt in sorted(derive_prompts(texts, cfg.prompt_words, seed)):
             prompt_rows[split_of(prompt, cfg.eval_fraction)].append({"prompt": prompt, "prompt_messages": ""})
         for name, items in prompt_rows.items():
             frames[f"prompts_{name}"] = pd.DataFrame(items, columns=formats.COLUMNS["prompts"])
+    else:
+        for name in ("train", "eval"):
+            prompts = frames[name][list(formats.COLUMNS["prompts"])].drop_duplicates()
+            frames[f"prompts_{name}"] = prompts.reset_index(drop=True)
     for name, frame in frames.items():
         frame.to_parquet(out_dir / f"{name}.parquet", index=False)
 
