@@ -124,8 +124,6 @@ def run_sft(cfg: SftConfig, model_cfg: ModelConfig, data_dir, out_dir, *, resume
     scheduler = make_scheduler(optimizer, cfg)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     start = resume_step(accelerator, out_dir) if resume else 0
-    if not resume:
-        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
     write = MetricsWriter(out_dir / "metrics.jsonl", accelerator.is_main_process, log_metrics, resume_from=start)
     world, rank = accelerator.num_processes, accelerator.process_index
     global_batch = cfg.per_device_batch_size * cfg.gradient_accumulation_steps * world

@@ -104,7 +104,7 @@ class MetricsWriter:
 
     def __init__(self, path: Path, enabled: bool, callback=None, resume_from: int = 0):
         self.path, self.enabled, self.callback = path, enabled, callback
-        if enabled and path.exists():  # a resumed run keeps earlier lines up to the checkpoint
+        if enabled and path.exists():  # keep lines up to the resumed step (none for a fresh run)
             kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_from]
             path.write_text("".join(line + "\n" for line in kept))
 

@@ -113,8 +113,6 @@ def run_dpo(cfg: DpoConfig, pairs_dir, reference_model_dir, out_dir, *, referenc
     if resume and start:
         log(f"dpo: resuming from step {start}")
     write = MetricsWriter(out_dir / "metrics.jsonl", accelerator.is_main_process, log_metrics, resume_from=start)
-    if not resume:
-        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
     world, rank = accelerator.num_processes, accelerator.process_index
     global_batch = cfg.per_device_batch_size * cfg.gradient_accumulation_steps * world
     progress = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="dpo",
