@@ -192,3 +192,27 @@ def test_demo_corpus_is_deterministic_and_yields_prompts(tmp_path):
         set(pd.read_parquet(tmp_path / "a" / "prompts_train.parquet").prompt)
     reviews = pd.read_parquet(tmp_path / "a" / "train.parquet").completion
     assert reviews.str.len().between(60, 600).all()
+
+
+def test_no_common_prompt_in_both_modes(tmp_path):
+    rows = [{"chosen": f"The film {i} was great.", "rejected": f"The film {i} was dull."} for i in range(6)]
+    rows.insert(2, {"chosen": "Great film.", "rejected": "Dull film."})
+    source = write_jsonl(tmp_path / "implicit.jsonl", rows)
+    with pytest.raises(DataValidationError, match="row 3: no_common_prompt - implicit format"):
+        run_data(_cfg(source), tmp_path / "s")
+    result = run_data(_cfg(source, mode="quarantine"), tmp_path / "q")
+    assert result.stats["quarantined"] == {"no_common_prompt": 1} and result.stats["kept"] == 6
+    assert _read_quarantine(tmp_path / "q")[0]["record"] == rows[2]
+
+
+def test_sft_and_prompt_kinds_validate_rows(tmp_path):
+    sft_rows = [{"text": "A fine film."}, {"messages": [{"role": "user", "content": "hi"},
+                                                        {"role": "assistant", "content": "hello"}]},
+                {"prompt": "The film", "completion": " was fine."}, {"text": ""}]
+    result = run_data(DataConfig(kind="sft", source=str(write_jsonl(tmp_path / "sft.jsonl", sft_rows)),
+                                 mode="quarantine"), tmp_path / "sft")
+    assert result.stats["quarantined"] == {"empty_text": 1} and result.stats["kept"] == 3
+    prompt_rows = [{"prompt": "Rate it"}, {"prompt": "Rate it"}, {"prompt": None}]
+    result = run_data(DataConfig(kind="prompts", source=str(write_jsonl(tmp_path / "p.jsonl", prompt_rows)),
+                                 mode="quarantine"), tmp_path / "p")
+    assert result.stats["quarantined"] == {"duplicate_row": 1, "null_value": 1} and result.stats["kept"] == 1

@@ -73,3 +73,38 @@ def test_evaluate_modules_load_offline(monkeypatch):
     margin = evaluate.load(str(METRICS_DIR / "reward_margin"))
     result = margin.compute(policy_scores=[1.0, 0.5], reference_scores=[0.0, 0.1])
     assert result["reward_margin"] == pytest.approx(0.7)
+
+
+def test_reward_model_judge(tmp_path, tiny_model_dir):
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from dpoflow.evaluation.judges import load_judge
+    from dpoflow.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, num_labels=1,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    judge = load_judge(f"reward_model:{tmp_path / 'rm'}")
+    prompts, completions = ["the film", "the film", "a"], [" was great", " was dull", " fun"]
+    scores = judge.score(prompts, completions)
+    assert len(scores) == 3 and len(set(scores)) == 3  # real, distinct model outputs
+    # batching with padding does not change a score
+    assert judge.score(prompts[:1], completions[:1])[0] == pytest.approx(scores[0], abs=1e-5)
+    assert judge.compare(prompts[:2], completions[:2], completions[1::-1]) == (
+        [1.0, 0.0] if scores[0] > scores[1] else [0.0, 1.0])
+
+
+def test_unknown_judge_is_a_clear_error():
+    from dpoflow.evaluation.judges import load_judge
+
+    with pytest.raises(ValueError, match="unknown judge 'gpt'"):
+        load_judge("gpt")
+    with pytest.raises(ValueError, match="cannot import judge callable"):
+        load_judge("callable:nowhere.module:f")
+    with pytest.raises(ValueError, match="needs eval.llm_judge.base_url"):
+        load_judge("llm")

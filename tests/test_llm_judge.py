@@ -79,3 +79,26 @@ def test_failed_items_are_not_wins_in_the_win_rate(server):
     assert verdicts == [None, 0.0]
     judged = [v for v in verdicts if v is not None]
     assert win_rate_summary(judged)["win_rate"] == 0.0 and win_rate_summary(judged)["n_prompts"] == 1
+
+
+def test_run_eval_with_the_llm_judge(server, tmp_path, tiny_model_dir):
+    import pandas as pd
+
+    from dpoflow.config import DataConfig, EvalConfig
+    from dpoflow.data.step import run_data
+    from dpoflow.evaluation.evaluate import run_eval
+
+    run_data(DataConfig(demo={"n_reviews": 300}, eval_fraction=0.5), tmp_path / "data")
+    cfg = EvalConfig(judge="llm", max_prompts=12, max_new_tokens=8,
+                     llm_judge={"base_url": server, "model": "judge", "max_retries": 0})
+    metrics = run_eval(cfg, tiny_model_dir, tiny_model_dir, tmp_path / "data", tmp_path / "eval", beta=0.1)
+    # identical models and seeds give identical completions, so the fake judge's answer depends only on
+    # the text ("1" if it holds "great", else "2"); the verdict must follow the recorded A/B order
+    samples = pd.read_parquet(tmp_path / "eval" / "samples.parquet")
+    assert (samples.policy == samples.reference).all()
+    first_wins = ["great" in text for text in samples.policy]
+    expected = [float(first == (order == "AB")) for first, order in zip(first_wins, samples.judge_order)]
+    assert samples.verdict.tolist() == expected and set(samples.judge_order) == {"AB", "BA"}
+    assert metrics["n_prompts"] == 12 and metrics["judge_failures"] == 0 and "reward_margin" not in metrics
+    assert metrics["win_rate"] == pytest.approx(sum(expected) / 12)
+    assert "data:image/png" in (tmp_path / "eval" / "report.html").read_text()

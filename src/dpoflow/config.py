@@ -44,7 +44,7 @@ class DataConfig(_Strict):
     )
     dvc: DvcSource | None = Field(None, description="read `source` from a DVC repo at a revision instead")
     format: Literal["auto", "standard", "implicit", "conversational"] = Field(
-        "auto", description="preference format; auto = detect from the columns"
+        "auto", description="preference format; auto = detect from the first row (SFT/prompt rows: per row)"
     )
     mode: Literal["strict", "quarantine"] = Field(
         "strict", description="strict: fail on any bad row; quarantine: set bad rows aside with a reason"

@@ -81,7 +81,9 @@ def validate_rows(rows, cfg: DataConfig) -> tuple[list[dict], list[dict], int]:
     bad: list[dict] = []
     seen: set[tuple] = set()
     measure = _PromptLength(cfg.tokenizer)
-    fmt = None if cfg.format == "auto" else cfg.format
+    # preferences: data.format, or the first readable row, fixes the format of the file; SFT and
+    # prompt rows may mix shapes (text, prompt/completion, messages) and are detected per row
+    fmt = None if cfg.format == "auto" or cfg.kind != "preferences" else cfg.format
     rows_in = 0
     for row in rows:
         rows_in += 1
@@ -94,7 +96,8 @@ def validate_rows(rows, cfg: DataConfig) -> tuple[list[dict], list[dict], int]:
                 detected = formats.detect_format(cfg.kind, record)
                 if detected == "implicit_conversational" or (row_fmt == "implicit" and detected != "standard"):
                     row_fmt = detected
-            fmt = fmt or row_fmt  # auto: the first readable row fixes the format for the file
+            if cfg.kind == "preferences":
+                fmt = fmt or row_fmt
             normalized = formats.normalize(cfg.kind, row_fmt, record)
             key = formats.dedup_key(cfg.kind, normalized)
             if key in seen:

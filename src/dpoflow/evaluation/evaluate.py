@@ -23,15 +23,16 @@ from dpoflow.config import EvalConfig
 from dpoflow.evaluation.metrics import load_metric
 
 
-def _completion_logps(model, tokenizer, prompts: list[str], completions: list[str], max_length: int):
+def _completion_logps(model, tokenizer, prompts, policy_text, reference_text, max_length: int):
+    """log π(completion|prompt) of `model` for the policy's and the reference's completions, plus their
+    token counts: one pass with the two completions laid out as a (chosen, rejected) pair."""
     import pandas as pd
 
     from dpoflow.dpo.reference import compute_logps
 
-    # score each completion as a "pair" with itself: the chosen column is what we need
-    frame = pd.DataFrame({"prompt": prompts, "chosen": completions, "rejected": completions})
+    frame = pd.DataFrame({"prompt": prompts, "chosen": policy_text, "rejected": reference_text})
     values, _ = compute_logps(model, tokenizer, frame, max_length, "keep_start")
-    return values[:, 0], values[:, 2]
+    return values[:, 0], values[:, 1], values[:, 2], values[:, 3]
 
 
 def run_eval(cfg: EvalConfig, policy_dir, reference_model_dir, data_dir, out_dir, *, beta: float, pairs_dir=None,
@@ -69,9 +70,11 @@ def run_eval(cfg: EvalConfig, policy_dir, reference_model_dir, data_dir, out_dir
     metrics.update(load_metric("win_rate").compute(verdicts=judged))
     metrics["judge_failures"] = len(verdicts) - len(judged)
 
-    policy_logps, policy_lengths = _completion_logps(policy, tokenizer, prompts, policy_text, max_length)
-    reference_on_policy, _ = _completion_logps(reference, tokenizer, prompts, policy_text, max_length)
-    _, reference_lengths = _completion_logps(reference, tokenizer, prompts, reference_text, max_length)
+    # KL(π‖π_ref) on the policy's samples (re-tokenized from text: a sampled non-canonical BPE split
+    # is scored as its canonical one)
+    policy_logps, _, policy_lengths, reference_lengths = _completion_logps(
+        policy, tokenizer, prompts, policy_text, reference_text, max_length)
+    reference_on_policy, *_ = _completion_logps(reference, tokenizer, prompts, policy_text, reference_text, max_length)
     kl_per_sample = (policy_logps - reference_on_policy).tolist()
     metrics["kl"] = sum(kl_per_sample) / len(kl_per_sample)
     metrics["length_policy"] = float(policy_lengths.mean())
