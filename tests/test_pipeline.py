@@ -52,3 +52,17 @@ def test_run_on_user_pairs_with_a_given_reference(tmp_path, tiny_model_dir):
     held_out_prompts = json.loads((tmp_path / "user" / "data" / "stats.json").read_text())["splits"]["prompts_eval"]
     assert metrics["n_prompts"] == held_out_prompts > 0 and metrics["n_eval_pairs"] == held_out_prompts
     assert not (tmp_path / "user" / "sft").exists() and not (tmp_path / "user" / "prefs").exists()
+
+
+def test_an_edited_source_file_is_not_reused(tmp_path):
+    from dpoflow.config import load_config
+    from dpoflow.runner import _data_fingerprint, content_fingerprint
+
+    source = tmp_path / "pairs.jsonl"
+    source.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    cfg = load_config(None, [f"data.source={source}"])
+    before = _data_fingerprint(cfg)
+    source.write_text('{"prompt": "a", "chosen": "b", "rejected": "d"}\n')
+    assert _data_fingerprint(cfg) != before
+    assert content_fingerprint("demo") is None
+    assert content_fingerprint("models:/m@champion") != content_fingerprint("models:/m@champion")  # never reused

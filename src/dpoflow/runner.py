@@ -1,8 +1,8 @@
 """`dpoflow run`: the whole pipeline in this process, step after step, from one config.
 
-Each step writes to <output_dir>/<run name>/<step>. A step whose inputs are unchanged (same config
-section hash, same upstream fingerprints) is reused: its `step.json` records the key it was built
-with. (A later issue moves this onto the Kubeflow local runner without changing what it produces.)
+Each step writes to <output_dir>/<run name>/<step>. A step whose inputs are unchanged (its config
+sections, its upstream steps' keys, the content of external inputs, dpoflow's source) is reused: its
+`step.json` records the key it was built with. (A later issue moves this onto the Kubeflow local runner without changing what it produces.)
 """
 
 from __future__ import annotations
@@ -10,12 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import uuid
 from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
 
 from dpoflow.config import Config, check_pipeline, config_dict, config_hash
 
 
+@lru_cache(maxsize=1)
 def code_hash() -> str:
     """Hash of dpoflow's own source: a code change invalidates reused step outputs."""
     digest = hashlib.sha256()
@@ -28,6 +31,31 @@ def code_hash() -> str:
 
 def _step_key(*parts) -> str:
     return hashlib.sha256(json.dumps([code_hash(), *parts], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def content_fingerprint(location: str | None) -> str | None:
+    """What a step's external input holds now, so edited files are never mistaken for unchanged ones.
+
+    A local file or folder: its md5. Anything that can move without a local trace (a hub id, a
+    models:/ alias): a fresh token, so steps that read it always rerun. None: nothing external.
+    """
+    from dpoflow.data.sources import tree_md5
+
+    if location is None or location == "demo":
+        return None
+    if Path(location).exists():
+        return tree_md5(Path(location))
+    return f"unpinned-{uuid.uuid4()}"
+
+
+def _data_fingerprint(cfg: Config) -> str | None:
+    if cfg.data.dvc is not None:  # DVC's own md5 at the requested rev (a branch can move)
+        from dvc.api import DVCFileSystem
+
+        dvc = cfg.data.dvc
+        info = DVCFileSystem(dvc.repo, rev=dvc.rev).info(dvc.path)
+        return info.get("md5") or info.get("dvc_info", {}).get("md5") or f"unpinned-{uuid.uuid4()}"
+    return content_fingerprint(cfg.data.source)
 
 
 def run_step(name: str, out_dir: Path, key: str, fn: Callable[[], object], log=print) -> tuple[bool, float]:
@@ -72,9 +100,9 @@ def run_pipeline(cfg: Config, log=print) -> dict:
     def step(name, out_dir, key_parts, fn):
         _, timings[name] = run_step(name, out_dir, _step_key(*key_parts), fn, log)
 
-    data_key = [config_dict(cfg.data), cfg.run.seed]
+    data_key = [config_dict(cfg.data), cfg.run.seed, _data_fingerprint(cfg)]
     step("data", paths["data"], data_key, lambda: run_data(cfg.data, paths["data"], seed=cfg.run.seed))
-    sft_key = data_key + [config_dict(cfg.sft), config_dict(cfg.model)]
+    sft_key = data_key + [config_dict(cfg.sft), config_dict(cfg.model), content_fingerprint(cfg.model.base)]
     if cfg.sft.enabled:
         step("sft", root / "sft", sft_key, lambda: run_sft(cfg.sft, cfg.model, paths["data"], root / "sft", log=log))
     prefs_key = sft_key + [config_dict(cfg.prefs)]
