@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from dpoflow.config import ConfigError, config_dict, config_hash, load_config
+from dpoflow.runner import step_dirs
 
 
 def _add_common(parser: argparse.ArgumentParser, out: bool = True) -> None:
@@ -36,12 +37,11 @@ def cmd_config_show(args) -> int:
 def cmd_data(args) -> int:
     from dpoflow.data.step import run_data
 
-    overrides = list(args.overrides)
-    if args.source:
-        overrides.append(f"data.source={args.source}")
+    cfg = load_config(args.config, args.overrides)
+    if args.source:  # assigned, not parsed as YAML: any path is taken literally (validated on assignment)
+        cfg.data.source = args.source
     if args.mode:
-        overrides.append(f"data.mode={args.mode}")
-    cfg = load_config(args.config, overrides)
+        cfg.data.mode = args.mode
     out_dir = _out_dir(args, cfg, "data")
     result = run_data(cfg.data, out_dir, seed=cfg.run.seed)
     stats = result.stats
@@ -52,17 +52,11 @@ def cmd_data(args) -> int:
     return 0
 
 
-def _paths(cfg):
-    from dpoflow.runner import step_dirs
-
-    return step_dirs(cfg)
-
-
 def cmd_sft(args) -> int:
     from dpoflow.sft import run_sft
 
     cfg = load_config(args.config, args.overrides)
-    run_sft(cfg.sft, cfg.model, args.data or _paths(cfg)["data"], _out_dir(args, cfg, "sft"), resume=args.resume)
+    run_sft(cfg.sft, cfg.model, args.data or step_dirs(cfg)["data"], _out_dir(args, cfg, "sft"), resume=args.resume)
     return 0
 
 
@@ -70,7 +64,7 @@ def cmd_prefs(args) -> int:
     from dpoflow.preferences import run_prefs
 
     cfg = load_config(args.config, args.overrides)
-    paths = _paths(cfg)
+    paths = step_dirs(cfg)
     run_prefs(cfg.prefs, args.data or paths["data"], args.model or paths["reference_model"], _out_dir(args, cfg, "prefs"))
     return 0
 
@@ -79,7 +73,7 @@ def cmd_reference(args) -> int:
     from dpoflow.dpo.reference import run_reference
 
     cfg = load_config(args.config, args.overrides)
-    paths = _paths(cfg)
+    paths = step_dirs(cfg)
     run_reference(args.pairs or paths["pairs"], args.model or paths["reference_model"], _out_dir(args, cfg, "reference"),
                   max_length=cfg.dpo.max_length, truncation=cfg.dpo.truncation, cache_dir=args.cache_dir)
     return 0
@@ -119,7 +113,7 @@ def cmd_dpo(args) -> int:
     if (args.num_processes > 1 or args.accelerate_config) and not launched:
         return _relaunch(args.num_processes, args.accelerate_config)
     cfg = load_config(args.config, args.overrides)
-    paths = _paths(cfg)
+    paths = step_dirs(cfg)
     out_dir = _out_dir(args, cfg, "dpo")
     summary = run_dpo(cfg.dpo, args.pairs or paths["pairs"], args.reference_model or paths["reference_model"], out_dir,
                       reference_dir=args.reference_dir or paths["reference"], resume=args.resume)
@@ -133,7 +127,7 @@ def cmd_eval(args) -> int:
     from dpoflow.evaluation.evaluate import run_eval
 
     cfg = load_config(args.config, args.overrides)
-    paths = _paths(cfg)
+    paths = step_dirs(cfg)
     policy = Path(args.policy) if args.policy else paths["root"] / "dpo" / f"beta-{cfg.dpo.beta:g}" / "model"
     run_eval(cfg.eval, policy, args.reference_model or paths["reference_model"], args.data or paths["data"],
              _out_dir(args, cfg, "eval"), beta=cfg.dpo.beta, pairs_dir=args.pairs or paths["pairs"],
