@@ -3,6 +3,7 @@ policy != reference so the numbers are not trivially ln 2. Our log-probs + losse
 TRL's logged first-step loss and rewards within 1e-4 for each loss type."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -21,18 +22,44 @@ def models(tiny_model_dir):
     return tokenizer, build_model(tokenizer, "tiny", seed=0), build_model(tokenizer, "tiny", seed=1)
 
 
-@pytest.mark.parametrize("loss_type,label_smoothing", [("sigmoid", 0.0), ("ipo", 0.0), ("hinge", 0.0), ("robust", 0.1)])
-def test_first_step_matches_trl(tmp_path, models, loss_type, label_smoothing):
+def _mid_word_pairs():
+    """Prompts that stop inside a word: the completion's first token merges across the boundary."""
+    pairs = make_pairs(16, seed=5)
+    pairs["prompt"] = pairs.prompt + " the superb"  # ... "the sup" | "erb great fun"
+    pairs["chosen"] = "erb" + pairs.chosen
+    pairs["rejected"] = "erb" + pairs.rejected
+    pairs["prompt"] = pairs.prompt.str[:-3]
+    return pairs
+
+
+def _conversational_pairs():
+    pairs = make_pairs(16, seed=7)
+    return pairs.assign(prompt_messages=[json.dumps([{"role": "user", "content": p}]) for p in pairs.prompt])
+
+
+def _trl_rows(pairs):
+    if pairs.prompt_messages.iloc[0]:
+        return [{"prompt": json.loads(m), "chosen": [{"role": "assistant", "content": c}],
+                 "rejected": [{"role": "assistant", "content": r}]}
+                for m, c, r in zip(pairs.prompt_messages, pairs.chosen, pairs.rejected)]
+    return pairs[["prompt", "chosen", "rejected"]].to_dict(orient="records")
+
+
+@pytest.mark.parametrize("loss_type,label_smoothing,data", [
+    ("sigmoid", 0.0, "standard"), ("ipo", 0.0, "standard"), ("hinge", 0.0, "standard"), ("robust", 0.1, "standard"),
+    ("sigmoid", 0.0, "mid_word"), ("sigmoid", 0.0, "conversational"),
+])
+def test_first_step_matches_trl(tmp_path, models, loss_type, label_smoothing, data):
     import datasets
 
     tokenizer, reference, policy = models
-    pairs = make_pairs(16)
+    pairs = {"standard": lambda: make_pairs(16), "mid_word": _mid_word_pairs, "conversational": _conversational_pairs}[data]()
     args = trl.DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=16, max_steps=1, learning_rate=1e-3,
                          beta=0.1, loss_type=[loss_type], label_smoothing=label_smoothing, logging_steps=1,
                          report_to=[], use_cpu=True, max_length=128, save_strategy="no", disable_tqdm=True,
                          bf16=False, gradient_checkpointing=False)  # TRL's defaults are bf16 + checkpointing
     trainer = trl.DPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=args,
-                             train_dataset=datasets.Dataset.from_pandas(pairs[["prompt", "chosen", "rejected"]]),
+                             train_dataset=datasets.Dataset.from_list(_trl_rows(pairs)),
                              processing_class=tokenizer)
     trainer.train()
     theirs = trainer.state.log_history[0]

@@ -35,8 +35,9 @@ class ModelLoadError(ValueError):
 
 
 def train_tokenizer(texts, vocab_size: int = 2000):
-    """Byte-level BPE trained on `texts`, wrapped as a transformers fast tokenizer with a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """Byte-level BPE trained on `texts` (BOS added on encode), as a transformers fast tokenizer with a
+    chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     specials = [PAD, BOS, EOS, "<|system|>", "<|user|>", "<|assistant|>"]
@@ -46,6 +47,11 @@ def train_tokenizer(texts, vocab_size: int = 2000):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tokenizer.train_from_iterator(texts, trainer=trainer)
+    # every encoded text starts with BOS, as Llama tokenizers do: SFT text, DPO prompts and generation
+    # prompts then share the same first position
+    bos_id = tokenizer.token_to_id(BOS)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)])
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD,
                                       model_max_length=1024)
     wrapped.chat_template = CHAT_TEMPLATE

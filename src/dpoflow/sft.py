@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from dpoflow.config import ModelConfig, SftConfig
-from dpoflow.dpo.logprobs import IGNORE, pad_right
+from dpoflow.dpo.logprobs import IGNORE, encode_completions, pad_right
 from dpoflow.training import (
     MetricsWriter,
     global_batch_indices,
@@ -43,11 +43,8 @@ def encode_example(tokenizer, row: dict, max_length: int) -> tuple[list[int], li
             new = tokenizer(text, add_special_tokens=False)["input_ids"][len(ids):]
             ids += new
             labels += new if messages[index]["role"] == "assistant" else [IGNORE] * len(new)
-    else:
-        prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"] if row.get("prompt") else []
-        completion = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        if not prompt and tokenizer.bos_token_id is not None:
-            prompt = [tokenizer.bos_token_id]  # plain text: predict the first word too
+    else:  # plain text is a completion of the empty prompt (which is just BOS for Llama-style tokenizers)
+        prompt, [completion] = encode_completions(tokenizer, row.get("prompt") or "", "", [row["completion"]])
         ids, labels = prompt + completion, [IGNORE] * len(prompt) + completion
     return ids[:max_length], labels[:max_length]
 

@@ -1,8 +1,9 @@
 """Sequence log-probs of completions: tokenization, batch layout, and the forward that sums them.
 
-Tokenization (as TRL does for the same data): prompt tokens = the prompt text (or the chat template
-of `prompt_messages` with the generation prompt), no special tokens added; completion tokens = the
-completion text + EOS. The pair is truncated `keep_start` to `max_length` over prompt + completion.
+Tokenization (as TRL 1.x does for the same data): prompt tokens = the prompt text with the
+tokenizer's special tokens (or the chat template of `prompt_messages` with the generation prompt);
+each completion is tokenized jointly with the prompt and starts where the joint tokens leave the
+prompt's, + EOS. The pair is truncated `keep_start` to `max_length` over prompt + completion.
 
 Batch layout of `collate_pairs` (B pairs -> 2B rows, chosen rows first, then rejected, prompt masked):
 
@@ -47,14 +48,43 @@ class TokenizedPairs:
 
 
 def tokenize_prompt(tokenizer, prompt: str, prompt_messages: str = "") -> list[int]:
+    """Prompt tokens: the chat template of `prompt_messages` (with the generation prompt) when the
+    tokenizer has one, else the prompt text with the tokenizer's own special tokens (e.g. BOS)."""
     if prompt_messages and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(json.loads(prompt_messages), tokenize=False, add_generation_prompt=True)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
-    return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt)["input_ids"]
 
 
-def tokenize_completion(tokenizer, completion: str) -> list[int]:
-    return tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+def encode_completions(tokenizer, prompt: str, prompt_messages: str, completions: list[str]):
+    """(prompt_ids, [completion_ids + EOS, ...]) tokenized the way TRL 1.x does it.
+
+    Each completion is tokenized together with its prompt, and it starts where the joint tokens stop
+    matching the prompt's tokens: a word split across the boundary ("The mov" + "ie") is scored as the
+    tokens the model really sees. The prompt keeps the common part (shared by all completions).
+    """
+    prompt_ids = tokenize_prompt(tokenizer, prompt, prompt_messages)
+    if prompt_messages and getattr(tokenizer, "chat_template", None):
+        # the whole conversation through the template, which closes the assistant turn itself
+        messages = json.loads(prompt_messages)
+        joint = [tokenizer(tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": c}],
+                                                         tokenize=False), add_special_tokens=False)["input_ids"]
+                 for c in completions]
+        end = []
+    else:
+        joint = [tokenizer(prompt + c)["input_ids"] for c in completions]
+        end = [tokenizer.eos_token_id]
+    shared = min(_common_prefix_length(prompt_ids, ids) for ids in joint)
+    return prompt_ids[:shared], [ids[shared:] + end for ids in joint]
+
+
+def _common_prefix_length(a: list[int], b: list[int]) -> int:
+    length = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        length += 1
+    return length
 
 
 def tokenize_pairs(frame, tokenizer, max_length: int, truncation: str = "keep_start") -> TokenizedPairs:
@@ -69,9 +99,8 @@ def tokenize_pairs(frame, tokenizer, max_length: int, truncation: str = "keep_st
     for row, (prompt, chosen_text, rejected_text, prompt_messages) in enumerate(
         zip(frame["prompt"], frame["chosen"], frame["rejected"], messages)
     ):
-        prompt_ids = tokenize_prompt(tokenizer, prompt, prompt_messages)
-        chosen_ids = tokenize_completion(tokenizer, chosen_text)
-        rejected_ids = tokenize_completion(tokenizer, rejected_text)
+        prompt_ids, (chosen_ids, rejected_ids) = encode_completions(tokenizer, prompt, prompt_messages,
+                                                                    [chosen_text, rejected_text])
         if len(prompt_ids) >= max_length:
             raise TruncationError(
                 f"pair {row}: the prompt alone is {len(prompt_ids)} tokens >= max_length={max_length}, leaving no "
