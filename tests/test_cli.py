@@ -75,3 +75,20 @@ def test_dvc_repro_in_a_fresh_copy(tmp_path):
     assert "outputs/demo/eval/beta-0.1/metrics.json" in shown and "outputs/demo/eval/beta-0.5/metrics.json" in shown
     assert '"win_rate"' in shown and '"kl"' in shown
     assert (work / "dvc.lock").exists()
+
+
+def test_readme_commands_parse():
+    """Every `.venv/bin/dpoflow ...` line of the README is a command the CLI accepts (no drift)."""
+    import shlex
+
+    from dpoflow.cli import build_parser
+
+    lines = [line.split("#")[0].strip() for line in (ROOT / "README.md").read_text().splitlines()
+             if line.startswith(".venv/bin/dpoflow")]
+    assert len(lines) >= 4
+    parser = build_parser()
+    for line in lines:
+        command = line.removeprefix(".venv/bin/dpoflow ")
+        for alternative in command.split(" | "):  # "data | sft | ..." lists several commands
+            parser.parse_args(shlex.split(alternative))
+    assert "make run" in (ROOT / "README.md").read_text() and "make test" in (ROOT / "README.md").read_text()
