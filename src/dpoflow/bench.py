@@ -2,7 +2,7 @@
 data and batch (TRL is a dev dependency; the bench says so if it is missing).
 
 Setting (default = the one in shared REFERENCE.md): a ~15M-parameter Llama built from a config,
-global batch 8 pairs, ~82-token prompts and ~83-token completions, fp32 on CPU. Each contender trains the
+global batch 8 pairs, ~83-token prompts and ~83-token completions, fp32 on CPU. Each contender trains the
 same number of steps; the first step is warm-up and not timed. Reported: s/step and pairs/s.
 """
 

@@ -9,6 +9,14 @@
 from __future__ import annotations
 
 import importlib
+import json
+import os
+import random
+import time
+import urllib.request
+from functools import lru_cache
+
+from dpoflow.config import LLMJudgeConfig
 
 
 class Judge:
@@ -40,7 +48,6 @@ class CallableJudge(Judge):
 
 class RewardModelJudge(Judge):
     def __init__(self, uri: str, batch_size: int = 32):
-        import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from dpoflow.modeling import resolve_model_path
@@ -48,11 +55,13 @@ class RewardModelJudge(Judge):
         path = resolve_model_path(uri)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True).eval()
-        self.batch_size, self.torch, self.name = batch_size, torch, f"reward_model:{uri}"
+        self.batch_size, self.name = batch_size, f"reward_model:{uri}"
 
     def score(self, prompts, completions):
+        import torch
+
         scores = []
-        with self.torch.no_grad():
+        with torch.no_grad():
             for start in range(0, len(prompts), self.batch_size):
                 texts = [p + c for p, c in zip(prompts[start:start + self.batch_size],
                                                completions[start:start + self.batch_size])]
@@ -61,19 +70,19 @@ class RewardModelJudge(Judge):
         return scores
 
 
-def vader_sentiment(prompt: str, completion: str) -> float:
-    """The demo's ground-truth reward: VADER compound sentiment of the full review, in [-1, 1]."""
+@lru_cache(maxsize=1)
+def _vader():
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-    global _VADER
-    try:
-        analyzer = _VADER
-    except NameError:
-        analyzer = _VADER = SentimentIntensityAnalyzer()
-    return analyzer.polarity_scores(prompt + completion)["compound"]
+    return SentimentIntensityAnalyzer()
 
 
-def load_judge(spec: str, llm=None) -> Judge:
+def vader_sentiment(prompt: str, completion: str) -> float:
+    """The demo's ground-truth reward: VADER compound sentiment of the full review, in [-1, 1]."""
+    return _vader().polarity_scores(prompt + completion)["compound"]
+
+
+def load_judge(spec: str, llm: LLMJudgeConfig | None = None) -> Judge:
     """`spec` names the judge; `llm` (an LLMJudgeConfig) configures the 'llm' judge."""
     kind, _, target = spec.partition(":")
     if kind == "llm":
@@ -89,10 +98,7 @@ def load_judge(spec: str, llm=None) -> Judge:
                      "'reward_model:<path|models:/...>' or 'llm'")
 
 
-DEFAULT_LLM_TEMPLATE = (
-    "Which completion of the prompt is better? Answer with exactly '1' or '2'.\n\n"
-    "Prompt: {prompt}\n\nCompletion 1: {first}\n\nCompletion 2: {second}"
-)
+DEFAULT_LLM_TEMPLATE = LLMJudgeConfig.model_fields["template"].default
 
 
 class LLMJudge(Judge):
@@ -109,9 +115,6 @@ class LLMJudge(Judge):
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY",
                  template: str = DEFAULT_LLM_TEMPLATE, max_retries: int = 3, backoff_s: float = 1.0,
                  timeout_s: float = 60.0, seed: int = 0, sleep=None):
-        import os
-        import time
-
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.template, self.max_retries = model, template, max_retries
         self.backoff_s, self.timeout_s, self.seed = backoff_s, timeout_s, seed
@@ -125,9 +128,6 @@ class LLMJudge(Judge):
         raise TypeError("the LLM judge is pairwise: use compare(prompts, a, b)")
 
     def _ask(self, content: str) -> str:
-        import json
-        import urllib.request
-
         body = json.dumps({"model": self.model, "temperature": 0,
                            "messages": [{"role": "user", "content": content}]}).encode()
         headers = {"Content-Type": "application/json"}
@@ -138,8 +138,6 @@ class LLMJudge(Judge):
             return json.loads(response.read())["choices"][0]["message"]["content"].strip()
 
     def compare(self, prompts, a, b):
-        import random
-
         rng = random.Random(self.seed)
         verdicts, self.last_orders, self.last_failures = [], [], []
         for prompt, first_a, first_b in zip(prompts, a, b):
