@@ -108,3 +108,18 @@ def test_unknown_judge_is_a_clear_error():
         load_judge("callable:nowhere.module:f")
     with pytest.raises(ValueError, match="needs eval.llm_judge.base_url"):
         load_judge("llm")
+
+
+def test_kl_is_estimated_at_temperature_one_on_sampled_ids(tmp_path, tiny_model_dir):
+    """KL against a different model is clearly positive, and it does not depend on the judging
+    temperature (the KL samples are always drawn at temperature 1)."""
+    from dpoflow.modeling import build_model, load_tokenizer
+
+    other = tmp_path / "other"
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    build_model(tokenizer, "tiny", seed=1).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    run_data(DataConfig(demo={"n_reviews": 400}, eval_fraction=0.5), tmp_path / "data")
+    results = [run_eval(EvalConfig(max_prompts=40, max_new_tokens=12, temperature=t), other, tiny_model_dir,
+                        tmp_path / "data", tmp_path / f"eval{t}", beta=0.1)["kl"] for t in (0.7, 0.3)]
+    assert results[0] > 0.05 and results[0] == pytest.approx(results[1], rel=1e-6)  # self-KL is < 1e-4

@@ -116,24 +116,18 @@ def load_model(uri: str, *, allow_pickle: bool = False, trust_remote_code: bool 
         raise ModelLoadError(f"cannot load model {uri!r}: {error}") from error
 
 
-def sample_completions(model, tokenizer, prompts: list[str], *, num_samples: int = 1, temperature: float = 1.0,
-                       top_p: float = 1.0, max_new_tokens: int = 48, seed: int = 0, batch_size: int = 64,
-                       prompt_messages: list[str] | None = None) -> list[list[str]]:
-    """k completions per prompt with batched `generate` (KV cache, left padding). Greedy at temperature 0.
-
-    Each batch reseeds from (seed, batch start), so results do not depend on what ran before.
-    """
+def generate_ids(model, tokenizer, prompt_ids: list[list[int]], *, num_samples: int = 1, temperature: float = 1.0,
+                 top_p: float = 1.0, max_new_tokens: int = 48, seed: int = 0, batch_size: int = 64) -> list[list[list[int]]]:
+    """k sampled completions (token ids, up to and including EOS) per prompt: batched `generate` with
+    KV cache and left padding; greedy at temperature 0. Each batch reseeds from (seed, batch start),
+    so results do not depend on what ran before."""
     import torch
-
-    from dpoflow.dpo.logprobs import tokenize_prompt
 
     model.eval()
     device = next(model.parameters()).device
-    messages = prompt_messages or [""] * len(prompts)
-    encoded = [tokenize_prompt(tokenizer, p, m) for p, m in zip(prompts, messages)]
-    results: list[list[str]] = []
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start:start + batch_size]
+    results: list[list[list[int]]] = []
+    for start in range(0, len(prompt_ids), batch_size):
+        chunk = prompt_ids[start:start + batch_size]
         width = max(len(ids) for ids in chunk)
         input_ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
@@ -147,6 +141,20 @@ def sample_completions(model, tokenizer, prompts: list[str], *, num_samples: int
                                     max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                                     top_k=0, **sampling)
-        texts = tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
-        results += [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(chunk))]
+        completions = []
+        for row in output[:, width:].tolist():  # cut at the first EOS (kept); the rest is padding
+            end = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
+            completions.append(row[:end])
+        results += [completions[i * num_samples:(i + 1) * num_samples] for i in range(len(chunk))]
     return results
+
+
+def sample_completions(model, tokenizer, prompts: list[str], *, prompt_messages: list[str] | None = None,
+                       **settings) -> list[list[str]]:
+    """Decoded completions per prompt; `settings` as for `generate_ids`."""
+    from dpoflow.dpo.logprobs import tokenize_prompt
+
+    messages = prompt_messages or [""] * len(prompts)
+    encoded = [tokenize_prompt(tokenizer, p, m) for p, m in zip(prompts, messages)]
+    return [tokenizer.batch_decode(samples, skip_special_tokens=True)
+            for samples in generate_ids(model, tokenizer, encoded, **settings)]

@@ -186,6 +186,23 @@ def collate_shared_prefix(pairs: TokenizedPairs, indices, pad_token_id: int) -> 
             "prompt_lengths": torch.tensor([len(p) for p, _, _ in rows])}
 
 
+@torch.no_grad()
+def score_sequences(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_token_id: int,
+                    batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs (fp32) and token counts of already-tokenized completions given their prompts."""
+    scorer = SequenceLogProbs(model).eval()
+    device = next(model.parameters()).device
+    sums, counts = [], []
+    for start in range(0, len(prompt_ids), batch_size):
+        rows = range(start, min(start + batch_size, len(prompt_ids)))
+        batch = pad_right([prompt_ids[i] + completion_ids[i] for i in rows],
+                          [[IGNORE] * len(prompt_ids[i]) + completion_ids[i] for i in rows], pad_token_id)
+        batch_sums, batch_counts = scorer({k: v.to(device) for k, v in batch.items()})
+        sums.append(batch_sums.cpu())
+        counts.append(batch_counts.cpu())
+    return torch.cat(sums), torch.cat(counts)
+
+
 def _token_logps(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor) -> torch.Tensor:
     """Log-prob of each target token from its predecessor's hidden state; (N, H) -> (N,), fp32 softmax."""
     logits = lm_head(hidden).float()

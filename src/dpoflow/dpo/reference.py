@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from dpoflow.dpo.logprobs import SequenceLogProbs, collate_pairs, tokenize_pairs
+from dpoflow.dpo.logprobs import score_sequences, tokenize_pairs
 
 LOGPS_FILE = "reference_logps.parquet"
 KEY_FILE = "reference.json"
@@ -58,20 +58,14 @@ def cache_key(frames: dict, model_dir: Path, max_length: int, truncation: str) -
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-@torch.no_grad()
 def compute_logps(model, tokenizer, frame, max_length: int, truncation: str, batch_size: int = 16):
-    """(chosen logps, rejected logps, chosen lengths, rejected lengths) for every pair, in order."""
+    """((N, 4) [chosen logps, rejected logps, chosen lengths, rejected lengths], truncated count)."""
     pairs = tokenize_pairs(frame, tokenizer, max_length, truncation)
-    scorer = SequenceLogProbs(model).eval()
-    device = next(model.parameters()).device
-    outputs = []
-    for start in range(0, len(pairs), batch_size):
-        indices = list(range(start, min(start + batch_size, len(pairs))))
-        batch = {k: v.to(device) for k, v in collate_pairs(pairs, indices, tokenizer.pad_token_id).items()}
-        sums, counts = scorer(batch)
-        outputs.append(torch.stack([sums[: len(indices)], sums[len(indices):],
-                                    counts[: len(indices)].float(), counts[len(indices):].float()], dim=1).cpu())
-    return torch.cat(outputs).double(), pairs.truncated
+    chosen, chosen_counts = score_sequences(model, pairs.prompt_ids, pairs.chosen_ids, tokenizer.pad_token_id, batch_size)
+    rejected, rejected_counts = score_sequences(model, pairs.prompt_ids, pairs.rejected_ids, tokenizer.pad_token_id,
+                                                batch_size)
+    values = torch.stack([chosen, rejected, chosen_counts.float(), rejected_counts.float()], dim=1)
+    return values.double(), pairs.truncated
 
 
 def load_pair_frames(pairs_dir: Path) -> dict:

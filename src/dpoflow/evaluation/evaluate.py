@@ -4,8 +4,9 @@ Both models sample with identical settings and seeds; the judge scores both comp
     win_rate (ties ½) + 95 % Wilson interval, wins/ties/losses
     judge reward of each, margin (policy − reference) + bootstrap interval
     implicit-reward accuracy and margin on held-out preference pairs (β·log-ratios, as in training)
-    kl: KL(π‖π_ref) estimated on the policy's own samples = mean over samples of
-        Σ_t [log π(y_t|·) − log π_ref(y_t|·)]   (an unbiased Monte-Carlo estimate of the sequence KL)
+    kl: KL(π‖π_ref) estimated on the policy's own samples (temperature 1, full nucleus) = mean over
+        samples of Σ_t [log π(y_t|·) − log π_ref(y_t|·)], an unbiased Monte-Carlo estimate of the
+        sequence KL, on the sampled token ids
     mean completion lengths (tokens) of both, and win rate per policy-length bucket (length bias)
 Writes metrics.json, samples.parquet (both completions, scores, verdict, judge A/B order and
 failure per item) and a self-contained report.html. Win rate and reward margin are computed by the
@@ -23,18 +24,6 @@ from dpoflow.config import EvalConfig
 from dpoflow.evaluation.metrics import load_metric
 
 
-def _completion_logps(model, tokenizer, prompts, policy_text, reference_text, max_length: int):
-    """log π(completion|prompt) of `model` for the policy's and the reference's completions, plus their
-    token counts: one pass with the two completions laid out as a (chosen, rejected) pair."""
-    import pandas as pd
-
-    from dpoflow.dpo.reference import compute_logps
-
-    frame = pd.DataFrame({"prompt": prompts, "chosen": policy_text, "rejected": reference_text})
-    values, _ = compute_logps(model, tokenizer, frame, max_length, "keep_start")
-    return values[:, 0], values[:, 1], values[:, 2], values[:, 3]
-
-
 def run_eval(cfg: EvalConfig, policy_dir, reference_model_dir, data_dir, out_dir, *, beta: float, pairs_dir=None,
              max_length: int = 128, training_metrics=None, log=print) -> dict:
     """`training_metrics`: the DPO run's metrics.jsonl, plotted in the report when given."""
@@ -42,7 +31,8 @@ def run_eval(cfg: EvalConfig, policy_dir, reference_model_dir, data_dir, out_dir
 
     from dpoflow.evaluation.judges import load_judge
     from dpoflow.evaluation.report import write_report
-    from dpoflow.modeling import load_model, load_tokenizer, sample_completions
+    from dpoflow.dpo.logprobs import score_sequences, tokenize_prompt
+    from dpoflow.modeling import generate_ids, load_model, load_tokenizer
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -50,10 +40,12 @@ def run_eval(cfg: EvalConfig, policy_dir, reference_model_dir, data_dir, out_dir
     prompts = prompts_frame.prompt.tolist()
     tokenizer = load_tokenizer(str(reference_model_dir))
     policy, reference = load_model(str(policy_dir)), load_model(str(reference_model_dir))
-    settings = dict(num_samples=1, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                    seed=cfg.seed, prompt_messages=prompts_frame.prompt_messages.tolist())
-    policy_text = [s[0] for s in sample_completions(policy, tokenizer, prompts, **settings)]
-    reference_text = [s[0] for s in sample_completions(reference, tokenizer, prompts, **settings)]
+    prompt_ids = [tokenize_prompt(tokenizer, p, m) for p, m in zip(prompts, prompts_frame.prompt_messages)]
+    settings = dict(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    policy_ids = [s[0] for s in generate_ids(policy, tokenizer, prompt_ids, **settings)]
+    reference_ids = [s[0] for s in generate_ids(reference, tokenizer, prompt_ids, **settings)]
+    policy_text = tokenizer.batch_decode(policy_ids, skip_special_tokens=True)
+    reference_text = tokenizer.batch_decode(reference_ids, skip_special_tokens=True)
     judge = load_judge(cfg.judge, cfg.llm_judge)
     metrics: dict = {"beta": beta, "judge": cfg.judge}
     if judge.pairwise_only:
@@ -70,12 +62,18 @@ def run_eval(cfg: EvalConfig, policy_dir, reference_model_dir, data_dir, out_dir
     metrics.update(load_metric("win_rate").compute(verdicts=judged))
     metrics["judge_failures"] = len(verdicts) - len(judged)
 
-    # KL(π‖π_ref) on the policy's samples (re-tokenized from text: a sampled non-canonical BPE split
-    # is scored as its canonical one)
-    policy_logps, _, policy_lengths, reference_lengths = _completion_logps(
-        policy, tokenizer, prompts, policy_text, reference_text, max_length)
-    reference_on_policy, *_ = _completion_logps(reference, tokenizer, prompts, policy_text, reference_text, max_length)
-    kl_per_sample = (policy_logps - reference_on_policy).tolist()
+    # KL(π‖π_ref) = E_{y~π}[log π(y|x) − log π_ref(y|x)], estimated on samples of π itself: temperature 1
+    # and no nucleus cut (samples at the judging temperature come from another distribution), scored
+    # on the exact sampled token ids
+    kl_ids = policy_ids
+    if (cfg.temperature, cfg.top_p) != (1.0, 1.0):
+        kl_ids = [s[0] for s in generate_ids(policy, tokenizer, prompt_ids, **{**settings, "temperature": 1.0,
+                                                                              "top_p": 1.0, "seed": cfg.seed + 1})]
+    policy_logps, _ = score_sequences(policy, prompt_ids, kl_ids, tokenizer.pad_token_id)
+    reference_logps, _ = score_sequences(reference, prompt_ids, kl_ids, tokenizer.pad_token_id)
+    kl_per_sample = (policy_logps - reference_logps).tolist()
+    policy_lengths = torch.tensor([len(ids) for ids in policy_ids], dtype=torch.float)
+    reference_lengths = torch.tensor([len(ids) for ids in reference_ids], dtype=torch.float)
     metrics["kl"] = sum(kl_per_sample) / len(kl_per_sample)
     metrics["length_policy"] = float(policy_lengths.mean())
     metrics["length_reference"] = float(reference_lengths.mean())
@@ -101,7 +99,7 @@ def run_eval(cfg: EvalConfig, policy_dir, reference_model_dir, data_dir, out_dir
                             "policy_score": policy_scores, "reference_score": reference_scores, "verdict": verdicts,
                             "judge_order": orders, "judge_failure": failures,
                             "policy_length": policy_lengths.tolist(), "reference_length": reference_lengths.tolist(),
-                            "policy_minus_reference_logp": kl_per_sample})
+                            "kl_sample_logratio": kl_per_sample})
     samples.to_parquet(out_dir / "samples.parquet", index=False)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     write_report(out_dir / "report.html", metrics, samples, training_metrics)
