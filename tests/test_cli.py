@@ -76,6 +76,13 @@ def test_dvc_repro_in_a_fresh_copy(tmp_path):
     assert '"win_rate"' in shown and '"kl"' in shown
     assert (work / "dvc.lock").exists()
 
+    # `dpoflow run` is the same pipeline: it rewrites every stage's outputs byte for byte
+    rerun = subprocess.run([str(BIN / "dpoflow"), "run"], cwd=work, env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "[dpo beta-0.5] running" in rerun.stdout
+    status = subprocess.run([str(BIN / "dvc"), "status"], cwd=work, env=env, capture_output=True, text=True)
+    assert "Data and pipelines are up to date." in status.stdout, status.stdout
+
 
 def test_readme_commands_parse():
     """Every `.venv/bin/dpoflow ...` line of the README is a command the CLI accepts (no drift)."""

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from dpoflow.config import ConfigError, config_dict, config_hash, load_config
-from dpoflow.runner import step_dirs
+from dpoflow.runner import beta_dir_name, step_dirs
 
 
 def _add_common(parser: argparse.ArgumentParser, out: bool = True) -> None:
@@ -128,7 +128,7 @@ def cmd_eval(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     paths = step_dirs(cfg)
-    policy = Path(args.policy) if args.policy else paths["root"] / "dpo" / f"beta-{cfg.dpo.beta:g}" / "model"
+    policy = Path(args.policy) if args.policy else paths["root"] / "dpo" / beta_dir_name(cfg.dpo.beta) / "model"
     run_eval(cfg.eval, policy, args.reference_model or paths["reference_model"], args.data or paths["data"],
              _out_dir(args, cfg, "eval"), beta=cfg.dpo.beta, pairs_dir=args.pairs or paths["pairs"],
              max_length=cfg.dpo.max_length, training_metrics=policy.parent / "metrics.jsonl")

@@ -63,6 +63,7 @@ def run_prefs(cfg: PrefsConfig, data_dir, model_dir, out_dir, log=print) -> dict
                                      "rejected_score"]).to_parquet(out_dir / f"{split}.parquet", index=False)
         stats[split] = {"prompts": len(prompts), "pairs": len(pairs), "dropped": dict(dropped)}
         log(f"prefs: {split}: {len(prompts)} prompts -> {len(pairs)} pairs (dropped {dict(dropped) or 'none'})")
-    stats["seconds"] = round(time.perf_counter() - started, 2)
-    (out_dir / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    return stats
+    seconds = round(time.perf_counter() - started, 2)
+    (out_dir / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")  # deterministic: DVC-friendly
+    (out_dir / "timing.json").write_text(json.dumps({"seconds": seconds}) + "\n")
+    return {**stats, "seconds": seconds}

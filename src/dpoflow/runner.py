@@ -1,8 +1,8 @@
 """`dpoflow run`: the whole pipeline in this process, step after step, from one config.
 
 Each step writes to <output_dir>/<run name>/<step>. A step whose inputs are unchanged (its config
-sections, its upstream steps' keys, the content of external inputs, dpoflow's source) is reused: its
-`step.json` records the key it was built with. (A later issue moves this onto the Kubeflow local runner without changing what it produces.)
+sections, its upstream steps' keys, the content of external inputs, dpoflow's source) is reused:
+<run>/.steps/<step>.json records the key it was built with. (A later issue moves this onto the Kubeflow local runner without changing what it produces.)
 """
 
 from __future__ import annotations
@@ -58,13 +58,23 @@ def _data_fingerprint(cfg: Config) -> str | None:
     return content_fingerprint(cfg.data.source)
 
 
-def run_step(name: str, out_dir: Path, key: str, fn: Callable[[], object], log=print) -> tuple[bool, float]:
-    """Run `fn` unless out_dir holds a finished output built with the same key. Returns (reused, seconds)."""
-    marker = out_dir / "step.json"
+def beta_dir_name(beta: float) -> str:
+    """`beta-0.1`, `beta-2.0`: the same names DVC's `foreach` gives the stages of dvc.yaml."""
+    return f"beta-{beta}"
+
+
+def run_step(name: str, out_dir: Path, key: str, fn: Callable[[], object], records: Path,
+             log=print) -> tuple[bool, float]:
+    """Run `fn` unless out_dir holds a finished output built with the same key. Returns (reused, seconds).
+
+    The record lives in `records` (<run>/.steps/), not in the step's folder, so that folder is
+    byte-identical whether `dpoflow run` or `dvc repro` produced it."""
+    marker = records / f"{name.replace(' ', '-')}.json"
     if marker.exists() and json.loads(marker.read_text()).get("key") == key:
         log(f"[{name}] inputs unchanged, reusing {out_dir}")
         return True, 0.0
     marker.unlink(missing_ok=True)
+    records.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     log(f"[{name}] running -> {out_dir}")
     fn()
@@ -98,7 +108,7 @@ def run_pipeline(cfg: Config, log=print) -> dict:
     timings: dict[str, float] = {}
 
     def step(name, out_dir, key_parts, fn):
-        _, timings[name] = run_step(name, out_dir, _step_key(*key_parts), fn, log)
+        _, timings[name] = run_step(name, out_dir, _step_key(*key_parts), fn, root / ".steps", log)
 
     data_key = [config_dict(cfg.data), cfg.run.seed, _data_fingerprint(cfg)]
     step("data", paths["data"], data_key, lambda: run_data(cfg.data, paths["data"], seed=cfg.run.seed))
@@ -117,7 +127,7 @@ def run_pipeline(cfg: Config, log=print) -> dict:
     results = {}
     for beta in cfg.run.betas:
         dpo_cfg = cfg.dpo.model_copy(update={"beta": beta})
-        name = f"beta-{beta:g}"
+        name = beta_dir_name(beta)
         dpo_dir, eval_dir = root / "dpo" / name, root / "eval" / name
         dpo_key = reference_key + [config_dict(dpo_cfg)]
         step(f"dpo {name}", dpo_dir, dpo_key,

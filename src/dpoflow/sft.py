@@ -29,6 +29,7 @@ from dpoflow.training import (
     micro_batches,
     resume_step,
     save_checkpoint,
+    write_summary,
 )
 
 
@@ -162,11 +163,11 @@ def run_sft(cfg: SftConfig, model_cfg: ModelConfig, data_dir, out_dir, *, resume
         final.save_pretrained(out_dir / "model", safe_serialization=True)
         tokenizer.save_pretrained(out_dir / "model")
         seconds = time.perf_counter() - started
-        summary = {"steps": cfg.max_steps, "seconds": round(seconds, 2), "base": base,
-                   "eval_nll_before": round(initial_nll, 4), "eval_nll": round(final_nll, 4),
-                   "eval_perplexity": round(math.exp(final_nll), 3), "train_examples": len(train),
-                   "eval_examples": len(held_out)}
+        summary = write_summary(out_dir, {
+            "steps": cfg.max_steps, "base": base, "eval_nll_before": round(initial_nll, 4),
+            "eval_nll": round(final_nll, 4), "eval_perplexity": round(math.exp(final_nll), 3),
+            "train_examples": len(train), "eval_examples": len(held_out),
+        }, {"seconds": round(seconds, 2), "resumed_from": start})
         write(cfg.max_steps, {"eval_nll": final_nll, "eval_perplexity": math.exp(final_nll)})
-        (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         log(f"sft: held-out NLL {initial_nll:.3f} -> {final_nll:.3f} in {seconds:.0f}s -> {out_dir / 'model'}")
     return summary

@@ -99,6 +99,15 @@ def resume_step(accelerator, out_dir: Path) -> int:
     return json.loads((checkpoint / STATE_FILE).read_text())["step"]
 
 
+def write_summary(out_dir: Path, summary: dict, timing: dict) -> dict:
+    """train_summary.json holds results only (deterministic: byte-identical on a rerun, so DVC sees an
+    unchanged output); timing.json holds how this run went (seconds, throughput, resume point) and
+    is excluded from DVC outputs by .dvcignore. Returns both merged."""
+    (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out_dir / "timing.json").write_text(json.dumps(timing, indent=2) + "\n")
+    return {**summary, **timing}
+
+
 class MetricsWriter:
     """Appends one JSON line per logged step to metrics.jsonl and forwards to an optional callback."""
 

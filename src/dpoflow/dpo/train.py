@@ -39,6 +39,7 @@ from dpoflow.training import (
     micro_batches,
     resume_step,
     save_checkpoint,
+    write_summary,
 )
 
 
@@ -177,16 +178,15 @@ def run_dpo(cfg: DpoConfig, pairs_dir, reference_model_dir, out_dir, *, referenc
         final.save_pretrained(out_dir / "model", safe_serialization=True)
         tokenizer.save_pretrained(out_dir / "model")
         steps_run = cfg.max_steps - start
-        summary = {
-            "steps": cfg.max_steps, "steps_this_run": steps_run, "resumed_from": start,
-            "pairs": len(pairs), "truncated_pairs": pairs.truncated, "processes": world,
-            "global_batch": global_batch, "seconds": round(seconds, 2),
+        summary = write_summary(out_dir, {
+            "steps": cfg.max_steps, "pairs": len(pairs), "truncated_pairs": pairs.truncated, "processes": world,
+            "global_batch": global_batch, "reference": cfg.reference, "reference_cache_key": expected_key,
+            "beta": cfg.beta, "loss_type": cfg.loss_type, "config": cfg.model_dump(mode="json"),
+        }, {
+            "seconds": round(seconds, 2), "steps_this_run": steps_run, "resumed_from": start,
             "s_per_step": round(seconds / max(1, steps_run), 4),
             "tokens_per_s": round(tokens * world / max(seconds, 1e-9), 1),
-            "reference": cfg.reference, "reference_cache_key": expected_key, "beta": cfg.beta,
-            "loss_type": cfg.loss_type, "config": cfg.model_dump(mode="json"),
-        }
-        (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        })
         if pairs.truncated:
             log(f"dpo: {pairs.truncated} of {len(pairs)} pairs were longer than max_length={cfg.max_length} and "
                 "were truncated (keep_start)")
