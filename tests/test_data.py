@@ -216,3 +216,10 @@ def test_sft_and_prompt_kinds_validate_rows(tmp_path):
     result = run_data(DataConfig(kind="prompts", source=str(write_jsonl(tmp_path / "p.jsonl", prompt_rows)),
                                  mode="quarantine"), tmp_path / "p")
     assert result.stats["quarantined"] == {"duplicate_row": 1, "null_value": 1} and result.stats["kept"] == 1
+
+
+def test_hub_source_offline_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(ValueError, match="hub ids need network access"):
+        run_data(DataConfig(kind="preferences", source="hub:someone/pairs"), tmp_path / "o")

@@ -277,3 +277,13 @@ def test_logged_metrics_average_the_logging_window(tmp_path, pairs_dir, tiny_mod
         for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen"):
             assert logged[key] == pytest.approx((a[key] + b[key]) / 2, rel=1e-6, abs=1e-6)  # fp32 means
         assert logged["grad_norm"] == pytest.approx(b["grad_norm"], abs=1e-6)  # the last step's, as TRL
+
+
+def test_bf16_mixed_precision_path_runs_on_cpu(tmp_path, pairs_dir, tiny_model_dir, reference_dir):
+    """The GPU default (bf16 autocast, fp32 log-softmax) exercised on CPU: step 1 is still ln 2
+    within bf16 resolution, and training still moves the margin."""
+    run_dpo(_cfg(max_steps=3, precision="bf16"), pairs_dir, tiny_model_dir, tmp_path, reference_dir=reference_dir)
+    metrics = _metrics(tmp_path)
+    assert abs(metrics[0]["loss"] - math.log(2)) < 0.02
+    assert all(math.isfinite(m["loss"]) for m in metrics) and metrics[-1]["rewards/margins"] > 0
+    assert _weights(tmp_path)["model.embed_tokens.weight"].dtype == torch.float32  # master weights stay fp32

@@ -75,6 +75,8 @@ def preference_loss(
 
 
 def sft_loss(policy_chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
-    """Per-example NLL of the chosen completion, averaged over its tokens (RPO's extra term,
-    Pang et al. 2024; TRL's `rpo_alpha` weights this)."""
+    """Per-example NLL of the chosen completion, averaged over its tokens (RPO's extra term, Pang et
+    al. 2024, weighted by `dpo.rpo_alpha`). TRL's `sft` loss type averages over all chosen tokens of
+    the batch instead: the same quantity when completions have equal lengths, otherwise long
+    completions weigh more there."""
     return -policy_chosen_logps / chosen_lengths
