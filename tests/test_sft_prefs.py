@@ -117,3 +117,33 @@ def test_sft_resume_from_checkpoint_is_exact(demo, tmp_path):
         torch.testing.assert_close(full[name], resumed[name], atol=1e-6, rtol=0)
     steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert steps[0] == 5  # steps 1-4 were not re-run
+
+
+@pytest.mark.slow
+def test_sft_two_processes_equal_one(demo, tmp_path):
+    """The SFT loss is normalised by the token count of the whole global batch: 2 gloo processes x 4
+    sequences give the same weights as 1 process x 8."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    root, _ = demo
+    settings = dict(max_steps=4, per_device_batch_size=8, learning_rate=1e-3, max_length=64, seed=2, warmup_steps=0,
+                    scheduler="constant", log_every=1, gradient_accumulation_steps=1)
+    run_sft(SftConfig(**settings), ModelConfig(base=str(root / "sft" / "base")), root / "data", tmp_path / "one")
+    overrides = {**settings, "per_device_batch_size": 4}
+    command = [str(Path(sys.executable).parent / "dpoflow"), "sft", "--num-processes", "2",
+               "-c", str(Path(__file__).resolve().parents[1] / "params.yaml"), "--data", str(root / "data"),
+               "--out", str(tmp_path / "two"), f"--set=model.base={root / 'sft' / 'base'}"]
+    command += [f"--set=sft.{k}={v}" for k, v in overrides.items()]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
+    two = load_file(str(tmp_path / "two" / "model" / "model.safetensors"))
+    for name in one:
+        torch.testing.assert_close(one[name], two[name], atol=1e-5, rtol=0, msg=name)
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()
+               if "loss" in json.loads(line)] for d in ("one", "two")]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)

@@ -23,6 +23,12 @@ def _add_common(parser: argparse.ArgumentParser, out: bool = True) -> None:
         parser.add_argument("--out", default=None, help="output folder (default: <output_dir>/<run name>/<step>)")
 
 
+def _add_launch(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num-processes", type=int, default=1, help="data-parallel processes (gloo on CPU)")
+    parser.add_argument("--accelerate-config", help="accelerate config file (FSDP, DeepSpeed, multi-node); "
+                        "see configs/accelerate/")
+
+
 def _out_dir(args, cfg, step: str) -> Path:
     return Path(args.out) if args.out else Path(cfg.run.output_dir) / cfg.run.name / step
 
@@ -52,9 +58,18 @@ def cmd_data(args) -> int:
     return 0
 
 
+def _needs_launch(args) -> bool:
+    import os
+
+    launched = os.environ.get("DPOFLOW_LAUNCHED") or "WORLD_SIZE" in os.environ
+    return (args.num_processes > 1 or bool(args.accelerate_config)) and not launched
+
+
 def cmd_sft(args) -> int:
     from dpoflow.sft import run_sft
 
+    if _needs_launch(args):
+        return _relaunch(args.num_processes, args.accelerate_config)
     cfg = load_config(args.config, args.overrides)
     run_sft(cfg.sft, cfg.model, args.data or step_dirs(cfg)["data"], _out_dir(args, cfg, "sft"), resume=args.resume)
     return 0
@@ -105,12 +120,9 @@ def _relaunch(num_processes: int, accelerate_config: str | None) -> int:
 
 
 def cmd_dpo(args) -> int:
-    import os
-
     from dpoflow.dpo.train import run_dpo
 
-    launched = os.environ.get("DPOFLOW_LAUNCHED") or "WORLD_SIZE" in os.environ
-    if (args.num_processes > 1 or args.accelerate_config) and not launched:
+    if _needs_launch(args):
         return _relaunch(args.num_processes, args.accelerate_config)
     cfg = load_config(args.config, args.overrides)
     paths = step_dirs(cfg)
@@ -161,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(sft)
     sft.add_argument("--data", help="output folder of `dpoflow data` (an SFT corpus)")
     sft.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    _add_launch(sft)
     sft.set_defaults(func=cmd_sft)
 
     prefs = sub.add_parser("prefs", help="sample the reference k times per prompt and build judged pairs")
@@ -182,9 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     dpo.add_argument("--reference-model", help="reference model folder (also the policy's init)")
     dpo.add_argument("--reference-dir", help="output of `dpoflow reference` (dpo.reference=cached)")
     dpo.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    dpo.add_argument("--num-processes", type=int, default=1, help="data-parallel processes (gloo on CPU)")
-    dpo.add_argument("--accelerate-config", help="accelerate config file (FSDP, DeepSpeed, multi-node); "
-                     "see configs/accelerate/")
+    _add_launch(dpo)
     dpo.set_defaults(func=cmd_dpo)
 
     evaluation = sub.add_parser("eval", help="win rate of the policy vs the reference, reward margin, KL, report")
