@@ -22,6 +22,8 @@ def test_run_end_to_end_and_reuse(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     summary = json.loads((tmp_path / "tiny" / "summary.json").read_text())
     assert set(summary["results"]) == {"beta-0.1", "beta-0.5"}
+    resolved = json.loads((tmp_path / "tiny" / "config.json").read_text())
+    assert resolved["config_hash"] == summary["config_hash"] and resolved["dpo"]["max_steps"] == 8
     for metrics in summary["results"].values():
         assert metrics["n_prompts"] == 24 and 0.0 <= metrics["win_rate_ci_low"] <= metrics["win_rate"] <= metrics["win_rate_ci_high"]
         assert {"kl", "reward_margin", "implicit_accuracy", "length_policy"} <= set(metrics)

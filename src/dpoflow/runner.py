@@ -105,6 +105,9 @@ def run_pipeline(cfg: Config, log=print) -> dict:
     check_pipeline(cfg)
     paths = step_dirs(cfg)
     root = paths["root"]
+    root.mkdir(parents=True, exist_ok=True)
+    # the resolved config of this run, beside its outputs (the hash is in summary.json too)
+    (root / "config.json").write_text(json.dumps({"config_hash": config_hash(cfg), **config_dict(cfg)}, indent=2) + "\n")
     timings: dict[str, float] = {}
 
     def step(name, out_dir, key_parts, fn):
