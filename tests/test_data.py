@@ -223,3 +223,14 @@ def test_hub_source_offline_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(ValueError, match="hub ids need network access"):
         run_data(DataConfig(kind="preferences", source="hub:someone/pairs"), tmp_path / "o")
+
+
+def test_configured_format_covers_both_shapes_and_refuses_others(tmp_path):
+    conversation = [{"role": "user", "content": "Rate it."}]
+    implicit_conv = [{"chosen": conversation + [{"role": "assistant", "content": f"Great {i}."}],
+                      "rejected": conversation + [{"role": "assistant", "content": f"Dull {i}."}]} for i in range(4)]
+    source = write_jsonl(tmp_path / "conv.jsonl", implicit_conv)
+    assert run_data(_cfg(source, format="conversational"), tmp_path / "a").stats["kept"] == 4
+    assert run_data(_cfg(source, format="implicit"), tmp_path / "b").stats["kept"] == 4
+    with pytest.raises(DataValidationError, match="row 1: missing_field - field 'prompt' is missing"):
+        run_data(_cfg(source, format="standard"), tmp_path / "c")

@@ -103,6 +103,17 @@ def common_prefix(chosen: str, rejected: str) -> str:
     return prefix.rstrip()
 
 
+def resolve_format(configured: str, record: dict) -> str:
+    """The preference parser for a row: `configured` is standard | implicit | conversational; the
+    last two cover both shapes (implicit over text or messages; conversational with an explicit or a
+    shared prompt)."""
+    if configured == "implicit" and isinstance(record.get("chosen"), list):
+        return "implicit_conversational"
+    if configured == "conversational" and "prompt" not in record:
+        return "implicit_conversational"
+    return configured
+
+
 def detect_format(kind: str, record: dict) -> str:
     if kind != "preferences":
         return "conversational" if isinstance(record.get("messages") or record.get("prompt"), list) else "standard"

@@ -91,13 +91,11 @@ def validate_rows(rows, cfg: DataConfig) -> tuple[list[dict], list[dict], int]:
             if row.error:
                 raise formats.RowError(row.error, row.detail)
             record = row.record
-            row_fmt = fmt or formats.detect_format(cfg.kind, record)
-            if cfg.kind == "preferences" and row_fmt in ("implicit", "conversational"):
-                detected = formats.detect_format(cfg.kind, record)
-                if detected == "implicit_conversational" or (row_fmt == "implicit" and detected != "standard"):
-                    row_fmt = detected
             if cfg.kind == "preferences":
-                fmt = fmt or row_fmt
+                fmt = fmt or formats.detect_format(cfg.kind, record)
+                row_fmt = formats.resolve_format(fmt, record)
+            else:
+                row_fmt = formats.detect_format(cfg.kind, record)
             normalized = formats.normalize(cfg.kind, row_fmt, record)
             key = formats.dedup_key(cfg.kind, normalized)
             if key in seen:
