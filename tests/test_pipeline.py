@@ -1,6 +1,7 @@
 """`dpoflow run` end to end on a tiny config: every step really runs, then a rerun reuses them."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,8 @@ TINY = ["run.name=tiny", "run.betas=[0.1,0.5]", "data.demo.n_reviews=400", "data
 def test_run_end_to_end_and_reuse(tmp_path):
     args = [str(Path(sys.executable).parent / "dpoflow"), "run", "-c", str(ROOT / "params.yaml"),
             f"--set=run.output_dir={tmp_path}"] + [f"--set={s}" for s in TINY]
-    first = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    first = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, env=env)
     assert first.returncode == 0, first.stderr[-3000:]
     summary = json.loads((tmp_path / "tiny" / "summary.json").read_text())
     assert set(summary["results"]) == {"beta-0.1", "beta-0.5"}
@@ -30,7 +32,9 @@ def test_run_end_to_end_and_reuse(tmp_path):
     assert {"data", "sft", "prefs", "reference", "dpo beta-0.1", "eval beta-0.5"} <= set(summary["timings_s"])
     assert "win rate" in first.stdout and "summary.json" in first.stdout
 
-    second = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path)
+    _check_mlflow(tmp_path / "mlflow.db", summary)
+
+    second = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, env=env)
     assert second.returncode == 0
     assert second.stdout.count("inputs unchanged, reusing") == 8  # data sft prefs reference + 2x(dpo, eval)
     assert json.loads((tmp_path / "tiny" / "summary.json").read_text())["results"] == summary["results"]
@@ -68,3 +72,32 @@ def test_an_edited_source_file_is_not_reused(tmp_path):
     assert _data_fingerprint(cfg) != before
     assert content_fingerprint("demo") is None
     assert content_fingerprint("models:/m@champion") != content_fingerprint("models:/m@champion")  # never reused
+
+
+def _check_mlflow(db, summary):
+    """The run is in a real sqlite MLflow store: params, lineage tags, dataset digest, nested β runs with
+    per-step DPO metrics under TRL's names and the evaluation metrics."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    experiment = client.get_experiment_by_name("dpoflow")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 2
+    parent = parents[0]
+    assert parent.data.params["dpo.max_steps"] == "8" and parent.data.params["run.betas"] == "[0.1, 0.5]"
+    assert parent.data.tags["dpoflow.config_hash"] == summary["config_hash"]
+    assert parent.data.tags["dpoflow.data.md5"] == summary["data"]["input_md5"]
+    assert len(parent.data.tags["dpoflow.ref_cache_key"]) == 16
+    [dataset_input] = parent.inputs.dataset_inputs
+    assert dataset_input.dataset.digest == summary["data"]["input_md5"]
+    for child in children:
+        name = child.info.run_name
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.data.metrics["eval/win_rate"] == pytest.approx(summary["results"][name]["win_rate"])
+        losses = client.get_metric_history(child.info.run_id, "loss")
+        assert [m.step for m in losses] == [5, 8]  # dpo.log_every=5 in params.yaml, last step always
+        assert "rewards/margins" in child.data.metrics
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"report.html", "metrics.json", "train_summary.json"} <= artifacts

@@ -154,6 +154,11 @@ class EvalConfig(_Strict):
     seed: int = Field(0, description="sampling seed, the same for policy and reference")
 
 
+class TrackingConfig(_Strict):
+    enabled: bool = Field(True, description="log `dpoflow run` to MLflow (MLFLOW_TRACKING_URI, else sqlite:///mlruns.db)")
+    experiment: str = Field("dpoflow", description="MLflow experiment (unless MLFLOW_EXPERIMENT_ID is set)")
+
+
 class RunConfig(_Strict):
     name: str = Field("demo", description="run name: outputs go to <output_dir>/<name>")
     output_dir: str = Field("outputs", description="root folder of step outputs")
@@ -169,6 +174,7 @@ class Config(_Strict):
     prefs: PrefsConfig = PrefsConfig()
     dpo: DpoConfig = DpoConfig()
     eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
 
 def check_pipeline(cfg: Config) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -147,11 +148,51 @@ def run_pipeline(cfg: Config, log=print) -> dict:
                "timings_s": {k: round(v, 2) for k, v in timings.items()},
                "data": json.loads((paths["data"] / "stats.json").read_text())}
     (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if cfg.tracking.enabled:
+        summary["mlflow_run_id"] = _track(cfg, paths, results)
+    nan = float("nan")
     log(f"\nrun {cfg.run.name}: outputs in {root}")
     for name, m in results.items():
         log(f"  {name}: win rate {m['win_rate']:.3f} [{m['win_rate_ci_low']:.3f}, {m['win_rate_ci_high']:.3f}] over "
-            f"{m['n_prompts']} prompts; reward margin {m['reward_margin']:+.3f}; KL {m['kl']:.2f}; "
-            f"implicit accuracy {m.get('implicit_accuracy', float('nan')):.3f} -> {root / 'dpo' / name / 'model'}")
+            f"{m['n_prompts']} prompts; reward margin {m.get('reward_margin', nan):+.3f}; KL {m['kl']:.2f}; "
+            f"implicit accuracy {m.get('implicit_accuracy', nan):.3f} -> {root / 'dpo' / name / 'model'}")
     log(f"  reports: {root / 'eval'}/<beta>/report.html; frontier: {root / 'frontier' / 'frontier.html'}")
     log(f"  summary: {root / 'summary.json'}")
+    if cfg.tracking.enabled:
+        from dpoflow.tracking import tracking_uri
+
+        log(f"  MLflow: run {summary['mlflow_run_id']} in experiment '{cfg.tracking.experiment}'; browse with "
+            f"`mlflow ui --backend-store-uri {tracking_uri()}`")
     return summary
+
+
+def _track(cfg: Config, paths: dict[str, Path], results: dict[str, dict]) -> str:
+    """Log this run to MLflow from its outputs (so reused steps are logged as well)."""
+    import pandas as pd
+
+    from dpoflow.config import flatten
+    from dpoflow.tracking import log_pipeline_run
+
+    root = paths["root"]
+    dataset = json.loads((paths["data"] / "dataset.json").read_text())
+    reference = json.loads((paths["reference"] / "reference.json").read_text())
+    tags = {"dpoflow.config_hash": config_hash(cfg), "dpoflow.data.md5": dataset["md5"],
+            "dpoflow.data.rev": dataset.get("rev") or "", "dpoflow.data.source": dataset["source"],
+            "dpoflow.ref_cache_key": reference["cache_key"],
+            "dpoflow.kfp_run_id": os.environ.get("KFP_RUN_ID", "")}
+    runs = {}
+    for name in results:
+        dpo_dir, eval_dir = root / "dpo" / name, root / "eval" / name
+        runs[name] = {"params": {"dpo.beta": results[name]["beta"]}, "metrics_jsonl": dpo_dir / "metrics.jsonl",
+                      "eval_metrics": results[name],
+                      "artifacts": [eval_dir / "report.html", eval_dir / "metrics.json", dpo_dir / "train_summary.json"]}
+    return log_pipeline_run(
+        experiment=cfg.tracking.experiment, run_name=cfg.run.name,
+        params={k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in flatten(config_dict(cfg)).items()},
+        tags=tags,
+        dataset={"frame": pd.read_parquet(paths["pairs"] / "train.parquet"), "name": f"{cfg.run.name}-pairs",
+                 "source": str((paths["pairs"] / "train.parquet").resolve()), "digest": dataset["md5"][:36]},
+        runs=runs,
+        artifacts=[root / "config.json", root / "summary.json", root / "frontier" / "frontier.html",
+                   paths["data"] / "stats.json"],
+    )

@@ -5,6 +5,7 @@ run URI; the registry uses aliases, never stages."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 
@@ -46,3 +47,51 @@ def download_model(uri: str) -> str:
         return mlflow.artifacts.download_artifacts(artifact_uri=uri)
     except Exception as error:
         raise ValueError(f"cannot resolve {uri} in the MLflow registry at {tracking_uri()}: {error}") from error
+
+
+def _git_sha() -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _numeric(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def log_pipeline_run(*, experiment: str, run_name: str, params: dict, tags: dict, dataset: dict,
+                     runs: dict[str, dict], artifacts: list[Path]) -> str:
+    """One parent run per pipeline run (or the run KFP injected through MLFLOW_RUN_ID), one nested run
+    per β with the DPO metrics per step under TRL's names, the evaluation metrics (`eval/…`) and the
+    report. `dataset` = {frame, name, source, digest}: logged as the training input with the DVC md5
+    as digest. `runs[name]` = {params, metrics_jsonl, eval_metrics, artifacts}. Returns the parent id."""
+    import json
+
+    mlflow = _mlflow()
+    if not os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        mlflow.set_experiment(experiment)
+    parent_id = os.environ.get("MLFLOW_RUN_ID")
+    with mlflow.start_run(run_id=parent_id, run_name=None if parent_id else run_name) as parent:
+        items = list(params.items())
+        for start in range(0, len(items), 100):  # MLflow takes at most 100 params per call
+            mlflow.log_params(dict(items[start:start + 100]))
+        mlflow.set_tags({**tags, "dpoflow.git_sha": _git_sha() or "unknown"})
+        source = mlflow.data.from_pandas(dataset["frame"], source=dataset["source"], name=dataset["name"],
+                                         digest=dataset["digest"])
+        mlflow.log_input(source, context="training")
+        for path in artifacts:
+            mlflow.log_artifact(str(path))
+        for name, run in runs.items():
+            with mlflow.start_run(run_name=name, nested=True):
+                mlflow.log_params(run["params"])
+                mlflow.set_tags(tags)
+                for line in Path(run["metrics_jsonl"]).read_text().splitlines():
+                    record = json.loads(line)
+                    mlflow.log_metrics(_numeric({k: v for k, v in record.items() if k != "step"}), step=record["step"])
+                mlflow.log_metrics({f"eval/{k}": v for k, v in _numeric(run["eval_metrics"]).items()})
+                for path in run["artifacts"]:
+                    mlflow.log_artifact(str(path))
+        return parent.info.run_id
