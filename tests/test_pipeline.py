@@ -33,6 +33,7 @@ def test_run_end_to_end_and_reuse(tmp_path):
     assert "win rate" in first.stdout and "summary.json" in first.stdout
 
     _check_mlflow(tmp_path / "mlflow.db", summary)
+    assert (tmp_path / "mlartifacts").is_dir() and not (tmp_path / "mlruns").exists()
 
     second = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, env=env)
     assert second.returncode == 0

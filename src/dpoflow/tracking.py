@@ -21,9 +21,21 @@ def _mlflow():
     return mlflow
 
 
-def register_model_dir(model_dir: str, name: str, alias: str | None = None, tags: dict | None = None) -> str:
+def _use_experiment(mlflow, name: str) -> None:
+    """Select (creating if needed) the experiment; with a local store its artifacts go to ./mlartifacts
+    rather than MLflow's default ./mlruns. MLFLOW_EXPERIMENT_ID, when set (KFP injects it), wins."""
+    if os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return
+    if mlflow.get_experiment_by_name(name) is None and not tracking_uri().startswith(("http://", "https://")):
+        mlflow.create_experiment(name, artifact_location=Path("mlartifacts").resolve().as_uri())
+    mlflow.set_experiment(name)
+
+
+def register_model_dir(model_dir: str, name: str, alias: str | None = None, tags: dict | None = None,
+                       experiment: str = "dpoflow") -> str:
     """Log a save_pretrained folder as a run artifact, register it, optionally set an alias; return the version."""
     mlflow = _mlflow()
+    _use_experiment(mlflow, experiment)
     with mlflow.start_run(run_name=f"register-{name}") as run:
         mlflow.log_artifacts(model_dir, artifact_path="model")
         if tags:
@@ -71,8 +83,7 @@ def log_pipeline_run(*, experiment: str, run_name: str, params: dict, tags: dict
     import json
 
     mlflow = _mlflow()
-    if not os.environ.get("MLFLOW_EXPERIMENT_ID"):
-        mlflow.set_experiment(experiment)
+    _use_experiment(mlflow, experiment)
     parent_id = os.environ.get("MLFLOW_RUN_ID")
     with mlflow.start_run(run_id=parent_id, run_name=None if parent_id else run_name) as parent:
         items = list(params.items())
