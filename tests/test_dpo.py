@@ -287,3 +287,8 @@ def test_bf16_mixed_precision_path_runs_on_cpu(tmp_path, pairs_dir, tiny_model_d
     assert abs(metrics[0]["loss"] - math.log(2)) < 0.02
     assert all(math.isfinite(m["loss"]) for m in metrics) and metrics[-1]["rewards/margins"] > 0
     assert _weights(tmp_path)["model.embed_tokens.weight"].dtype == torch.float32  # master weights stay fp32
+
+
+def test_reference_cache_needs_local_weights(tmp_path, pairs_dir):
+    with pytest.raises(ReferenceCacheError, match="not a local folder with \\*.safetensors weights"):
+        run_reference(pairs_dir, tmp_path / "nowhere", tmp_path / "out", max_length=64)

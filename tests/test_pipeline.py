@@ -42,14 +42,21 @@ def test_run_end_to_end_and_reuse(tmp_path):
 
 
 @pytest.mark.slow
-def test_run_on_user_pairs_with_a_given_reference(tmp_path, tiny_model_dir):
-    """The path of a real user: own preference pairs + an existing reference model (no SFT, no prefs)."""
+def test_run_on_user_pairs_with_a_given_reference(tmp_path, tiny_model_dir, monkeypatch):
+    """The path of a real user: own preference pairs + an existing reference model from the MLflow
+    registry (models:/name@alias; no SFT, no prefs)."""
     from conftest import make_pairs
+
+    from dpoflow.tracking import register_model_dir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    register_model_dir(str(tiny_model_dir), "my-sft", alias="production")
 
     frame = make_pairs(60).drop(columns=["prompt_messages"])
     (tmp_path / "pairs.jsonl").write_text(frame.to_json(orient="records", lines=True))
     settings = ["run.name=user", "run.betas=[0.1]", "data.kind=preferences", f"data.source={tmp_path / 'pairs.jsonl'}",
-                "data.eval_fraction=0.3", f"model.base={tiny_model_dir}", "sft.enabled=false", "prefs.enabled=false",
+                "data.eval_fraction=0.3", "model.base=models:/my-sft@production", "sft.enabled=false", "prefs.enabled=false",
                 "dpo.max_steps=4", "dpo.per_device_batch_size=8", "eval.max_new_tokens=8"]
     args = [str(Path(sys.executable).parent / "dpoflow"), "run", "-c", str(ROOT / "params.yaml"),
             f"--set=run.output_dir={tmp_path}"] + [f"--set={s}" for s in settings]

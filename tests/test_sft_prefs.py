@@ -147,3 +147,9 @@ def test_sft_two_processes_equal_one(demo, tmp_path):
     losses = [[json.loads(line)["loss"] for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()
                if "loss" in json.loads(line)] for d in ("one", "two")]
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+
+
+def test_unknown_model_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="neither a local folder nor a reachable hub model"):
+        load_model("someone/not-a-model")

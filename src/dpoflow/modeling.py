@@ -86,12 +86,20 @@ def _check_weights(path: Path, allow_pickle: bool) -> None:
 
 
 def resolve_model_path(uri: str) -> str:
-    """A local folder for `models:/name@alias` or `models:/name/version` (downloaded from MLflow)."""
+    """A local folder for `models:/name@alias` or `models:/name/version` (downloaded from MLflow) or
+    a hub id (downloaded, safetensors and configs only; needs network); a local path as it is."""
     if uri.startswith("models:/"):
         from dpoflow.tracking import download_model
 
         return download_model(uri)
-    return uri
+    if Path(uri).exists():
+        return uri
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(uri, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except Exception as error:
+        raise ModelLoadError(f"{uri!r} is neither a local folder nor a reachable hub model ({error})") from error
 
 
 def load_tokenizer(uri: str):

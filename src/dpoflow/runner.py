@@ -107,6 +107,13 @@ def run_pipeline(cfg: Config, log=print) -> dict:
     paths = step_dirs(cfg)
     root = paths["root"]
     root.mkdir(parents=True, exist_ok=True)
+    if not cfg.sft.enabled and not Path(cfg.model.base).is_dir():
+        # a models:/ URI or hub id as the reference: resolve it to a local folder once, so every step
+        # (and the reference cache key, which hashes the weights) sees the same files
+        from dpoflow.modeling import resolve_model_path
+
+        paths["reference_model"] = Path(resolve_model_path(cfg.model.base))
+        log(f"reference model {cfg.model.base} -> {paths['reference_model']}")
     # the resolved config of this run, beside its outputs (the hash is in summary.json too)
     (root / "config.json").write_text(json.dumps({"config_hash": config_hash(cfg), **config_dict(cfg)}, indent=2) + "\n")
     timings: dict[str, float] = {}

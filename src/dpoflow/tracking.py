@@ -21,22 +21,29 @@ def _mlflow():
     return mlflow
 
 
-def _use_experiment(mlflow, name: str) -> None:
-    """Select (creating if needed) the experiment; with a local store its artifacts go to ./mlartifacts
-    rather than MLflow's default ./mlruns. MLFLOW_EXPERIMENT_ID, when set (KFP injects it), wins."""
-    if os.environ.get("MLFLOW_EXPERIMENT_ID"):
-        return
-    if mlflow.get_experiment_by_name(name) is None and not tracking_uri().startswith(("http://", "https://")):
-        mlflow.create_experiment(name, artifact_location=Path("mlartifacts").resolve().as_uri())
-    mlflow.set_experiment(name)
+def _experiment_id(mlflow, name: str) -> str:
+    """The experiment to log to: the one KFP injected (MLFLOW_EXPERIMENT_ID) when this store has it,
+    else `name`, created if needed; a local store keeps its artifacts in ./mlartifacts rather than
+    MLflow's default ./mlruns. (mlflow.set_experiment is avoided: it exports MLFLOW_EXPERIMENT_ID,
+    which would leak into the next store this process talks to.)"""
+    injected = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    if injected:
+        try:
+            return mlflow.MlflowClient().get_experiment(injected).experiment_id
+        except Exception:  # not in this store: fall back to the named experiment
+            pass
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    local = not tracking_uri().startswith(("http://", "https://"))
+    return mlflow.create_experiment(name, artifact_location=Path("mlartifacts").resolve().as_uri() if local else None)
 
 
 def register_model_dir(model_dir: str, name: str, alias: str | None = None, tags: dict | None = None,
                        experiment: str = "dpoflow") -> str:
     """Log a save_pretrained folder as a run artifact, register it, optionally set an alias; return the version."""
     mlflow = _mlflow()
-    _use_experiment(mlflow, experiment)
-    with mlflow.start_run(run_name=f"register-{name}") as run:
+    with mlflow.start_run(run_name=f"register-{name}", experiment_id=_experiment_id(mlflow, experiment)) as run:
         mlflow.log_artifacts(model_dir, artifact_path="model")
         if tags:
             mlflow.set_tags(tags)
@@ -83,9 +90,10 @@ def log_pipeline_run(*, experiment: str, run_name: str, params: dict, tags: dict
     import json
 
     mlflow = _mlflow()
-    _use_experiment(mlflow, experiment)
     parent_id = os.environ.get("MLFLOW_RUN_ID")
-    with mlflow.start_run(run_id=parent_id, run_name=None if parent_id else run_name) as parent:
+    experiment_id = None if parent_id else _experiment_id(mlflow, experiment)
+    with mlflow.start_run(run_id=parent_id, run_name=None if parent_id else run_name,
+                          experiment_id=experiment_id) as parent:
         items = list(params.items())
         for start in range(0, len(items), 100):  # MLflow takes at most 100 params per call
             mlflow.log_params(dict(items[start:start + 100]))
@@ -96,7 +104,7 @@ def log_pipeline_run(*, experiment: str, run_name: str, params: dict, tags: dict
         for path in artifacts:
             mlflow.log_artifact(str(path))
         for name, run in runs.items():
-            with mlflow.start_run(run_name=name, nested=True):
+            with mlflow.start_run(run_name=name, nested=True, experiment_id=parent.info.experiment_id):
                 mlflow.log_params(run["params"])
                 mlflow.set_tags(tags)
                 for line in Path(run["metrics_jsonl"]).read_text().splitlines():

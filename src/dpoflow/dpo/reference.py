@@ -48,9 +48,15 @@ def frame_fingerprint(frame) -> str:
 
 def cache_key(frames: dict, model_dir: Path, max_length: int, truncation: str) -> str:
     model_dir = Path(model_dir)
+    weights = list(model_dir.glob("*.safetensors"))
+    if not weights:  # never key a cache on weights it cannot see
+        raise ReferenceCacheError(
+            f"reference model {model_dir} is not a local folder with *.safetensors weights; the reference "
+            "cache is keyed by the weights' content: download or convert the model to a local folder first"
+        )
     parts = {
         "pairs": {name: frame_fingerprint(frame) for name, frame in sorted(frames.items())},
-        "weights": _hash_files(model_dir.glob("*.safetensors")),
+        "weights": _hash_files(weights),
         "tokenizer": _hash_files([p for p in model_dir.glob("*.json") if "token" in p.name or p.name == "config.json"]),
         "max_length": max_length,
         "truncation": truncation,
