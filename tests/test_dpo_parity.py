@@ -6,7 +6,6 @@ import copy
 import json
 
 import pytest
-import torch
 from conftest import make_pairs
 
 from dpoflow.dpo.losses import preference_loss

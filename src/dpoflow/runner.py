@@ -51,11 +51,9 @@ def content_fingerprint(location: str | None) -> str | None:
 
 def _data_fingerprint(cfg: Config) -> str | None:
     if cfg.data.dvc is not None:  # DVC's own md5 at the requested rev (a branch can move)
-        from dvc.api import DVCFileSystem
+        from dpoflow.data.sources import dvc_lookup
 
-        dvc = cfg.data.dvc
-        info = DVCFileSystem(dvc.repo, rev=dvc.rev).info(dvc.path)
-        return info.get("md5") or info.get("dvc_info", {}).get("md5") or f"unpinned-{uuid.uuid4()}"
+        return dvc_lookup(cfg.data.dvc.repo, cfg.data.dvc.path, cfg.data.dvc.rev)[2]
     return content_fingerprint(cfg.data.source)
 
 
@@ -64,16 +62,16 @@ def beta_dir_name(beta: float) -> str:
     return f"beta-{beta}"
 
 
-def run_step(name: str, out_dir: Path, key: str, fn: Callable[[], object], records: Path,
-             log=print) -> tuple[bool, float]:
-    """Run `fn` unless out_dir holds a finished output built with the same key. Returns (reused, seconds).
+def run_step(name: str, out_dir: Path, key: str, fn: Callable[[], object], records: Path, log=print) -> float:
+    """Run `fn` unless out_dir holds a finished output built with the same key. Returns its seconds
+    (0 when reused).
 
     The record lives in `records` (<run>/.steps/), not in the step's folder, so that folder is
     byte-identical whether `dpoflow run` or `dvc repro` produced it."""
     marker = records / f"{name.replace(' ', '-')}.json"
     if marker.exists() and json.loads(marker.read_text()).get("key") == key:
         log(f"[{name}] inputs unchanged, reusing {out_dir}")
-        return True, 0.0
+        return 0.0
     marker.unlink(missing_ok=True)
     records.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -81,7 +79,7 @@ def run_step(name: str, out_dir: Path, key: str, fn: Callable[[], object], recor
     fn()
     seconds = time.perf_counter() - started
     marker.write_text(json.dumps({"key": key, "seconds": round(seconds, 2)}) + "\n")
-    return False, seconds
+    return seconds
 
 
 def step_dirs(cfg: Config) -> dict[str, Path]:
@@ -119,7 +117,7 @@ def run_pipeline(cfg: Config, log=print) -> dict:
     timings: dict[str, float] = {}
 
     def step(name, out_dir, key_parts, fn):
-        _, timings[name] = run_step(name, out_dir, _step_key(*key_parts), fn, root / ".steps", log)
+        timings[name] = run_step(name, out_dir, _step_key(*key_parts), fn, root / ".steps", log)
 
     data_key = [config_dict(cfg.data), cfg.run.seed, _data_fingerprint(cfg)]
     step("data", paths["data"], data_key, lambda: run_data(cfg.data, paths["data"], seed=cfg.run.seed))

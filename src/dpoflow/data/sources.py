@@ -171,8 +171,8 @@ def open_hub(hub_id: str, split: str = "train") -> tuple[Iterator[RawRow], Sourc
     return _rows_from_records(loaded), SourceInfo(source=f"hub:{hub_id}", kind="hub", md5=fingerprint)
 
 
-def open_dvc(repo: str, path: str, rev: str | None, workdir: Path) -> tuple[Iterator[RawRow], SourceInfo]:
-    """Fetch `path` from a DVC repo at `rev` into `workdir` and read it; md5 from DVC's own index."""
+def dvc_lookup(repo: str, path: str, rev: str | None):
+    """(DVCFileSystem at `rev`, info of `path`, its md5 from DVC's own index); clear errors otherwise."""
     from dvc.api import DVCFileSystem
 
     try:
@@ -183,6 +183,12 @@ def open_dvc(repo: str, path: str, rev: str | None, workdir: Path) -> tuple[Iter
     md5 = info.get("md5") or info.get("dvc_info", {}).get("md5")
     if not md5:
         raise DataSourceError(f"DVC source {repo}:{path} is not tracked by DVC (no md5); `dvc add` it first")
+    return fs, info, md5
+
+
+def open_dvc(repo: str, path: str, rev: str | None, workdir: Path) -> tuple[Iterator[RawRow], SourceInfo]:
+    """Fetch `path` from a DVC repo at `rev` into `workdir` and read it; md5 from DVC's own index."""
+    fs, info, md5 = dvc_lookup(repo, path, rev)
     scm = fs.repo.scm
     resolved_rev = (scm.resolve_rev(rev) if rev else scm.get_rev()) if scm else rev  # a commit sha
     local = workdir / Path(path).name

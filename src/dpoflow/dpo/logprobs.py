@@ -154,10 +154,7 @@ def collate_shared_prefix(pairs: TokenizedPairs, indices, pad_token_id: int) -> 
     each completion sees exactly what it sees in the concatenated layout. `labels` marks chosen
     tokens in `chosen_labels` and rejected tokens in `rejected_labels`.
     """
-    rows = []
-    for i in indices:
-        prompt, chosen, rejected = pairs.prompt_ids[i], pairs.chosen_ids[i], pairs.rejected_ids[i]
-        rows.append((prompt, chosen, rejected))
+    rows = [(pairs.prompt_ids[i], pairs.chosen_ids[i], pairs.rejected_ids[i]) for i in indices]
     width = max(len(p) + len(c) + len(r) for p, c, r in rows)
     batch = len(rows)
     input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
@@ -165,12 +162,12 @@ def collate_shared_prefix(pairs: TokenizedPairs, indices, pad_token_id: int) -> 
     chosen_labels = torch.full((batch, width), IGNORE, dtype=torch.long)
     rejected_labels = torch.full((batch, width), IGNORE, dtype=torch.long)
     allowed = torch.zeros((batch, width, width), dtype=torch.bool)
+    causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
     for row, (prompt, chosen, rejected) in enumerate(rows):
         p, c, r = len(prompt), len(chosen), len(rejected)
         input_ids[row, : p + c + r] = torch.tensor(prompt + chosen + rejected)
         position_ids[row, : p + c] = torch.arange(p + c)
         position_ids[row, p + c : p + c + r] = torch.arange(p, p + r)
-        causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
         block = torch.zeros(width, width, dtype=torch.bool)
         block[: p + c, : p + c] = True
         block[p + c : p + c + r, :p] = True

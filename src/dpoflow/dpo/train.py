@@ -19,7 +19,6 @@ the update is the mean over the global batch whatever the split (tested to 1e-5)
 
 from __future__ import annotations
 
-import json
 import time
 from contextlib import nullcontext
 from pathlib import Path
