@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast install lint clean
+.PHONY: run test test-fast install lint compile image push clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,19 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
+
+# the compiled pipeline and components (committed; a test fails when they drift from the code)
+compile: $(STAMP)
+	$(BIN)/dpoflow compile
+
+# the image every step runs in (needs a container engine; not built in CI)
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE ?= dpoflow/dpoflow:$(VERSION)
+image:
+	docker build -f components/Dockerfile -t $(IMAGE) .
+
+push: image
+	docker push $(IMAGE)
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -50,9 +50,9 @@ def test_config_show_prints_hash():
 def test_dvc_repro_in_a_fresh_copy(tmp_path):
     """`dvc repro` in a fresh copy of the project runs every stage through `dpoflow <step>`; tiny params."""
     import yaml
-    from test_pipeline import TINY
 
     from dpoflow.config import apply_overrides
+    from test_pipeline import TINY
 
     work = tmp_path / "project"
     tracked = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
@@ -79,7 +79,7 @@ def test_dvc_repro_in_a_fresh_copy(tmp_path):
     # `dpoflow run` is the same pipeline: it rewrites every stage's outputs byte for byte
     rerun = subprocess.run([str(BIN / "dpoflow"), "run"], cwd=work, env=env, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "[dpo beta-0.5] running" in rerun.stdout
+    assert "dpo beta-0.5: running" in rerun.stdout
     status = subprocess.run([str(BIN / "dvc"), "status"], cwd=work, env=env, capture_output=True, text=True)
     assert "Data and pipelines are up to date." in status.stdout, status.stdout
 

@@ -41,7 +41,8 @@ def _read_quarantine(out):
     return [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("bad,reason,detail", BAD_ROWS + CONVERSATIONAL_BAD, ids=lambda v: v if isinstance(v, str) and len(v) < 30 else None)
+@pytest.mark.parametrize("bad,reason,detail", BAD_ROWS + CONVERSATIONAL_BAD,
+                         ids=lambda v: v if isinstance(v, str) and len(v) < 30 else None)
 def test_each_reason_in_both_modes(tmp_path, bad, reason, detail):
     conversational = reason in ("bad_role", "bad_role_order")
     good = GOOD

@@ -190,7 +190,8 @@ def test_cached_reference_equals_live_and_prefix_sharing_equals_concat(tmp_path,
 def test_reference_cache_reuse_and_mismatch(tmp_path, pairs_dir, tiny_model_dir):
     said = []
     first = run_reference(pairs_dir, tiny_model_dir, tmp_path / "a", max_length=64, cache_dir=tmp_path / "cache", log=said.append)
-    second = run_reference(pairs_dir, tiny_model_dir, tmp_path / "b", max_length=64, cache_dir=tmp_path / "cache", log=said.append)
+    second = run_reference(pairs_dir, tiny_model_dir, tmp_path / "b", max_length=64, cache_dir=tmp_path / "cache",
+                           log=said.append)
     assert not first.reused and second.reused and first.cache_key == second.cache_key
     assert "cache hit" in said[-1]
     with pytest.raises(ReferenceCacheError, match="were computed for other inputs"):

@@ -6,8 +6,8 @@ import copy
 import json
 
 import pytest
-from conftest import make_pairs
 
+from conftest import make_pairs
 from dpoflow.dpo.losses import preference_loss
 from dpoflow.dpo.reference import compute_logps
 from dpoflow.modeling import build_model, load_tokenizer

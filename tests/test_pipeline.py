@@ -1,9 +1,14 @@
-"""`dpoflow run` end to end on a tiny config: every step really runs, then a rerun reuses them."""
+"""`dpoflow run` = the KFP pipeline on kfp's real local runner, end to end on a tiny config: every
+step really runs (each β in the ParallelFor, select, the gate, promote), MLflow holds the run tree
+and the registered versions; a rerun reuses every step; a SIGKILLed run, started again, finishes with
+the same metrics."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,32 +18,114 @@ TINY = ["run.name=tiny", "run.betas=[0.1,0.5]", "data.demo.n_reviews=400", "data
         "model.preset=tiny", "model.vocab_size=400", "sft.max_steps=30", "sft.per_device_batch_size=16",
         "prefs.max_new_tokens=16", "prefs.max_prompts=64", "prefs.max_eval_prompts=24", "dpo.max_steps=8",
         "dpo.per_device_batch_size=8", "dpo.checkpoint_every=0", "eval.max_prompts=24", "eval.max_new_tokens=16"]
+# a judge a tiny model learns in 20 DPO steps (longer completions), so the gate can pass
+LEARNABLE = ["dpo.learning_rate=0.003", "dpo.max_steps=20", "prefs.judge=callable:judges_for_tests:longer",
+             "eval.judge=callable:judges_for_tests:longer", "registry.min_win_rate=0.55"]
+MODEL = "dpoflow-demo"
+
+
+def run_args(out: Path, *settings: str) -> list[str]:
+    return [str(Path(sys.executable).parent / "dpoflow"), "run", "-c", str(ROOT / "params.yaml"),
+            f"--set=run.output_dir={out}"] + [f"--set={s}" for s in [*TINY, *settings]]
+
+
+def env_for(tmp_path: Path) -> dict:
+    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "PYTHONPATH": str(Path(__file__).parent)}
+
+
+def dpoflow_run(tmp_path, *settings, out=None):
+    result = subprocess.run(run_args(out or tmp_path, *settings), capture_output=True, text=True, cwd=tmp_path,
+                            env=env_for(tmp_path))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
 
 
 @pytest.mark.slow
-def test_run_end_to_end_and_reuse(tmp_path):
-    args = [str(Path(sys.executable).parent / "dpoflow"), "run", "-c", str(ROOT / "params.yaml"),
-            f"--set=run.output_dir={tmp_path}"] + [f"--set={s}" for s in TINY]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    first = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, env=env)
-    assert first.returncode == 0, first.stderr[-3000:]
+def test_local_runner_end_to_end_gate_pass_then_fail(tmp_path):
+    first = dpoflow_run(tmp_path, *LEARNABLE)
     summary = json.loads((tmp_path / "tiny" / "summary.json").read_text())
     assert set(summary["results"]) == {"beta-0.1", "beta-0.5"}
     resolved = json.loads((tmp_path / "tiny" / "config.json").read_text())
-    assert resolved["config_hash"] == summary["config_hash"] and resolved["dpo"]["max_steps"] == 8
+    assert resolved["config_hash"] == summary["config_hash"] and resolved["dpo"]["max_steps"] == 20
     for metrics in summary["results"].values():
-        assert metrics["n_prompts"] == 24 and 0.0 <= metrics["win_rate_ci_low"] <= metrics["win_rate"] <= metrics["win_rate_ci_high"]
-        assert {"kl", "reward_margin", "implicit_accuracy", "length_policy"} <= set(metrics)
+        assert metrics["n_prompts"] == 24
+        assert 0.0 <= metrics["win_rate_ci_low"] <= metrics["win_rate"] <= metrics["win_rate_ci_high"]
+        assert {"kl", "reward_margin", "implicit_accuracy", "length_policy", "eval_set_hash"} <= set(metrics)
+    # every task of the DAG ran through kfp's runner (the β tasks twice), and every step really ran
+    tasks = [t["task"] for t in summary["tasks"]]
+    assert set(tasks) == {"fingerprint", "data", "sft", "prefs", "reference", "dpo", "evaluate", "register", "select",
+                          "gate", "promote"}
+    assert all(t["status"] == "success" for t in summary["tasks"])
     assert {"data", "sft", "prefs", "reference", "dpo beta-0.1", "eval beta-0.5"} <= set(summary["timings_s"])
-    assert "win rate" in first.stdout and "summary.json" in first.stdout
+    assert all(seconds > 0 for seconds in summary["timings_s"].values())
+    assert "task promote: success" in first.stdout and "win rate" in first.stdout
+    assert "Executing task" not in first.stdout and "Executing task" in (tmp_path / "tiny" / "kfp.log").read_text()
 
+    registry = summary["registry"]
+    best = max(summary["results"].values(), key=lambda m: (m["win_rate_ci_low"], -m["kl"]))
+    assert registry["gate"] == "pass" and set(registry["candidates"]) == {"beta-0.1", "beta-0.5"}
+    assert registry["candidates"][f"beta-{best['beta']}"] == registry["selected_version"]
+    assert registry["aliases"]["champion"] == registry["aliases"]["candidate"] == registry["selected_version"]
     _check_mlflow(tmp_path / "mlflow.db", summary)
     assert (tmp_path / "mlartifacts").is_dir() and not (tmp_path / "mlruns").exists()
+    champion = registry["selected_version"]
 
-    second = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, env=env)
-    assert second.returncode == 0
-    assert second.stdout.count("inputs unchanged, reusing") == 8  # data sft prefs reference + 2x(dpo, eval)
-    assert json.loads((tmp_path / "tiny" / "summary.json").read_text())["results"] == summary["results"]
+    # the same run again: every step reused, the same weights reuse their registered versions
+    second = dpoflow_run(tmp_path, *LEARNABLE)
+    assert second.stdout.count(": reused") == 8  # data sft prefs reference + 2x(dpo, eval)
+    again = json.loads((tmp_path / "tiny" / "summary.json").read_text())
+    assert again["results"] == summary["results"] and again["registry"]["candidates"] == registry["candidates"]
+    assert again["registry"]["gate"] == "fail" and "already the champion" in again["registry"]["gate_reasons"]
+
+    # a worse challenger (other data, too few steps to learn) never becomes champion; reasons are tagged
+    dpoflow_run(tmp_path, "run.name=weak", "data.demo.seed=1", "prefs.judge=callable:judges_for_tests:longer",
+                "eval.judge=callable:judges_for_tests:longer", "registry.min_win_rate=0.55", "dpo.max_steps=2")
+    weak = json.loads((tmp_path / "weak" / "summary.json").read_text())["registry"]
+    assert weak["gate"] == "fail" and "fail: " in weak["gate_reasons"]
+    assert weak["aliases"]["champion"] == champion
+
+    # the champion loads back with plain transformers from the registry's artifacts and generates
+    import mlflow
+    from mlflow import MlflowClient
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert str(MlflowClient().get_model_version_by_alias(MODEL, "champion").version) == champion
+    local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{MODEL}@champion", dst_path=str(tmp_path / "dl"))
+    tokenizer, model = AutoTokenizer.from_pretrained(local), AutoModelForCausalLM.from_pretrained(local)
+    ids = tokenizer("The movie was", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert out.shape[1] > ids.shape[1]
+
+
+@pytest.mark.slow
+def test_sigkill_half_way_then_rerun_gives_the_same_metrics(tmp_path):
+    """Killed (SIGKILL, no cleanup) while the β tasks run, `dpoflow run` started again redoes only what
+    did not finish and ends with the metrics of an uninterrupted run."""
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    dpoflow_run(straight, "tracking.enabled=false", "registry.enabled=false")
+    expected = json.loads((straight / "tiny" / "summary.json").read_text())["results"]
+
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    process = subprocess.Popen(run_args(killed, "tracking.enabled=false", "registry.enabled=false"), cwd=killed,
+                               env=env_for(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = killed / "tiny" / ".steps" / "reference.json"
+    deadline = time.monotonic() + 300
+    while not marker.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    assert marker.exists(), "the run never reached the β tasks"
+    time.sleep(2)  # the β tasks are running now
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "tiny" / "summary.json").exists()
+    time.sleep(1)  # the task processes die with it (PR_SET_PDEATHSIG)
+
+    rerun = dpoflow_run(killed, "tracking.enabled=false", "registry.enabled=false")
+    assert "reference: reused" in rerun.stdout and "sft: reused" in rerun.stdout
+    assert json.loads((killed / "tiny" / "summary.json").read_text())["results"] == expected
 
 
 @pytest.mark.slow
@@ -46,7 +133,6 @@ def test_run_on_user_pairs_with_a_given_reference(tmp_path, tiny_model_dir, monk
     """The path of a real user: own preference pairs + an existing reference model from the MLflow
     registry (models:/name@alias; no SFT, no prefs)."""
     from conftest import make_pairs
-
     from dpoflow.tracking import register_model_dir
 
     monkeypatch.chdir(tmp_path)
@@ -57,34 +143,54 @@ def test_run_on_user_pairs_with_a_given_reference(tmp_path, tiny_model_dir, monk
     (tmp_path / "pairs.jsonl").write_text(frame.to_json(orient="records", lines=True))
     settings = ["run.name=user", "run.betas=[0.1]", "data.kind=preferences", f"data.source={tmp_path / 'pairs.jsonl'}",
                 "data.eval_fraction=0.3", "model.base=models:/my-sft@production", "sft.enabled=false", "prefs.enabled=false",
-                "dpo.max_steps=4", "dpo.per_device_batch_size=8", "eval.max_new_tokens=8"]
+                "dpo.max_steps=4", "dpo.per_device_batch_size=8", "eval.max_new_tokens=8", "registry.model_name=mine"]
     args = [str(Path(sys.executable).parent / "dpoflow"), "run", "-c", str(ROOT / "params.yaml"),
             f"--set=run.output_dir={tmp_path}"] + [f"--set={s}" for s in settings]
     result = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((tmp_path / "user" / "summary.json").read_text())["results"]["beta-0.1"]
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "user" / "summary.json").read_text())
+    metrics = summary["results"]["beta-0.1"]
     held_out_prompts = json.loads((tmp_path / "user" / "data" / "stats.json").read_text())["splits"]["prompts_eval"]
     assert metrics["n_prompts"] == held_out_prompts > 0 and metrics["n_eval_pairs"] == held_out_prompts
     assert not (tmp_path / "user" / "sft").exists() and not (tmp_path / "user" / "prefs").exists()
+    assert summary["registry"]["candidates"] == {"beta-0.1": "1"}
+
+
+def test_a_wrong_override_fails_the_first_task_naming_the_key(tmp_path):
+    from dpoflow.config import ConfigError, load_config
+    from dpoflow.pipeline.tasks import pipeline_arguments, resolve_config
+
+    base = pipeline_arguments(load_config(ROOT / "params.yaml"))["config"]
+    cfg = resolve_config(base, {"betas": [0.2, 0.4], "loss_type": "ipo", "base_model": ""},
+                         '{"dpo.max_steps": 7}', ("", "", ""))
+    assert cfg.run.betas == [0.2, 0.4] and cfg.dpo.loss_type == "ipo" and cfg.dpo.max_steps == 7
+    assert cfg.model.base is None  # an empty parameter keeps the config's value
+    with pytest.raises(ConfigError, match="dpo.max_stepz: unknown key"):
+        resolve_config(base, {}, '{"dpo.max_stepz": 7}')
+    with pytest.raises(ConfigError, match="dpo.loss_type"):
+        resolve_config(base, {"loss_type": "nope"})
+    dvc = resolve_config(base, {"data_kind": "preferences"}, '{"prefs.enabled": false, "sft.enabled": false, '
+                         '"model.base": "m"}', ("https://git.example/r.git", "pairs.jsonl", "v2"))
+    assert dvc.data.dvc.repo == "https://git.example/r.git" and dvc.data.dvc.rev == "v2"
 
 
 def test_an_edited_source_file_is_not_reused(tmp_path):
     from dpoflow.config import load_config
-    from dpoflow.runner import _data_fingerprint, content_fingerprint
+    from dpoflow.pipeline.tasks import content_fingerprint, data_fingerprint
 
     source = tmp_path / "pairs.jsonl"
     source.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
     cfg = load_config(None, [f"data.source={source}"])
-    before = _data_fingerprint(cfg)
+    before = data_fingerprint(cfg.data)
     source.write_text('{"prompt": "a", "chosen": "b", "rejected": "d"}\n')
-    assert _data_fingerprint(cfg) != before
+    assert data_fingerprint(cfg.data) != before
     assert content_fingerprint("demo") is None
     assert content_fingerprint("models:/m@champion") != content_fingerprint("models:/m@champion")  # never reused
 
 
 def _check_mlflow(db, summary):
     """The run is in a real sqlite MLflow store: params, lineage tags, dataset digest, nested β runs with
-    per-step DPO metrics under TRL's names and the evaluation metrics."""
+    per-step DPO metrics under TRL's names, the params a comparison needs, real durations."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
@@ -94,18 +200,33 @@ def _check_mlflow(db, summary):
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1 and len(children) == 2
     parent = parents[0]
-    assert parent.data.params["dpo.max_steps"] == "8" and parent.data.params["run.betas"] == "[0.1, 0.5]"
+    assert parent.info.run_id == summary["mlflow_run_id"] and parent.info.status == "FINISHED"
+    assert parent.data.params["dpo.max_steps"] == "20" and parent.data.params["run.betas"] == "[0.1, 0.5]"
     assert parent.data.tags["dpoflow.config_hash"] == summary["config_hash"]
-    assert parent.data.tags["dpoflow.data.md5"] == summary["data"]["input_md5"]
-    assert len(parent.data.tags["dpoflow.ref_cache_key"]) == 16
-    [dataset_input] = parent.inputs.dataset_inputs
-    assert dataset_input.dataset.digest == summary["data"]["input_md5"]
+    md5 = summary["data"]["input_md5"]
+    assert {d.dataset.digest for d in parent.inputs.dataset_inputs} == {md5[:36]}
+    assert parent.info.end_time - parent.info.start_time > 10_000  # the whole pipeline, not a log-at-the-end
     for child in children:
         name = child.info.run_name
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert child.data.metrics["eval/win_rate"] == pytest.approx(summary["results"][name]["win_rate"])
+        params = child.data.params
+        assert params["dpo.beta"] == str(summary["results"][name]["beta"]) and params["dpo.loss_type"] == "sigmoid"
+        assert params["dpo.learning_rate"] == "0.003" and params["dpo.max_steps"] == "20" and params["data.md5"] == md5
+        assert child.data.tags["dpoflow.ref_cache_key"] and child.data.tags["dpoflow.data.md5"] == md5
+        assert child.info.end_time - child.info.start_time > 2_000  # spans training and evaluation
         losses = client.get_metric_history(child.info.run_id, "loss")
-        assert [m.step for m in losses] == [5, 8]  # dpo.log_every=5 in params.yaml, last step always
+        assert [m.step for m in losses] == [5, 10, 15, 20]  # dpo.log_every=5 in params.yaml
         assert "rewards/margins" in child.data.metrics
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
-        assert {"report.html", "metrics.json", "train_summary.json"} <= artifacts
+        assert {"report.html", "metrics.json", "train_summary.json", "model"} <= artifacts
+    versions = client.search_model_versions(f"name='{MODEL}'")
+    assert len(versions) == 2
+    for version in versions:
+        tags = version.tags
+        assert tags["dpoflow.data.md5"] == md5 and tags["dpoflow.config_hash"] == summary["config_hash"]
+        assert float(tags["dpoflow.win_rate"]) == pytest.approx(summary["results"][f"beta-{tags['dpoflow.beta']}"]["win_rate"])
+        assert {"dpoflow.git_sha", "dpoflow.ref_cache_key", "dpoflow.eval_set_hash", "dpoflow.kl",
+                "dpoflow.win_rate_ci_low", "dpoflow.lib.torch", "dpoflow.lib.transformers"} <= set(tags)
+    selected = client.get_model_version_by_alias(MODEL, "champion")
+    assert selected.tags["dpoflow.gate"] == "pass" and "dpoflow.sweep" in selected.tags

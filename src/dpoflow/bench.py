@@ -103,10 +103,12 @@ def run_bench(steps: int = 5, batch: int = 8, prompt_words: int = 70, completion
     }
     max_length = 512
     results = {}
+    model, pairs = work / "model", work / "pairs"
     for name, fn in [
-        ("dpoflow (cached reference)", lambda: _time_dpoflow(work / "model", work / "pairs", steps, batch, max_length, "cached", False)),
-        ("dpoflow (cached reference, prefix sharing)", lambda: _time_dpoflow(work / "model", work / "pairs", steps, batch, max_length, "cached", True)),
-        ("dpoflow (live reference)", lambda: _time_dpoflow(work / "model", work / "pairs", steps, batch, max_length, "live", False)),
+        ("dpoflow (cached reference)", lambda: _time_dpoflow(model, pairs, steps, batch, max_length, "cached", False)),
+        ("dpoflow (cached reference, prefix sharing)",
+         lambda: _time_dpoflow(model, pairs, steps, batch, max_length, "cached", True)),
+        ("dpoflow (live reference)", lambda: _time_dpoflow(model, pairs, steps, batch, max_length, "live", False)),
         ("trl DPOTrainer", lambda: _time_trl(work / "model", frame, steps, batch, max_length, False)),
         ("trl DPOTrainer (precompute_ref_log_probs)", lambda: _time_trl(work / "model", frame, steps, batch, max_length, True)),
     ]:

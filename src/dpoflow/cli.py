@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from dpoflow.config import ConfigError, config_dict, config_hash, load_config
-from dpoflow.runner import beta_dir_name, step_dirs
+from dpoflow.pipeline.tasks import step_dirs
 
 
 def _add_common(parser: argparse.ArgumentParser, out: bool = True) -> None:
@@ -30,7 +30,8 @@ def _add_launch(parser: argparse.ArgumentParser) -> None:
 
 
 def _out_dir(args, cfg, step: str) -> Path:
-    return Path(args.out) if args.out else Path(cfg.run.output_dir) / cfg.run.name / step
+    """--out, else where `dpoflow run` and dvc.yaml put this step (dpo/eval: per β)."""
+    return Path(args.out) if args.out else step_dirs(cfg).get(step, Path(cfg.run.output_dir) / cfg.run.name / step)
 
 
 def cmd_config_show(args) -> int:
@@ -127,12 +128,27 @@ def cmd_dpo(args) -> int:
     cfg = load_config(args.config, args.overrides)
     paths = step_dirs(cfg)
     out_dir = _out_dir(args, cfg, "dpo")
+    live = _live_metrics(out_dir)
     summary = run_dpo(cfg.dpo, args.pairs or paths["pairs"], args.reference_model or paths["reference_model"], out_dir,
-                      reference_dir=args.reference_dir or paths["reference"], resume=args.resume)
+                      reference_dir=args.reference_dir or paths["reference"], resume=args.resume, log_metrics=live)
+    if live is not None:
+        live.close()
     if summary:
         print(f"dpo: {summary['steps']} steps, {summary['s_per_step']} s/step, {summary['tokens_per_s']} tokens/s "
               f"-> {out_dir / 'model'}")
     return 0
+
+
+def _live_metrics(out_dir: Path):
+    """Metrics to the MLflow run a launcher named (DPOFLOW_MLFLOW_RUN_ID), from the main process only."""
+    import os
+
+    run_id = os.environ.get("DPOFLOW_MLFLOW_RUN_ID")
+    if not run_id or os.environ.get("RANK", "0") != "0":
+        return None
+    from dpoflow.tracking import LiveMetrics
+
+    return LiveMetrics(run_id, unrecorded_path=out_dir / "unrecorded_metrics.jsonl")
 
 
 def cmd_eval(args) -> int:
@@ -140,7 +156,7 @@ def cmd_eval(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     paths = step_dirs(cfg)
-    policy = Path(args.policy) if args.policy else paths["root"] / "dpo" / beta_dir_name(cfg.dpo.beta) / "model"
+    policy = Path(args.policy) if args.policy else paths["dpo"] / "model"
     run_eval(cfg.eval, policy, args.reference_model or paths["reference_model"], args.data or paths["data"],
              _out_dir(args, cfg, "eval"), beta=cfg.dpo.beta, pairs_dir=args.pairs or paths["pairs"],
              max_length=cfg.dpo.max_length, training_metrics=policy.parent / "metrics.jsonl")
@@ -155,9 +171,88 @@ def cmd_bench(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from dpoflow.runner import run_pipeline
+    from dpoflow.pipeline.local import run_local
 
-    run_pipeline(load_config(args.config, args.overrides))
+    run_local(load_config(args.config, args.overrides))
+    return 0
+
+
+def cmd_register(args) -> int:
+    from dpoflow import tracking
+    from dpoflow.registry import run_register
+
+    cfg = load_config(args.config, args.overrides)
+    paths = step_dirs(cfg)
+    model = Path(args.model) if args.model else paths["dpo"] / "model"
+    metrics_file = Path(args.metrics) if args.metrics else paths["eval"] / "metrics.json"
+    if not metrics_file.exists():
+        raise FileNotFoundError(f"{metrics_file} does not exist: run `dpoflow eval` first (or pass --metrics)")
+    figures = json.loads(metrics_file.read_text())
+    # a run to hold the logged model
+    run_id = tracking.start_parent_run(cfg.tracking.experiment, f"register-{cfg.registry.model_name}")
+    version = run_register(model, figures, {"beta": figures.get("beta"), "config_hash": config_hash(cfg)},
+                           model_name=cfg.registry.model_name, run_id=run_id)
+    tracking.end_run(run_id)
+    print(f"register: models:/{cfg.registry.model_name}/{version} (alias candidate)")
+    return 0
+
+
+def cmd_promote(args) -> int:
+    from dpoflow.registry import rollback, run_gate, run_promote
+
+    cfg = load_config(args.config, args.overrides)
+    name = cfg.registry.model_name
+    if args.rollback:
+        rollback(name)
+        return 0
+    if not args.version:
+        raise ValueError("give --version N to promote (it must pass the gate) or --rollback")
+    if not args.force and not run_gate(name, args.version, min_win_rate=cfg.registry.min_win_rate):
+        print(f"promote: v{args.version} did not pass the gate; champion unchanged (--force overrides)")
+        return 1
+    run_promote(name, args.version)
+    return 0
+
+
+def cmd_compile(args) -> int:
+    from dpoflow.pipeline.client import compile_all
+
+    cfg = load_config(args.config, args.overrides)
+    for path in compile_all(Path(args.root), image=args.image, config=cfg):
+        print(f"compile: {path}")
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from dpoflow.pipeline.client import parse_params, submit
+
+    arguments = parse_params(args.param, Path(args.package))
+    run_id = submit(args.host, arguments, experiment=args.experiment, run_name=args.run_name,
+                    package=Path(args.package), token=args.token)
+    print(f"submit: run {run_id} in experiment '{args.experiment}' at {args.host}")
+    return 0
+
+
+def cmd_schedule(args) -> int:
+    from dpoflow.pipeline.client import parse_params, schedule, validate_cron
+
+    validate_cron(args.cron)
+    arguments = parse_params(args.param, Path(args.package))
+    recurring = schedule(args.host, args.cron, arguments, experiment=args.experiment, job_name=args.name,
+                         max_concurrency=args.max_concurrency, no_catchup=args.no_catchup,
+                         package=Path(args.package), token=args.token)
+    print(f"schedule: recurring run {recurring} ('{args.cron}') in experiment '{args.experiment}' at {args.host}")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from dpoflow.runs import compare_runs, runs_table
+
+    cfg = load_config(args.config, args.overrides)
+    if args.compare:
+        print(compare_runs(args.compare[0], args.compare[1]))
+    else:
+        print(runs_table(cfg.tracking.experiment, sort=args.sort, limit=args.limit))
     return 0
 
 
@@ -213,6 +308,61 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", help="write the results as JSON here")
     bench.set_defaults(func=cmd_bench)
 
+    register = sub.add_parser("register", help="register a trained policy in MLflow (alias candidate)",
+                              description="Log the policy (safetensors + tokenizer) and register it under "
+                              "registry.model_name with lineage and quality tags; alias candidate.")
+    _add_common(register, out=False)
+    register.add_argument("--model", help="policy folder (default: the dpo output for dpo.beta)")
+    register.add_argument("--metrics", help="its eval metrics.json (default: the eval output for dpo.beta)")
+    register.set_defaults(func=cmd_register)
+
+    promote = sub.add_parser("promote", help="make a version champion through the gate, or roll back",
+                             description="Alias champion -> --version when it passes the gate (win rate, "
+                             "interval, not worse than the champion); the old champion keeps previous-champion.")
+    _add_common(promote, out=False)
+    promote.add_argument("--version", help="registered version to promote")
+    promote.add_argument("--rollback", action="store_true", help="swap champion and previous-champion")
+    promote.add_argument("--force", action="store_true", help="promote without the gate")
+    promote.set_defaults(func=cmd_promote)
+
+    compile_ = sub.add_parser("compile", help="write pipelines/dpo_alignment.yaml and components/*.yaml",
+                              description="Compile the KFP pipeline (upload it in the Kubeflow UI) and every "
+                              "component; parameter defaults come from the config.")
+    _add_common(compile_, out=False)
+    compile_.add_argument("--image", help="image of every step (default: the dpoflow image of this version)")
+    compile_.add_argument("--root", default=".", help="project folder to write pipelines/ and components/ in")
+    compile_.set_defaults(func=cmd_compile)
+
+    for name, text in (("submit", "start one run of the compiled pipeline on a Kubeflow Pipelines server"),
+                       ("schedule", "create a recurring run (retraining) on a Kubeflow Pipelines server")):
+        cluster = sub.add_parser(name, help=text, description=text + "; the token comes from --token, "
+                                 "KF_PIPELINES_TOKEN, the in-cluster service account or the kube config.")
+        cluster.add_argument("--host", required=True, help="KFP API endpoint, e.g. https://kubeflow.example.com/pipeline")
+        cluster.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                             help="pipeline parameter (repeatable), e.g. --param betas='[0.1,0.3]'")
+        cluster.add_argument("--experiment", default="dpoflow", help="KFP experiment")
+        cluster.add_argument("--package", default="pipelines/dpo_alignment.yaml", help="compiled pipeline")
+        cluster.add_argument("--token", help="bearer token (default: KF_PIPELINES_TOKEN)")
+        if name == "submit":
+            cluster.add_argument("--run-name", help="run name shown in the UI")
+            cluster.set_defaults(func=cmd_submit)
+        else:
+            cluster.add_argument("--cron", required=True, help="6 fields, seconds first: '0 0 3 * * *' = daily 03:00")
+            cluster.add_argument("--name", default="dpoflow-retrain", help="recurring run name")
+            cluster.add_argument("--max-concurrency", type=int, default=1, help="runs allowed at once")
+            cluster.add_argument("--no-catchup", action=argparse.BooleanOptionalAction, default=True,
+                                 help="skip runs missed while paused (default: skip)")
+            cluster.set_defaults(func=cmd_schedule)
+
+    runs = sub.add_parser("runs", help="recent MLflow runs: key params vs key metrics, or compare two",
+                          description="A table of the experiment's runs (β, loss, lr, steps, data md5 vs win rate, "
+                          "KL, margin), sortable by a metric; `--compare A B` shows config and metric differences.")
+    _add_common(runs, out=False)
+    runs.add_argument("--sort", default="eval/win_rate", help="metric to sort by (descending)")
+    runs.add_argument("--limit", type=int, default=20, help="rows shown")
+    runs.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="two run ids")
+    runs.set_defaults(func=cmd_runs)
+
     config = sub.add_parser("config", help="show the resolved config and its hash")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     show = config_sub.add_parser("show", help="print the resolved config and its stable hash")
@@ -234,9 +384,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"dpoflow: {error}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"dpoflow {args.command}: error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"\ndpoflow {args.command}: interrupted; finished steps are kept and reused when you start it again",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

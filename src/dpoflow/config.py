@@ -157,6 +157,15 @@ class EvalConfig(_Strict):
 class TrackingConfig(_Strict):
     enabled: bool = Field(True, description="log `dpoflow run` to MLflow (MLFLOW_TRACKING_URI, else sqlite:///mlruns.db)")
     experiment: str = Field("dpoflow", description="MLflow experiment (unless MLFLOW_EXPERIMENT_ID is set)")
+    flush_every_s: float = Field(5.0, gt=0, description="send buffered training metrics to MLflow this often")
+    system_metrics: bool = Field(True, description="log CPU/RSS (and GPU) metrics of training steps")
+
+
+class RegistryConfig(_Strict):
+    enabled: bool = Field(True, description="register every β's policy in the MLflow model registry")
+    model_name: str = Field("dpoflow-demo", description="registered model name")
+    min_win_rate: float = Field(0.55, ge=0.0, le=1.0, description="gate: least win rate vs the reference")
+    max_kl: float | None = Field(None, gt=0, description="select: ignore candidates above this KL (None = no budget)")
 
 
 class RunConfig(_Strict):
@@ -175,6 +184,7 @@ class Config(_Strict):
     dpo: DpoConfig = DpoConfig()
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
+    registry: RegistryConfig = RegistryConfig()
 
 
 def check_pipeline(cfg: Config) -> None:
@@ -190,6 +200,8 @@ def check_pipeline(cfg: Config) -> None:
     if cfg.data.kind != "preferences" and not cfg.prefs.enabled:
         problems.append(f"data.kind={cfg.data.kind!r} holds no pairs: prefs.enabled must be true "
                         "(or point data at preference pairs)")
+    if cfg.registry.enabled and not cfg.tracking.enabled:
+        problems.append("registry.enabled needs MLflow: set tracking.enabled=true or registry.enabled=false")
     if problems:
         raise ConfigError("config cannot run as a pipeline:\n  " + "\n  ".join(problems))
 

@@ -1,13 +1,29 @@
-"""MLflow: the only module that imports mlflow. Tracking URI from MLFLOW_TRACKING_URI, else the local
-sqlite default. Models are logged as plain `save_pretrained` folders (artifacts) and registered by
-run URI; the registry uses aliases, never stages."""
+"""MLflow: the only module that imports mlflow.
+
+Tracking URI from MLFLOW_TRACKING_URI, else the local sqlite default (artifacts in ./mlartifacts).
+Run tree of a pipeline run: one parent run (the one a KFP >= 2.17 server injects as MLFLOW_RUN_ID,
+or one dpoflow creates) and one nested run per β, opened by the DPO task (live training metrics,
+system metrics) and completed by the eval and register tasks. Models are logged as plain
+`save_pretrained` folders and registered by artifact location; the registry uses aliases, never stages.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import threading
+import time
 from pathlib import Path
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
+# MLflow's REST client retries a failed request for minutes by default; a tracking server that is
+# down must not hold a step that long (metrics are buffered and retried by LiveMetrics instead)
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used; the message names the URI and what to do."""
 
 
 def tracking_uri() -> str:
@@ -17,8 +33,28 @@ def tracking_uri() -> str:
 def _mlflow():
     import mlflow
 
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     mlflow.set_tracking_uri(tracking_uri())
     return mlflow
+
+
+def client():
+    return _mlflow().MlflowClient()
+
+
+def check_reachable(timeout_s: float = 10.0) -> None:
+    """Fail fast (well under 30 s) when a tracking server does not answer, naming its URI."""
+    uri = tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout_s).raise_for_status()
+    except requests.RequestException as error:
+        raise TrackingError(f"the MLflow tracking server at {uri} does not answer ({type(error).__name__}): start it, "
+                            "fix MLFLOW_TRACKING_URI, or set tracking.enabled=false") from None
 
 
 def _experiment_id(mlflow, name: str) -> str:
@@ -39,33 +75,15 @@ def _experiment_id(mlflow, name: str) -> str:
     return mlflow.create_experiment(name, artifact_location=Path("mlartifacts").resolve().as_uri() if local else None)
 
 
-def register_model_dir(model_dir: str, name: str, alias: str | None = None, tags: dict | None = None,
-                       experiment: str = "dpoflow") -> str:
-    """Log a save_pretrained folder as a run artifact, register it, optionally set an alias; return the version."""
-    mlflow = _mlflow()
-    with mlflow.start_run(run_name=f"register-{name}", experiment_id=_experiment_id(mlflow, experiment)) as run:
-        mlflow.log_artifacts(model_dir, artifact_path="model")
-        if tags:
-            mlflow.set_tags(tags)
-    client = mlflow.MlflowClient()
-    if not client.search_registered_models(filter_string=f"name = '{name}'"):
-        client.create_registered_model(name)
-    # a plain artifact folder (not an MLflow flavor): register its artifact location directly, since
-    # MLflow 3's register_model(runs:/...) looks for a LoggedModel
-    version = client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id,
-                                          tags=tags)
-    if alias:
-        client.set_registered_model_alias(name, alias, version.version)
-    return str(version.version)
-
-
-def download_model(uri: str) -> str:
-    """Local folder of a `models:/name@alias` or `models:/name/version` URI."""
-    mlflow = _mlflow()
-    try:
-        return mlflow.artifacts.download_artifacts(artifact_uri=uri)
-    except Exception as error:
-        raise ValueError(f"cannot resolve {uri} in the MLflow registry at {tracking_uri()}: {error}") from error
+def retrying(fn, *args, attempts: int = 6, **kwargs):
+    """Call fn, retrying sqlite's 'database is locked' (parallel β tasks share one sqlite file)."""
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as error:
+            if "database is locked" not in str(error) or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * 2 ** attempt)
 
 
 def _git_sha() -> str | None:
@@ -77,40 +95,270 @@ def _git_sha() -> str | None:
         return None
 
 
-def _numeric(metrics: dict) -> dict[str, float]:
+def numeric(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
-def log_pipeline_run(*, experiment: str, run_name: str, params: dict, tags: dict, dataset: dict,
-                     runs: dict[str, dict], artifacts: list[Path]) -> str:
-    """One parent run per pipeline run (or the run KFP injected through MLFLOW_RUN_ID), one nested run
-    per β with the DPO metrics per step under TRL's names, the evaluation metrics (`eval/…`) and the
-    report. `dataset` = {frame, name, source, digest}: logged as the training input with the DVC md5
-    as digest. `runs[name]` = {params, metrics_jsonl, eval_metrics, artifacts}. Returns the parent id."""
-    import json
+def _params(params: dict) -> dict[str, str]:
+    return {k: json.dumps(v) if isinstance(v, list | dict) else str(v) for k, v in params.items()}
+
+
+# ---- runs -------------------------------------------------------------------------------------
+
+def start_parent_run(experiment: str, run_name: str) -> str:
+    """The pipeline run's parent: MLFLOW_RUN_ID when a KFP server injected one, else a new run."""
+    injected = os.environ.get("MLFLOW_RUN_ID")
+    if injected:
+        return injected
+    mlflow = _mlflow()
+    run = retrying(mlflow.MlflowClient().create_run, _experiment_id(mlflow, experiment), run_name=run_name,
+                   tags={"dpoflow.git_sha": _git_sha() or "unknown"})
+    return run.info.run_id
+
+
+def log_parent(run_id: str, *, params: dict, tags: dict, artifacts=()) -> None:
+    """Params (the flattened config), lineage tags and artifacts, on the parent run."""
+    mlflow = _mlflow()
+    c = mlflow.MlflowClient()
+    items = list(_params(params).items())
+    existing = c.get_run(run_id).data.params
+    from mlflow.entities import Param, RunTag
+
+    fresh = [(k, v) for k, v in items if k not in existing]  # a param cannot change once logged
+    for start in range(0, len(fresh), 100):  # MLflow takes at most 100 params per call
+        retrying(c.log_batch, run_id, params=[Param(k, v) for k, v in fresh[start:start + 100]])
+    retrying(c.log_batch, run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    for path in artifacts:
+        if Path(path).exists():
+            retrying(c.log_artifact, run_id, str(path))
+
+
+def log_dataset(run_id: str, parquet: Path, *, name: str, digest: str) -> None:
+    """The training pairs as the run's dataset input; its digest is the data md5 (DVC's when from DVC)."""
+    import pandas as pd
+    from mlflow.entities import DatasetInput, InputTag
 
     mlflow = _mlflow()
-    parent_id = os.environ.get("MLFLOW_RUN_ID")
-    experiment_id = None if parent_id else _experiment_id(mlflow, experiment)
-    with mlflow.start_run(run_id=parent_id, run_name=None if parent_id else run_name,
-                          experiment_id=experiment_id) as parent:
-        items = list(params.items())
-        for start in range(0, len(items), 100):  # MLflow takes at most 100 params per call
-            mlflow.log_params(dict(items[start:start + 100]))
-        mlflow.set_tags({**tags, "dpoflow.git_sha": _git_sha() or "unknown"})
-        source = mlflow.data.from_pandas(dataset["frame"], source=dataset["source"], name=dataset["name"],
-                                         digest=dataset["digest"])
-        mlflow.log_input(source, context="training")
-        for path in artifacts:
-            mlflow.log_artifact(str(path))
-        for name, run in runs.items():
-            with mlflow.start_run(run_name=name, nested=True, experiment_id=parent.info.experiment_id):
-                mlflow.log_params(run["params"])
-                mlflow.set_tags(tags)
-                for line in Path(run["metrics_jsonl"]).read_text().splitlines():
-                    record = json.loads(line)
-                    mlflow.log_metrics(_numeric({k: v for k, v in record.items() if k != "step"}), step=record["step"])
-                mlflow.log_metrics({f"eval/{k}": v for k, v in _numeric(run["eval_metrics"]).items()})
-                for path in run["artifacts"]:
-                    mlflow.log_artifact(str(path))
-        return parent.info.run_id
+    source = mlflow.data.from_pandas(pd.read_parquet(parquet), source=str(Path(parquet).resolve()), name=name,
+                                     digest=digest[:36])
+    retrying(mlflow.MlflowClient().log_inputs, run_id,
+             datasets=[DatasetInput(source._to_mlflow_entity(), [InputTag("mlflow.data.context", "training")])])
+
+
+def start_child_run(parent_id: str, name: str, *, params: dict, tags: dict, start_time_ms: int | None = None) -> str:
+    """A nested run under the pipeline's parent (the β run), with the params a comparison needs."""
+    from mlflow.entities import Param
+
+    c = client()
+    parent = c.get_run(parent_id)
+    run = retrying(c.create_run, parent.info.experiment_id, start_time=start_time_ms, run_name=name,
+                   tags={"mlflow.parentRunId": parent_id, **{k: str(v) for k, v in tags.items()}})
+    items = list(_params(params).items())
+    for start in range(0, len(items), 100):
+        retrying(c.log_batch, run.info.run_id, params=[Param(k, v) for k, v in items[start:start + 100]])
+    return run.info.run_id
+
+
+def end_run(run_id: str, status: str = "FINISHED", end_time_ms: int | None = None) -> None:
+    retrying(client().set_terminated, run_id, status=status, end_time=end_time_ms)
+
+
+def log_metrics(run_id: str, metrics: dict, step: int = 0) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    retrying(client().log_batch, run_id, metrics=[Metric(k, v, now, step) for k, v in numeric(metrics).items()])
+
+
+def log_metric_history(run_id: str, metrics_jsonl: Path) -> int:
+    """Log every line of a step's metrics.jsonl (a reused step, or a replay after the server was down)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = []
+    for line in Path(metrics_jsonl).read_text().splitlines():
+        record = json.loads(line)
+        metrics += [Metric(k, v, now, record["step"]) for k, v in numeric(record).items() if k != "step"]
+    for start in range(0, len(metrics), 1000):
+        retrying(client().log_batch, run_id, metrics=metrics[start:start + 1000])
+    return len(metrics)
+
+
+def log_artifacts(run_id: str, paths, artifact_path: str | None = None) -> None:
+    c = client()
+    for path in paths:
+        path = Path(path)
+        if path.is_dir():
+            retrying(c.log_artifacts, run_id, str(path), artifact_path)
+        elif path.exists():
+            retrying(c.log_artifact, run_id, str(path), artifact_path)
+
+
+def set_tags(run_id: str, tags: dict) -> None:
+    from mlflow.entities import RunTag
+
+    retrying(client().log_batch, run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+class LiveMetrics:
+    """Training metrics to MLflow while the step runs: `__call__` only appends to a buffer (the
+    training thread never waits on the network); a daemon thread sends the buffer every
+    `flush_every_s`. A failed send keeps the metrics and retries at the next flush, so a tracking
+    server that goes away and comes back gets every metric; `close()` makes a last attempt and
+    returns what could not be recorded (also written to `unrecorded_path`)."""
+
+    def __init__(self, run_id: str, flush_every_s: float = 5.0, unrecorded_path: Path | None = None,
+                 system_metrics: bool = False):
+        self.run_id, self.flush_every_s, self.unrecorded_path = run_id, flush_every_s, unrecorded_path
+        self.buffer: list = []
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.failures = 0
+        self.monitor = None
+        if system_metrics:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.monitor = SystemMetricsMonitor(run_id, sampling_interval=flush_every_s, tracking_uri=tracking_uri())
+            self.monitor.start()
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="dpoflow-live-metrics")
+        self.thread.start()
+
+    def __call__(self, step: int, metrics: dict) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        with self.lock:
+            self.buffer += [Metric(k, v, now, step) for k, v in numeric(metrics).items()]
+
+    def flush(self) -> bool:
+        with self.lock:
+            pending, self.buffer = self.buffer, []
+        if not pending:
+            return True
+        sent = 0
+        try:
+            while sent < len(pending):  # MLflow takes at most 1000 metrics per batch
+                retrying(client().log_batch, self.run_id, metrics=pending[sent:sent + 1000])
+                sent += 1000
+            return True
+        except Exception:
+            self.failures += 1
+            with self.lock:  # keep the unsent ones, oldest first, for the next attempt
+                self.buffer = pending[sent:] + self.buffer
+            return False
+
+    def _loop(self) -> None:
+        while not self.stop.wait(self.flush_every_s):
+            self.flush()
+
+    def close(self, attempts: int = 3) -> int:
+        """Stop the thread, send what is left; return how many metric values were not recorded."""
+        self.stop.set()
+        self.thread.join()
+        if self.monitor is not None:
+            try:
+                self.monitor.finish()
+            except Exception:
+                pass
+        for attempt in range(attempts):
+            if self.flush():
+                return 0
+            time.sleep(1 + attempt)
+        lost = self.buffer
+        if self.unrecorded_path is not None:
+            with open(self.unrecorded_path, "a") as handle:
+                for m in lost:
+                    handle.write(json.dumps({"key": m.key, "value": m.value, "step": m.step}) + "\n")
+        return len(lost)
+
+
+# ---- registry -----------------------------------------------------------------------------------
+
+def ensure_registered_model(name: str) -> None:
+    """Create the registered model unless it exists (parallel β tasks may both try: the loser is fine)."""
+    c = client()
+    if c.search_registered_models(filter_string=f"name = '{name}'"):
+        return
+    try:
+        retrying(c.create_registered_model, name)
+    except Exception as error:
+        if "already exists" not in str(error):
+            raise
+
+
+def register_version(model_dir: str, name: str, *, run_id: str, tags: dict) -> str:
+    """Log a save_pretrained folder into `run_id` under `model/` and register it as a version of
+    `name` (created if needed); return the version number."""
+    c = client()
+    retrying(c.log_artifacts, run_id, str(model_dir), "model")
+    ensure_registered_model(name)
+    # a plain artifact folder (not an MLflow flavor): register its artifact location directly, since
+    # MLflow 3's register_model(runs:/...) looks for a LoggedModel
+    artifact_uri = c.get_run(run_id).info.artifact_uri
+    version = retrying(c.create_model_version, name, source=f"{artifact_uri}/model", run_id=run_id,
+                       tags={k: str(v) for k, v in tags.items()})
+    return str(version.version)
+
+
+def register_model_dir(model_dir: str, name: str, alias: str | None = None, tags: dict | None = None,
+                       experiment: str = "dpoflow") -> str:
+    """Register a local model folder on its own (a run to hold it is created); optionally alias it."""
+    mlflow = _mlflow()
+    run = mlflow.MlflowClient().create_run(_experiment_id(mlflow, experiment), run_name=f"register-{name}")
+    version = register_version(model_dir, name, run_id=run.info.run_id, tags=tags or {})
+    end_run(run.info.run_id)
+    if alias:
+        set_alias(name, alias, version)
+    return version
+
+
+def model_versions(name: str) -> list[dict]:
+    """Every version of `name`: {version, run_id, tags, aliases}, oldest first."""
+    c = client()
+    found = c.search_model_versions(filter_string=f"name = '{name}'")
+    return sorted(({"version": str(v.version), "run_id": v.run_id, "tags": dict(v.tags), "aliases": list(v.aliases)}
+                   for v in found), key=lambda v: int(v["version"]))
+
+
+def version_by_alias(name: str, alias: str) -> dict | None:
+    c = client()
+    try:
+        v = c.get_model_version_by_alias(name, alias)
+    except Exception:
+        return None
+    return {"version": str(v.version), "run_id": v.run_id, "tags": dict(v.tags), "aliases": list(v.aliases)}
+
+
+def set_alias(name: str, alias: str, version: str) -> None:
+    retrying(client().set_registered_model_alias, name, alias, str(version))
+
+
+def delete_alias(name: str, alias: str) -> None:
+    try:
+        retrying(client().delete_registered_model_alias, name, alias)
+    except Exception:
+        pass
+
+
+def set_version_tags(name: str, version: str, tags: dict) -> None:
+    c = client()
+    for key, value in tags.items():
+        retrying(c.set_model_version_tag, name, str(version), key, str(value))
+
+
+def download_model(uri: str) -> str:
+    """Local folder of a `models:/name@alias` or `models:/name/version` URI."""
+    mlflow = _mlflow()
+    try:
+        return mlflow.artifacts.download_artifacts(artifact_uri=uri)
+    except Exception as error:
+        raise ValueError(f"cannot resolve {uri} in the MLflow registry at {tracking_uri()}: {error}") from error
+
+
+def search_runs(experiment: str, max_results: int = 50) -> list:
+    mlflow = _mlflow()
+    experiment_obj = mlflow.get_experiment_by_name(experiment)
+    if experiment_obj is None:
+        return []
+    return mlflow.MlflowClient().search_runs([experiment_obj.experiment_id], max_results=max_results,
+                                             order_by=["attributes.start_time DESC"])

@@ -29,9 +29,8 @@ def run_eval(cfg: EvalConfig, policy_dir, reference_model_dir, data_dir, out_dir
     """`training_metrics`: the DPO run's metrics.jsonl, plotted in the report when given."""
     import pandas as pd
 
-    from dpoflow.evaluation.judges import load_judge
-    from dpoflow.evaluation.report import write_report
     from dpoflow.dpo.logprobs import score_sequences, tokenize_prompt
+    from dpoflow.evaluation.report import write_report
     from dpoflow.modeling import generate_ids, load_model, load_tokenizer
 
     out_dir = Path(out_dir)
@@ -42,20 +41,14 @@ def run_eval(cfg: EvalConfig, policy_dir, reference_model_dir, data_dir, out_dir
     policy, reference = load_model(str(policy_dir)), load_model(str(reference_model_dir))
     prompt_ids = [tokenize_prompt(tokenizer, p, m) for p, m in zip(prompts, prompts_frame.prompt_messages)]
     settings = dict(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-    policy_ids = [s[0] for s in generate_ids(policy, tokenizer, prompt_ids, **settings)]
-    reference_ids = [s[0] for s in generate_ids(reference, tokenizer, prompt_ids, **settings)]
-    policy_text = tokenizer.batch_decode(policy_ids, skip_special_tokens=True)
-    reference_text = tokenizer.batch_decode(reference_ids, skip_special_tokens=True)
-    judge = load_judge(cfg.judge, cfg.llm_judge)
-    metrics: dict = {"beta": beta, "judge": cfg.judge}
-    if judge.pairwise_only:
-        policy_scores = reference_scores = [None] * len(prompts)
-        verdicts = judge.compare(prompts, policy_text, reference_text)
-        orders, failures = judge.last_orders, judge.last_failures
-    else:
-        policy_scores, reference_scores = judge.score(prompts, policy_text), judge.score(prompts, reference_text)
-        verdicts = [1.0 if a > b else 0.0 if a < b else 0.5 for a, b in zip(policy_scores, reference_scores)]
-        orders, failures = ["AB"] * len(prompts), [""] * len(prompts)
+    duel = judge_pair(cfg, policy, reference, tokenizer, prompts, prompt_ids)
+    policy_ids, reference_ids = duel["a_ids"], duel["b_ids"]
+    policy_text, reference_text = duel["a_text"], duel["b_text"]
+    policy_scores, reference_scores, verdicts = duel["a_scores"], duel["b_scores"], duel["verdicts"]
+    orders, failures = duel["orders"], duel["failures"]
+    metrics: dict = {"beta": beta, "judge": cfg.judge,
+                     "eval_set_hash": eval_set_hash(cfg, prompts, Path(reference_model_dir))}
+    if policy_scores[0] is not None:
         metrics.update(load_metric("reward_margin").compute(policy_scores=policy_scores,
                                                             reference_scores=reference_scores, seed=cfg.seed))
     judged = [v for v in verdicts if v is not None]  # a failed judgement is never a win
@@ -83,8 +76,8 @@ def run_eval(cfg: EvalConfig, policy_dir, reference_model_dir, data_dir, out_dir
         metrics[f"win_rate_{name}_completions"] = sum(bucket) / len(bucket) if bucket else None
 
     if pairs_dir is not None and (Path(pairs_dir) / "eval.parquet").exists():
-        from dpoflow.dpo.reference import compute_logps
         from dpoflow.dpo.losses import preference_loss
+        from dpoflow.dpo.reference import compute_logps
 
         pairs = pd.read_parquet(Path(pairs_dir) / "eval.parquet")
         if len(pairs):
@@ -106,4 +99,59 @@ def run_eval(cfg: EvalConfig, policy_dir, reference_model_dir, data_dir, out_dir
     margin = f", reward margin {metrics['reward_margin']:+.3f}" if "reward_margin" in metrics else ""
     log(f"eval: win rate {metrics['win_rate']:.3f} [{metrics['win_rate_ci_low']:.3f}, {metrics['win_rate_ci_high']:.3f}] "
         f"on {metrics['n_prompts']} prompts{margin}, KL {metrics['kl']:.2f}, judge failures {metrics['judge_failures']}")
+    return metrics
+
+
+def eval_set_hash(cfg: EvalConfig, prompts: list[str], reference_model_dir: Path) -> str:
+    """What makes two evaluations' win rates comparable: the same prompts, judge, sampling settings
+    and reference weights. The registry's gate compares figures only under the same hash."""
+    import hashlib
+
+    from dpoflow.dpo.reference import _hash_files
+
+    settings = [prompts, cfg.judge, cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.seed,
+                _hash_files(sorted(Path(reference_model_dir).glob("*.safetensors")))]
+    return hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]
+
+
+def judge_pair(cfg: EvalConfig, model_a, model_b, tokenizer, prompts: list[str], prompt_ids) -> dict:
+    """Sample both models with identical settings and seeds and let the judge decide each prompt:
+    verdict 1 = a better, 0.5 tie, 0 = b better, None = the judge failed (never a win)."""
+    from dpoflow.evaluation.judges import load_judge
+    from dpoflow.modeling import generate_ids
+
+    settings = dict(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    a_ids = [s[0] for s in generate_ids(model_a, tokenizer, prompt_ids, **settings)]
+    b_ids = [s[0] for s in generate_ids(model_b, tokenizer, prompt_ids, **settings)]
+    a_text = tokenizer.batch_decode(a_ids, skip_special_tokens=True)
+    b_text = tokenizer.batch_decode(b_ids, skip_special_tokens=True)
+    judge = load_judge(cfg.judge, cfg.llm_judge)
+    if judge.pairwise_only:
+        a_scores = b_scores = [None] * len(prompts)
+        verdicts = judge.compare(prompts, a_text, b_text)
+        orders, failures = judge.last_orders, judge.last_failures
+    else:
+        a_scores, b_scores = judge.score(prompts, a_text), judge.score(prompts, b_text)
+        verdicts = [1.0 if a > b else 0.0 if a < b else 0.5 for a, b in zip(a_scores, b_scores)]
+        orders, failures = ["AB"] * len(prompts), [""] * len(prompts)
+    return {"a_ids": a_ids, "b_ids": b_ids, "a_text": a_text, "b_text": b_text, "a_scores": a_scores,
+            "b_scores": b_scores, "verdicts": verdicts, "orders": orders, "failures": failures}
+
+
+def head_to_head(cfg: EvalConfig, challenger_dir, champion_dir, data_dir, log=print) -> dict:
+    """Win rate of the challenger against the champion on this run's held-out prompts (ties ½, 95 %
+    Wilson interval): the registry gate's comparison when the champion was evaluated on another set."""
+    import pandas as pd
+
+    from dpoflow.dpo.logprobs import tokenize_prompt
+    from dpoflow.modeling import load_model, load_tokenizer
+
+    frame = pd.read_parquet(Path(data_dir) / "prompts_eval.parquet").head(cfg.max_prompts)
+    prompts = frame.prompt.tolist()
+    tokenizer = load_tokenizer(str(challenger_dir))
+    prompt_ids = [tokenize_prompt(tokenizer, p, m) for p, m in zip(prompts, frame.prompt_messages)]
+    duel = judge_pair(cfg, load_model(str(challenger_dir)), load_model(str(champion_dir)), tokenizer, prompts, prompt_ids)
+    metrics = load_metric("win_rate").compute(verdicts=[v for v in duel["verdicts"] if v is not None])
+    log(f"head to head: challenger wins {metrics['win_rate']:.3f} [{metrics['win_rate_ci_low']:.3f}, "
+        f"{metrics['win_rate_ci_high']:.3f}] against the champion on {len(prompts)} prompts")
     return metrics

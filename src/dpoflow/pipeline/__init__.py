@@ -1,0 +1,1 @@
+"""Kubeflow Pipelines: components, the DAG, the local runner (`dpoflow run`), compile/submit/schedule."""

@@ -1,0 +1,156 @@
+"""The one DAG, run by the Kubeflow cluster and by `dpoflow run` (kfp local runner) alike:
+
+    data ──► sft ──► prefs ──► reference
+                                   │
+    ParallelFor(β in betas): dpo ──► evaluate ──► register (alias candidate)
+    select (dsl.Collected versions) ──► gate ──► If(gate == 'pass'): promote (alias champion)
+
+`build_pipeline(image, config)` returns the pipeline function; parameter defaults come from the
+config (params.yaml), so the compiled pipeline *is* the demo until a UI user changes a parameter.
+"""
+
+
+import json
+
+from kfp import dsl, kubernetes
+
+from dpoflow.config import Config
+from dpoflow.pipeline.components import DEFAULT_IMAGE, build_components
+from dpoflow.pipeline.tasks import pipeline_arguments
+
+PIPELINE_NAME = "dpo-alignment"
+
+# Secrets (their names are pipeline parameters): data key -> environment variable in the task pods.
+MLFLOW_SECRET_KEYS = {"MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
+                      "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"}
+S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+                  "MLFLOW_S3_ENDPOINT_URL": "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL"}
+
+
+def build_pipeline(image: str = DEFAULT_IMAGE, config: Config | None = None, parallelism: int = 0, retries: int = 2):
+    """The pipeline function for `image`; `config` gives the parameters' defaults (default: Config()).
+    `retries`: per task that talks to services (a cluster's MLflow); the local runner uses 0."""
+    c = build_components(image)
+    defaults = pipeline_arguments(config or Config())
+    config_default = json.dumps(json.loads(defaults["config"]), sort_keys=True)
+
+    @dsl.pipeline(name=PIPELINE_NAME, description="DPO alignment: data -> SFT reference -> judged pairs -> "
+                  "reference log-probs -> DPO per beta -> evaluation -> MLflow registry (candidate -> champion)")
+    def dpo_alignment(
+        base_model: str = defaults["base_model"],
+        data_kind: str = defaults["data_kind"],
+        data_source: str = defaults["data_source"],
+        dvc_repo: str = "",
+        dvc_path: str = "",
+        dvc_rev: str = "",
+        betas: list = defaults["betas"],
+        loss_type: str = defaults["loss_type"],
+        learning_rate: float = defaults["learning_rate"],
+        max_steps: int = defaults["max_steps"],
+        judge: str = defaults["judge"],
+        min_win_rate: float = defaults["min_win_rate"],
+        model_name: str = defaults["model_name"],
+        gpus: int = 0,
+        gpu_type: str = "nvidia.com/gpu",
+        node_selector: dict = {},  # noqa: B006 (KFP reads the default from the signature)
+        tolerations: list = [],  # noqa: B006
+        mlflow_uri: str = "",
+        mlflow_secret: str = "dpoflow-mlflow",
+        s3_secret: str = "dpoflow-s3",
+        config_overrides: str = "{}",
+        config: str = config_default,
+        mlflow_run_id: str = "",
+        workspace: str = "",
+        threads_per_task: int = 0,
+    ):
+        """DPO alignment of a language model, tracked and registered in MLflow.
+
+        Args:
+            base_model: base model (folder, hub id or models:/name@alias); empty = build the demo's tiny model.
+            data_kind: what the data holds: sft (a corpus: SFT + judged pairs), preferences (pairs), prompts.
+            data_source: data file or folder (jsonl, json, parquet, csv, save_to_disk), 'demo' or hub:<id>.
+            dvc_repo: read data_source through DVC from this git repo (empty = not through DVC).
+            dvc_path: path of the data inside dvc_repo (empty = data_source).
+            dvc_rev: git revision of dvc_repo (commit, tag, branch; empty = HEAD).
+            betas: the β sweep: one DPO + evaluation + registered candidate per value.
+            loss_type: DPO loss: sigmoid, cdpo, robust, hinge or ipo.
+            learning_rate: DPO peak learning rate.
+            max_steps: DPO optimizer steps.
+            judge: evaluation judge: callable:<module>:<fn>, reward_model:<dir|models:/...> or llm.
+            min_win_rate: gate: least win rate vs the reference for a champion.
+            model_name: MLflow registered model name (deploy models:/<model_name>@champion).
+            gpus: GPUs of the DPO task (DDP through accelerate when > 1); 0 = CPU.
+            gpu_type: accelerator resource of the DPO task, e.g. nvidia.com/gpu.
+            node_selector: nodeSelector of the DPO task as JSON, e.g. {"nvidia.com/gpu.product": "H100"}.
+            tolerations: tolerations of the DPO task as a JSON list.
+            mlflow_uri: MLflow tracking URI (empty = MLFLOW_TRACKING_URI of the pods, else local sqlite).
+            mlflow_secret: Secret with MLFLOW_TRACKING_USERNAME/PASSWORD (optional).
+            s3_secret: Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/endpoints for MLflow artifacts and DVC (optional).
+            config_overrides: further config as a JSON object of dotted keys, e.g. {"dpo.max_steps": 300}.
+            config: the base config (params.yaml as JSON) the parameters above override.
+            mlflow_run_id: MLflow parent run to log into (empty = MLFLOW_RUN_ID injected by KFP, else a new run).
+            workspace: local runner only: folder of the step outputs (outputs/<run>); empty on a cluster.
+            threads_per_task: CPU threads of each β task (0 = the library default).
+        """
+        fingerprint = c["fingerprint"](
+            config=config, config_overrides=config_overrides, base_model=base_model, data_kind=data_kind,
+            data_source=data_source, dvc_repo=dvc_repo, dvc_path=dvc_path, dvc_rev=dvc_rev, betas=betas,
+            loss_type=loss_type, learning_rate=learning_rate, max_steps=max_steps, judge=judge,
+            min_win_rate=min_win_rate, model_name=model_name, workspace=workspace, mlflow_uri=mlflow_uri,
+            mlflow_run_id=mlflow_run_id)
+        # never cached: it tells the cached steps below whether the data (a moving DVC branch) changed
+        fingerprint.set_caching_options(False)
+        run_info = fingerprint.outputs["run_info"]
+        data = c["data"](config=fingerprint.outputs["config"], data_md5=fingerprint.outputs["data_md5"],
+                         workspace=workspace)
+        dataset = data.outputs["dataset"]
+        sft = c["sft"](sft_cfg=data.outputs["sft_cfg"], model_cfg=data.outputs["model_cfg"], data=dataset,
+                       data_md5=fingerprint.outputs["data_md5"], workspace=workspace)
+        sft.set_display_name("sft (reference)")
+        reference_model = sft.outputs["reference_model"]
+        prefs = c["prefs"](prefs_cfg=data.outputs["prefs_cfg"], data=dataset, reference_model=reference_model,
+                           workspace=workspace)
+        pairs = prefs.outputs["pairs"]
+        reference = c["reference"](dpo_cfg=data.outputs["dpo_cfg"], pairs=pairs, reference_model=reference_model,
+                                   workspace=workspace)
+        reference.set_display_name("reference log-probs")
+        tracked = [fingerprint, data]
+        # inside the loop, settings come from the run_info artifact, not from task-output parameters
+        # (kfp 2.17's local runner replaces those with the loop item)
+        with dsl.ParallelFor(betas, parallelism=parallelism) as beta:
+            dpo = c["dpo"](beta=beta, run_info=run_info, pairs=pairs, reference_model=reference_model,
+                           reference_logps=reference.outputs["reference_logps"], data=dataset, gpus=gpus,
+                           gpu_type=gpu_type,
+                           threads=threads_per_task, workspace=workspace, mlflow_uri=mlflow_uri)
+            dpo.set_accelerator_type(gpu_type).set_accelerator_limit(gpus)
+            dpo.set_memory_limit("64G").set_cpu_limit("8")
+            kubernetes.empty_dir_mount(dpo, volume_name="shm", mount_path="/dev/shm", medium="Memory")  # NCCL
+            kubernetes.add_node_selector_json(dpo, node_selector)
+            kubernetes.add_toleration_json(dpo, tolerations)
+            evaluate = c["evaluate"](beta=beta, run_info=run_info, policy=dpo.outputs["policy"],
+                                     reference_model=reference_model, data=dataset, pairs=pairs,
+                                     threads=threads_per_task, workspace=workspace, mlflow_uri=mlflow_uri)
+            register = c["register"](run_info=run_info, policy=dpo.outputs["policy"],
+                                     results=evaluate.outputs["results"], data=dataset,
+                                     reference_logps=reference.outputs["reference_logps"], mlflow_uri=mlflow_uri)
+            tracked += [dpo, evaluate, register]
+        select = c["select"](registry_cfg=data.outputs["registry_cfg"], versions=dsl.Collected(register.output),
+                             parent_run_id=fingerprint.outputs["parent_run_id"], mlflow_uri=mlflow_uri)
+        gate = c["gate"](registry_cfg=data.outputs["registry_cfg"], eval_cfg=data.outputs["eval_cfg"],
+                         version=select.output, data=dataset, mlflow_uri=mlflow_uri)
+        with dsl.If(gate.output == "pass", name="gate-passed"):
+            promote = c["promote"](registry_cfg=data.outputs["registry_cfg"], version=select.output,
+                                   mlflow_uri=mlflow_uri)
+        # the tasks that talk to MLflow retry (a tracking server restart must not fail the run);
+        # the registry tasks must never be served from KFP's cache: they read and move aliases
+        for task in tracked + [select, gate, promote]:
+            if retries:
+                task.set_retry(retries, backoff_duration="30s")
+            kubernetes.use_secret_as_env(task, mlflow_secret, MLFLOW_SECRET_KEYS, optional=True)
+            kubernetes.use_secret_as_env(task, s3_secret, S3_SECRET_KEYS, optional=True)
+        # the β tasks log into this pipeline run's MLflow tree and the registry tasks move aliases:
+        # never served from KFP's cache (sft, prefs, reference log-probs are, while data is unchanged)
+        for task in (dpo, evaluate, register, select, gate, promote):
+            task.set_caching_options(False)
+
+    return dpo_alignment

@@ -1,0 +1,198 @@
+"""`dpoflow run`: the KFP pipeline of dag.py executed by kfp's local runner (SubprocessRunner, in this
+environment: no cluster, no container engine). Step outputs land in outputs/<run>/<step> — the same
+folders `dvc repro` writes — and finished steps are reused on a rerun (see tasks.py). The runner's own
+log goes to outputs/<run>/kfp.log; the terminal gets one progress line per step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+from dpoflow.config import Config, check_pipeline, config_dict, config_hash
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+STEP_LINE = re.compile(r"\[([\w .\-]+)\] (running|inputs unchanged, reusing)")
+TASK_LINE = re.compile(r"(Executing task|Task) '([\w\-]+)'(?: finished with status (\w+))?")
+ERROR_LINE = re.compile(r"^\s*([\w.]*(Error|Exception)): (.*)$")
+
+
+class _ProgressLog:
+    """sys.stdout while the runner runs: everything goes to the log file; step starts/ends become
+    one line each on the terminal."""
+
+    def __init__(self, path: Path, terminal):
+        self.file, self.terminal, self.lock = open(path, "a"), terminal, threading.Lock()
+        self.pending, self.started, self.tasks, self.t0 = "", {}, [], time.perf_counter()
+        self.ran, self.reused = [], []
+
+    def write(self, text: str) -> int:
+        with self.lock:
+            self.file.write(text)
+            self.pending += text
+            *lines, self.pending = self.pending.split("\n")
+            for line in lines:
+                self._line(ANSI.sub("", line))
+        return len(text)
+
+    def _line(self, line: str) -> None:
+        elapsed = time.perf_counter() - self.t0
+        step = STEP_LINE.search(line)
+        if step:
+            name, what = step.groups()
+            (self.ran if what == "running" else self.reused).append(name)
+            self.terminal.write(f"[{elapsed:7.1f}s] {name}: {'running' if what == 'running' else 'reused'}\n")
+        task = TASK_LINE.search(line)
+        if task and task.group(1) == "Executing task":
+            self.started.setdefault(task.group(2), []).append(time.perf_counter())
+        elif task and task.group(3):  # parallel β tasks share a name: first started, first finished
+            starts = self.started.get(task.group(2)) or [time.perf_counter()]
+            seconds = time.perf_counter() - starts.pop(0)
+            self.tasks.append({"task": task.group(2), "status": task.group(3).lower(), "seconds": round(seconds, 1)})
+            self.terminal.write(f"[{elapsed:7.1f}s] task {task.group(2)}: {task.group(3).lower()} "
+                                f"({seconds:.1f}s)\n")
+        self.terminal.flush()
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _absolute_tracking_uri() -> str:
+    from dpoflow.tracking import tracking_uri
+
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    return uri
+
+
+def _first_error(log_path: Path) -> str:
+    """The last exception line the failed task printed (what a user needs), else ''."""
+    found = ""
+    for line in log_path.read_text(errors="replace").splitlines():
+        match = ERROR_LINE.match(ANSI.sub("", line))
+        if match and "Traceback" not in line:
+            found = f"{match.group(1)}: {match.group(3)}"
+    return found
+
+
+def run_local(cfg: Config, log=print) -> dict:
+    """Run the pipeline on this machine; write and return outputs/<run>/summary.json."""
+    from kfp import local
+
+    from dpoflow.evaluation.report import write_frontier
+    from dpoflow.pipeline.dag import build_pipeline
+    from dpoflow.pipeline.tasks import beta_dir_name, pipeline_arguments
+
+    check_pipeline(cfg)
+    root = (Path(cfg.run.output_dir) / cfg.run.name).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text(json.dumps({"config_hash": config_hash(cfg), **config_dict(cfg)}, indent=2) + "\n")
+    arguments = pipeline_arguments(cfg)
+    parent, tracking = "", None
+    if cfg.tracking.enabled:
+        from dpoflow import tracking
+
+        os.environ["MLFLOW_TRACKING_URI"] = _absolute_tracking_uri()
+        tracking.check_reachable()
+        parent = tracking.start_parent_run(cfg.tracking.experiment, cfg.run.name)
+        arguments.update(mlflow_uri=os.environ["MLFLOW_TRACKING_URI"], mlflow_run_id=parent)
+    parallel = min(len(cfg.run.betas), 2)  # kfp's local runner runs at most 2 loop iterations at once
+    arguments.update(workspace=str(root), threads_per_task=max(1, (os.cpu_count() or 1) // parallel))
+
+    log_path = root / "kfp.log"
+    log(f"run {cfg.run.name}: the KFP pipeline on the local runner; runner log: {log_path}")
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root / ".kfp"))
+    pipeline = build_pipeline(config=cfg, retries=0)
+    progress, started = _ProgressLog(log_path, sys.stdout), time.perf_counter()
+    terminal, errors = sys.stdout, sys.stderr
+    sys.stdout = sys.stderr = progress  # the runner's log, its warnings and the tasks' output: to kfp.log
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "settings have no effect in the local runner", image notes
+            pipeline(**arguments)
+    except RuntimeError as error:
+        if tracking is not None and not os.environ.get("MLFLOW_RUN_ID"):
+            tracking.end_run(parent, "FAILED")
+        reason = _first_error(log_path) or str(error)
+        raise RuntimeError(f"run {cfg.run.name} failed: {reason}\n  (full runner log: {log_path}; "
+                           "finished steps are reused when you start it again)") from None
+    finally:
+        sys.stdout, sys.stderr = terminal, errors
+        progress.close()
+    wall = time.perf_counter() - started
+
+    results = {}
+    for beta in cfg.run.betas:
+        results[beta_dir_name(beta)] = json.loads((root / "eval" / beta_dir_name(beta) / "metrics.json").read_text())
+    write_frontier(root / "frontier", results)
+    timings = {}
+    for name in progress.ran + progress.reused:
+        marker = root / ".steps" / f"{name.replace(' ', '-')}.json"
+        timings[name] = json.loads(marker.read_text())["seconds"] if name in progress.ran and marker.exists() else 0.0
+    data_dir = root / "data"
+    summary = {"run": cfg.run.name, "config_hash": config_hash(cfg), "results": results, "timings_s": timings,
+               "wall_s": round(wall, 1), "tasks": progress.tasks, "data": json.loads((data_dir / "stats.json").read_text())}
+    if tracking is not None:
+        summary["mlflow_run_id"] = parent
+        summary["mlflow_tracking_uri"] = os.environ["MLFLOW_TRACKING_URI"]
+        if cfg.registry.enabled:
+            summary["registry"] = registry_summary(cfg.registry.model_name, parent)
+    (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if tracking is not None:
+        tracking.log_artifacts(parent, [root / "summary.json", root / "frontier" / "frontier.html"])
+        if not os.environ.get("MLFLOW_RUN_ID"):
+            tracking.end_run(parent)
+    _print_summary(cfg, root, summary, log)
+    return summary
+
+
+def registry_summary(model_name: str, parent_run_id: str) -> dict:
+    """What this run did in the registry, read back from the registry itself."""
+    from dpoflow import tracking
+
+    versions = tracking.model_versions(model_name)
+    mine = [v for v in versions if v["tags"].get("dpoflow.parent_run_id") == parent_run_id]
+    selected = next((v for v in versions if v["tags"].get("dpoflow.selected_in") == parent_run_id), None)
+    aliases = {alias: (tracking.version_by_alias(model_name, alias) or {}).get("version")
+               for alias in ("candidate", "champion", "previous-champion")}
+    return {"model_name": model_name,
+            "candidates": {f"beta-{v['tags'].get('dpoflow.beta')}": v["version"] for v in mine},
+            "selected_version": selected["version"] if selected else None,
+            "gate": selected["tags"].get("dpoflow.gate") if selected else None,
+            "gate_reasons": selected["tags"].get("dpoflow.gate_reasons") if selected else None,
+            "aliases": aliases}
+
+
+def _print_summary(cfg: Config, root: Path, summary: dict, log) -> None:
+    nan = float("nan")
+    log(f"\nrun {cfg.run.name}: outputs in {root} ({summary['wall_s']:.0f} s)")
+    for name, m in summary["results"].items():
+        log(f"  {name}: win rate {m['win_rate']:.3f} [{m['win_rate_ci_low']:.3f}, {m['win_rate_ci_high']:.3f}] over "
+            f"{m['n_prompts']} prompts; reward margin {m.get('reward_margin', nan):+.3f}; KL {m['kl']:.2f}; "
+            f"implicit accuracy {m.get('implicit_accuracy', nan):.3f} -> {root / 'dpo' / name / 'model'}")
+    log(f"  reports: {root / 'eval'}/<beta>/report.html; frontier: {root / 'frontier' / 'frontier.html'}")
+    log(f"  summary: {root / 'summary.json'}")
+    registry = summary.get("registry")
+    if registry:
+        aliases = registry["aliases"]
+        log(f"  registry: {registry['model_name']} candidates {registry['candidates']}; selected "
+            f"v{registry['selected_version']}; gate {registry['gate']}: {registry['gate_reasons']}")
+        log(f"  champion: models:/{registry['model_name']}@champion = "
+            + (f"v{aliases['champion']}" if aliases["champion"] else "none yet")
+            + (f" (previous-champion v{aliases['previous-champion']})" if aliases["previous-champion"] else ""))
+    if "mlflow_run_id" in summary:
+        log(f"  MLflow: run {summary['mlflow_run_id']} in experiment '{cfg.tracking.experiment}'; browse with "
+            f"`mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']}`")

@@ -1,0 +1,204 @@
+"""The model lifecycle after the β sweep: register → select → gate → promote (and rollback).
+
+    register  every β's policy becomes a version of `registry.model_name` with lineage and quality tags
+              (the registry answers: which data, code, config, reference, how good) and alias `candidate`
+    select    the sweep's best version (rule in `select_best`); `candidate` then points at it
+    gate      `champion` only for a version that clears the bar (rule in `gate_decision`)
+    promote   alias `champion` -> the version; the old champion keeps `previous-champion`
+    rollback  `champion` <-> `previous-champion` (`dpoflow promote --rollback`)
+
+The rules are pure functions of the versions' tags, so they are tested without a store; the step
+functions around them read and write the registry through tracking.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+# tags every registered version carries (also the columns `select` compares)
+QUALITY = ("win_rate", "win_rate_ci_low", "win_rate_ci_high", "kl", "reward_margin", "implicit_accuracy", "n_prompts")
+
+
+def model_sha(model_dir: Path) -> str:
+    """Content hash of a model's weights: registering the same weights twice reuses the version."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def _library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("dpoflow", "torch", "transformers", "accelerate", "mlflow", "kfp"):
+        try:
+            found[f"dpoflow.lib.{package}"] = version(package)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def run_register(model_dir, eval_metrics: dict, lineage: dict, *, model_name: str, run_id: str, log=print) -> str:
+    """Register the policy in `model_dir` (safetensors + tokenizer) under `model_name` with alias
+    `candidate`; `lineage` = tags such as data md5/rev, config hash, reference, β (prefixed
+    `dpoflow.`). The same weights registered again reuse their version. Returns the version."""
+    from dpoflow import tracking
+
+    sha = model_sha(Path(model_dir))
+    tags = {**{f"dpoflow.{k}": v for k, v in lineage.items()},
+            **{f"dpoflow.{k}": eval_metrics[k] for k in QUALITY if eval_metrics.get(k) is not None},
+            "dpoflow.eval_set_hash": eval_metrics.get("eval_set_hash", ""), "dpoflow.model_sha": sha,
+            "dpoflow.status": "candidate", **_library_versions()}
+    existing = [v for v in tracking.model_versions(model_name) if v["tags"].get("dpoflow.model_sha") == sha]
+    if existing:
+        version = existing[-1]["version"]
+        log(f"register: these weights are already {model_name} version {version}; reusing it")
+    else:
+        version = tracking.register_version(str(model_dir), model_name, run_id=run_id, tags=tags)
+        log(f"register: {model_name} version {version} (β {lineage.get('beta')}, win rate "
+            f"{eval_metrics['win_rate']:.3f}) -> alias candidate")
+    tracking.set_alias(model_name, "candidate", version)
+    return version
+
+
+def select_best(rows: list[dict], max_kl: float | None = None) -> tuple[dict | None, str]:
+    """The sweep's best candidate: the highest lower bound of the win-rate interval (the figure we
+    are most sure of), among candidates within the KL budget; ties go to the lower KL. Returns
+    (row, reason); row is None when no candidate is within the budget."""
+    within = [r for r in rows if max_kl is None or r["kl"] <= max_kl]
+    if not within:
+        return None, f"no candidate within registry.max_kl={max_kl} (KLs: {[round(r['kl'], 3) for r in rows]})"
+    best = sorted(within, key=lambda r: (-r["win_rate_ci_low"], r["kl"]))[0]
+    reason = (f"highest win-rate interval lower bound {best['win_rate_ci_low']:.3f} (β {best['beta']}, win rate "
+              f"{best['win_rate']:.3f}, KL {best['kl']:.3f})")
+    if len(within) < len(rows):
+        reason += f"; {len(rows) - len(within)} candidate(s) above registry.max_kl={max_kl} skipped"
+    return best, reason
+
+
+def gate_decision(candidate: dict, min_win_rate: float, champion: dict | None = None,
+                  head_to_head: dict | None = None) -> tuple[bool, list[str]]:
+    """Whether `candidate` may become champion, with a reason per check:
+      1. win rate vs the reference >= min_win_rate;
+      2. the lower bound of its 95 % interval > 0.5 (it beats the reference, not just by luck);
+      3. when a champion exists, not worse than it on the same evaluation set: with the same
+         eval-set hash, the champion's win rate is not above the candidate's interval; otherwise a
+         head-to-head judged comparison (candidate vs champion) whose interval is not below 0.5.
+    """
+    reasons, passed = [], True
+
+    def check(ok: bool, text: str):
+        nonlocal passed
+        passed &= ok
+        reasons.append(("pass: " if ok else "fail: ") + text)
+
+    check(candidate["win_rate"] >= min_win_rate,
+          f"win rate {candidate['win_rate']:.3f} vs registry.min_win_rate {min_win_rate}")
+    check(candidate["win_rate_ci_low"] > 0.5, f"win-rate interval lower bound {candidate['win_rate_ci_low']:.3f} > 0.5")
+    if champion is not None:
+        if head_to_head is None and champion.get("eval_set_hash") != candidate.get("eval_set_hash"):
+            check(False, f"champion v{champion['version']} was evaluated on another set and no head-to-head "
+                  "comparison was run")
+        elif head_to_head is not None:
+            check(head_to_head["win_rate_ci_high"] >= 0.5,
+                  f"head-to-head vs champion v{champion['version']}: win rate {head_to_head['win_rate']:.3f} "
+                  f"[{head_to_head['win_rate_ci_low']:.3f}, {head_to_head['win_rate_ci_high']:.3f}] not below 0.5")
+        else:
+            check(champion["win_rate"] <= candidate["win_rate_ci_high"],
+                  f"champion v{champion['version']} win rate {champion['win_rate']:.3f} on the same eval set is "
+                  f"not above the candidate's interval high {candidate['win_rate_ci_high']:.3f}")
+    else:
+        reasons.append("pass: no champion yet")
+    return passed, reasons
+
+
+def _row(version: dict) -> dict:
+    tags = version["tags"]
+    row = {"version": version["version"], "beta": float(tags.get("dpoflow.beta", "nan")),
+           "eval_set_hash": tags.get("dpoflow.eval_set_hash", "")}
+    for key in QUALITY:
+        row[key] = float(tags[f"dpoflow.{key}"]) if f"dpoflow.{key}" in tags else float("nan")
+    return row
+
+
+def run_select(model_name: str, versions: list[str], *, max_kl: float | None, log=print) -> str:
+    """Pick the sweep's best among `versions`; tag it with the table of all and the reason; point
+    `candidate` at it. Returns its version, or "" when none qualifies."""
+    from dpoflow import tracking
+
+    wanted = {str(v) for v in versions}
+    rows = [_row(v) for v in tracking.model_versions(model_name) if v["version"] in wanted]
+    best, reason = select_best(rows, max_kl)
+    table = json.dumps([{k: r[k] for k in ("version", "beta", "win_rate", "win_rate_ci_low", "kl")} for r in rows])
+    if best is None:
+        log(f"select: {reason}")
+        return ""
+    tracking.set_version_tags(model_name, best["version"], {"dpoflow.selected": "true",
+                                                           "dpoflow.select_reason": reason,
+                                                           "dpoflow.sweep": table[:4900]})
+    tracking.set_alias(model_name, "candidate", best["version"])
+    log(f"select: {model_name} v{best['version']}: {reason}")
+    return best["version"]
+
+
+def run_gate(model_name: str, version: str, *, min_win_rate: float, head_to_head=None, log=print) -> bool:
+    """Decide whether `version` may become champion; the decision and its reasons become tags.
+    `head_to_head(champion_version) -> win-rate metrics` judges the candidate against the champion
+    on this run's eval set; it is called only when the champion's figures are for another set."""
+    from dpoflow import tracking
+
+    if not version:
+        log("gate: nothing selected; champion unchanged")
+        return False
+    candidate = _row(next(v for v in tracking.model_versions(model_name) if v["version"] == version))
+    champion_version = tracking.version_by_alias(model_name, "champion")
+    champion, duel = None, None
+    if champion_version is not None and champion_version["version"] != version:
+        champion = _row(champion_version)
+        against_reference, _ = gate_decision(candidate, min_win_rate)
+        if against_reference and champion["eval_set_hash"] != candidate["eval_set_hash"] and head_to_head:
+            log(f"gate: champion v{champion['version']} was evaluated on another set: judging head to head")
+            duel = head_to_head(champion["version"])
+    passed, reasons = gate_decision(candidate, min_win_rate, champion, duel)
+    if champion_version is not None and champion_version["version"] == version:
+        passed, reasons = False, ["already the champion: nothing to promote"]
+    tracking.set_version_tags(model_name, version, {"dpoflow.gate": "pass" if passed else "fail",
+                                                     "dpoflow.gate_reasons": "; ".join(reasons)})
+    log(f"gate: {'PASS' if passed else 'FAIL'} for {model_name} v{version}: " + "; ".join(reasons))
+    return passed
+
+
+def run_promote(model_name: str, version: str, log=print) -> dict:
+    """`champion` -> version; the former champion keeps `previous-champion`."""
+    from dpoflow import tracking
+
+    old = tracking.version_by_alias(model_name, "champion")
+    if old is not None and old["version"] != version:
+        tracking.set_alias(model_name, "previous-champion", old["version"])
+        tracking.set_version_tags(model_name, old["version"], {"dpoflow.status": "previous-champion"})
+    tracking.set_alias(model_name, "champion", version)
+    tracking.set_version_tags(model_name, version, {"dpoflow.status": "champion"})
+    log(f"promote: {model_name} v{version} is champion" + (f" (previous: v{old['version']})" if old else ""))
+    return {"champion": version, "previous_champion": old["version"] if old else None}
+
+
+def rollback(model_name: str, log=print) -> dict:
+    """Swap `champion` and `previous-champion` (one command undoes a promotion)."""
+    from dpoflow import tracking
+
+    previous = tracking.version_by_alias(model_name, "previous-champion")
+    current = tracking.version_by_alias(model_name, "champion")
+    if previous is None:
+        raise ValueError(f"{model_name} has no 'previous-champion' version to roll back to")
+    tracking.set_alias(model_name, "champion", previous["version"])
+    tracking.set_version_tags(model_name, previous["version"], {"dpoflow.status": "champion"})
+    if current is not None:
+        tracking.set_alias(model_name, "previous-champion", current["version"])
+        tracking.set_version_tags(model_name, current["version"], {"dpoflow.status": "rolled-back"})
+    log(f"rollback: {model_name} champion v{current['version'] if current else '-'} -> v{previous['version']}")
+    return {"champion": previous["version"], "previous_champion": current["version"] if current else None}

@@ -1,0 +1,290 @@
+"""The Kubeflow side, checked without a cluster: the compiled pipeline is current and holds what a
+cluster needs; submit/schedule send the right REST calls; the multi-node job specs; the image's pins;
+the kustomize manifests render and validate against the Kubernetes schemas."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import tomllib
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    from dpoflow.config import load_config
+    from dpoflow.pipeline.client import compile_all
+
+    out = tmp_path_factory.mktemp("compiled")
+    compile_all(out, config=load_config(ROOT / "params.yaml"))
+    return out
+
+
+def test_compiled_files_are_current(compiled):
+    """`make compile` output is committed; it must be what the code compiles to now."""
+    fresh = sorted(p.relative_to(compiled) for p in compiled.rglob("*.yaml"))
+    committed = sorted(p.relative_to(ROOT) for p in [*ROOT.glob("pipelines/*.yaml"), *ROOT.glob("components/*.yaml")])
+    assert fresh == committed
+    for path in fresh:
+        assert (compiled / path).read_text() == (ROOT / path).read_text(), f"{path} is stale: run `make compile`"
+
+
+def test_compiled_spec_holds_the_dag(compiled):
+    spec, platform = yaml.safe_load_all((compiled / "pipelines/dpo_alignment.yaml").read_text())
+    root = spec["root"]
+    parameters = root["inputDefinitions"]["parameters"]
+    assert {"base_model", "data_source", "dvc_repo", "dvc_rev", "betas", "loss_type", "learning_rate", "max_steps",
+            "gpus", "gpu_type", "judge", "min_win_rate", "model_name", "mlflow_uri", "config_overrides",
+            "node_selector", "tolerations", "mlflow_secret", "s3_secret"} <= set(parameters)
+    assert parameters["betas"]["defaultValue"] == [0.1, 0.5, 2.0] and parameters["betas"]["parameterType"] == "LIST"
+    assert parameters["gpus"]["parameterType"] == "NUMBER_INTEGER"
+    assert "description" in parameters["min_win_rate"]  # the UI shows each parameter's meaning
+    tasks = root["dag"]["tasks"]
+    assert {"fingerprint", "data", "sft", "prefs", "reference", "for-loop-1", "select", "gate", "condition-2"} <= set(tasks)
+    loop = tasks["for-loop-1"]
+    assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--betas"
+    assert set(spec["components"]["comp-for-loop-1"]["dag"]["tasks"]) == {"dpo", "evaluate", "register"}
+    assert tasks["select"]["inputs"]["parameters"]["versions"]["taskOutputParameter"]["producerTask"] == "for-loop-1"
+    gate = tasks["condition-2"]
+    assert gate["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--gate-Output'] == 'pass'"
+    assert set(spec["components"]["comp-condition-2"]["dag"]["tasks"]) == {"promote"}
+    assert tasks["fingerprint"]["cachingOptions"] == {}  # never cached
+    assert tasks["reference"]["cachingOptions"]["enableCache"] is True  # computed once while data is unchanged
+    dpo = spec["deploymentSpec"]["executors"]["exec-dpo"]["container"]
+    assert dpo["resources"]["accelerator"] == {
+        "resourceCount": "{{$.inputs.parameters['pipelinechannel--gpus']}}",
+        "resourceType": "{{$.inputs.parameters['pipelinechannel--gpu_type']}}"}
+    assert dpo["image"] == "dpoflow/dpoflow:0.1.0"
+    assert "pip install" not in json.dumps(spec["deploymentSpec"])  # pods install nothing at start
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert executors["exec-dpo"]["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "volumeName": "shm"}]
+    secrets = executors["exec-dpo"]["secretAsEnv"]
+    assert {s["secretNameParameter"]["componentInputParameter"] for s in secrets} == {
+        "pipelinechannel--mlflow_secret", "pipelinechannel--s3_secret"}
+    assert all(s["optional"] for s in secrets)
+    assert any(e["envVar"] == "AWS_SECRET_ACCESS_KEY" for s in secrets for e in s["keyToEnv"])
+    assert executors["exec-dpo"]["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"] == \
+        "pipelinechannel--node_selector"
+    assert "retryPolicy" in tasks["fingerprint"] and "retryPolicy" in tasks["select"]
+
+
+def test_cron_and_params_are_checked_before_any_request():
+    from dpoflow.pipeline.client import parse_params, validate_cron
+
+    assert validate_cron("0 0 3 * * *") == "0 0 3 * * *"
+    with pytest.raises(ValueError, match="has 5 fields; Kubeflow Pipelines uses 6, seconds first: '0 0 3 \\* \\* \\*'"):
+        validate_cron("0 3 * * *")
+    with pytest.raises(ValueError, match="must have 6 fields"):
+        validate_cron("daily")
+    assert parse_params(["betas=[0.1, 0.3]", "max_steps=200", "learning_rate=1e-5", "loss_type=ipo"],
+                        ROOT / "pipelines/dpo_alignment.yaml") == {
+        "betas": [0.1, 0.3], "max_steps": 200, "learning_rate": 1e-5, "loss_type": "ipo"}
+    with pytest.raises(ValueError, match="--param bets: the pipeline has no such parameter"):
+        parse_params(["bets=[0.1]"], ROOT / "pipelines/dpo_alignment.yaml")
+    with pytest.raises(ValueError, match="expected number integer"):
+        parse_params(["max_steps=lots"], ROOT / "pipelines/dpo_alignment.yaml")
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    """Answers the KFP v2beta1 REST API as a server would (minimal bodies) and records each call."""
+    calls: list = []
+
+    def _answer(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        self.calls.append({"method": self.command, "path": self.path, "body": body,
+                           "auth": self.headers.get("Authorization")})
+        path, post = self.path, self.command == "POST"
+        if "/experiments" in path:
+            answer = {"experiment_id": "exp-1", "display_name": "dpoflow"} if post else {}
+        elif "/recurringruns" in path:
+            answer = {"recurring_run_id": "rr-1"}
+        elif "/runs" in path:
+            answer = {"run_id": "run-1"}
+        elif "/pipelines/upload_version" in path:
+            answer = {"pipeline_version_id": "pv-1", "pipeline_id": "p-1"}
+        elif "/pipelines/upload" in path:
+            answer = {"pipeline_id": "p-1", "display_name": "dpo-alignment"}
+        else:
+            answer = {}
+        data = json.dumps(answer).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def kfp_server():
+    """No KFP server can run here: a local HTTP server records the REST calls the real kfp.Client makes."""
+    _Recorder.calls = []
+    server = HTTPServer(("127.0.0.1", 0), _Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}", _Recorder.calls
+    server.shutdown()
+
+
+def _dpoflow(*args):
+    return subprocess.run([str(Path(sys.executable).parent / "dpoflow"), *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_submit_sends_the_compiled_spec_and_parameters(kfp_server):
+    host, calls = kfp_server
+    result = _dpoflow("submit", "--host", host, "--param", "betas=[0.1, 0.3]", "--param", "max_steps=300",
+                      "--experiment", "nightly", "--run-name", "try-1", "--token", "t0k3n")
+    assert result.returncode == 0, result.stderr
+    assert "run run-1 in experiment 'nightly'" in result.stdout
+    [experiment] = [c for c in calls if c["method"] == "POST" and c["path"].startswith("/apis/v2beta1/experiments")]
+    assert json.loads(experiment["body"])["display_name"] == "nightly"
+    [run] = [c for c in calls if c["method"] == "POST" and c["path"] == "/apis/v2beta1/runs"]
+    body = json.loads(run["body"])
+    assert body["display_name"] == "try-1" and body["experiment_id"] == "exp-1"
+    assert body["runtime_config"]["parameters"] == {"betas": [0.1, 0.3], "max_steps": 300}
+    assert body["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "dpo-alignment"
+    assert run["auth"] == "Bearer t0k3n"
+
+
+def test_schedule_uploads_the_pipeline_and_creates_a_recurring_run(kfp_server):
+    host, calls = kfp_server
+    bad = _dpoflow("schedule", "--host", host, "--cron", "0 3 * * *")
+    assert bad.returncode == 1 and "6, seconds first" in bad.stderr and not calls  # refused before any request
+    unknown = _dpoflow("schedule", "--host", host, "--cron", "0 0 3 * * *", "--param", "nope=1")
+    assert unknown.returncode == 1 and "no such parameter" in unknown.stderr and not calls
+    result = _dpoflow("schedule", "--host", host, "--cron", "0 0 3 * * *", "--param", "dvc_rev=main",
+                      "--max-concurrency", "1")
+    assert result.returncode == 0, result.stderr
+    posts = [c["path"].split("?")[0] for c in calls if c["method"] == "POST"]
+    assert posts == ["/apis/v2beta1/experiments", "/apis/v2beta1/pipelines/upload",
+                     "/apis/v2beta1/pipelines/upload_version", "/apis/v2beta1/recurringruns"]
+    upload = next(c for c in calls if c["path"].startswith("/apis/v2beta1/pipelines/upload?"))
+    assert b"dpo-alignment" in upload["body"] and b"comp-for-loop-1" in upload["body"]
+    recurring = json.loads(calls[-1]["body"])
+    assert recurring["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * *"
+    assert int(recurring["max_concurrency"]) == 1 and recurring["no_catchup"] is True
+    assert recurring["pipeline_version_reference"] == {"pipeline_id": "p-1", "pipeline_version_id": "pv-1"}
+    assert recurring["runtime_config"]["parameters"] == {"dvc_rev": "main"}
+
+
+def _spec(**changes):
+    from dpoflow.config import DpoConfig
+    from dpoflow.pipeline.multinode import JobSpec
+
+    values = dict(beta=0.1, dpo_config=DpoConfig().model_dump_json(), image="reg/dpoflow:1", nodes=4, gpus_per_node=8,
+                  pvc_name="dpoflow-workspace", pairs_path="run/prefs", reference_model_path="run/sft/model",
+                  reference_path="run/reference", output_path="run/dpo/beta-0.1", namespace="team",
+                  secret_name="dpoflow-s3", name="job-1")
+    return JobSpec(**{**values, **changes})
+
+
+def test_trainjob_spec():
+    from dpoflow.pipeline.multinode import trainjob
+
+    job = trainjob(_spec())
+    assert job["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and job["kind"] == "TrainJob"
+    assert job["metadata"] == {"name": "job-1", "namespace": "team", "labels": {"app": "dpoflow"}}
+    trainer = job["spec"]["trainer"]
+    assert job["spec"]["runtimeRef"]["name"] == "torch-distributed"
+    assert trainer["image"] == "reg/dpoflow:1" and trainer["numNodes"] == 4 and trainer["numProcPerNode"] == 8
+    assert trainer["resourcesPerNode"]["limits"] == {"nvidia.com/gpu": 8}
+    script = trainer["command"][2]
+    assert "exec torchrun -m dpoflow.cli dpo -c /tmp/dpoflow-config.json" in script
+    assert "--pairs /workspace/run/prefs --reference-model /workspace/run/sft/model" in script
+    assert "--reference-dir /workspace/run/reference --out /workspace/run/dpo/beta-0.1 --resume" in script
+    config = json.loads(re.search(r"printf '%s' '(.*?)' >", script).group(1))
+    assert config["dpo"]["beta"] == 0.1 and config["dpo"]["loss_type"] == "sigmoid"
+    secret_env = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in trainer["env"] if "valueFrom" in e}
+    assert secret_env["AWS_SECRET_ACCESS_KEY"] == "dpoflow-s3" and "CHANGE" not in json.dumps(job)
+    override = job["spec"]["podSpecOverrides"][0]
+    assert {"name": "workspace", "persistentVolumeClaim": {"claimName": "dpoflow-workspace"}} in override["volumes"]
+    assert {"name": "shm", "mountPath": "/dev/shm"} in override["containers"][0]["volumeMounts"]
+
+
+def test_pytorchjob_spec_validates_its_pod_template():
+    import kubernetes_validate
+
+    from dpoflow.pipeline.multinode import pytorchjob
+
+    job = pytorchjob(_spec(nodes=3))
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] == 2
+    assert job["spec"]["nprocPerNode"] == "8"
+    # the CRD's schema is not shipped here; its pod template is a core PodTemplateSpec: validate that
+    template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": replicas["Worker"]["template"]}
+    kubernetes_validate.validate(template, "1.32.0", strict=True)
+    assert "Worker" not in pytorchjob(_spec(nodes=1))["spec"]["pytorchReplicaSpecs"]
+
+
+def test_launcher_waits_for_the_job_and_fails_with_it(monkeypatch):
+    """launch() against a fake CustomObjects API (no cluster here): creates the object, polls its
+    conditions, raises with the job's message on failure."""
+    from dpoflow.pipeline import multinode
+
+    class Api:
+        def __init__(self, final):
+            self.created, self.polls, self.final = [], 0, final
+
+        def create_namespaced_custom_object(self, group, version, namespace, plural, body):
+            self.created.append((group, version, namespace, plural, body))
+
+        def get_namespaced_custom_object(self, group, version, namespace, plural, name):
+            self.polls += 1
+            done = self.polls >= 2
+            return {"status": {"conditions": [{"type": self.final, "status": "True" if done else "False",
+                                               "message": "node 2 OOMKilled"}]}}
+
+    monkeypatch.setattr(multinode, "_print_logs", lambda namespace, selector: None)
+    ok = Api("Complete")
+    assert multinode.launch(_spec(), "trainjob", poll_s=0, api=ok) == "run/dpo/beta-0.1"
+    assert ok.created[0][:4] == ("trainer.kubeflow.org", "v1alpha1", "team", "trainjobs") and ok.polls == 2
+    with pytest.raises(RuntimeError, match="PyTorchJob job-1 failed: node 2 OOMKilled"):
+        multinode.launch(_spec(), "pytorchjob", poll_s=0, api=Api("Failed"))
+    with pytest.raises(ValueError, match="unknown engine"):
+        multinode.launch(_spec(), "mpijob", api=ok)
+
+
+def test_dockerfile_pins_match_pyproject():
+    dockerfile = (ROOT / "components/Dockerfile").read_text()
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    torch_pin = next(d for d in pyproject["project"]["dependencies"] if d.startswith("torch"))
+    assert f"pip install {torch_pin} " in dockerfile
+    assert "COPY pyproject.toml" in dockerfile and "pip install . " in dockerfile  # the project with its own pins
+    assert re.search(r"^FROM python:3\.11\.\d+-slim-\w+$", dockerfile, re.M)  # a pinned base
+    assert re.search(r"^USER 1000$", dockerfile, re.M) and "dpoflow --help" in dockerfile
+    assert f'"{pyproject["project"]["version"]}"' in (ROOT / "src/dpoflow/__init__.py").read_text()
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed (it renders kustomize)")
+@pytest.mark.parametrize("overlay", ["local", "cluster"])
+def test_manifests_render_and_validate(overlay):
+    import kubernetes_validate
+
+    rendered = subprocess.run(["kubectl", "kustomize", str(ROOT / "manifests/overlays" / overlay)], check=True,
+                              capture_output=True, text=True).stdout
+    objects = [o for o in yaml.safe_load_all(rendered) if o]
+    kinds = {(o["kind"], o["metadata"]["name"]) for o in objects}
+    assert {("Deployment", "dpoflow-mlflow"), ("Service", "dpoflow-mlflow"), ("StatefulSet", "dpoflow-postgres"),
+            ("Secret", "dpoflow-s3"), ("Secret", "dpoflow-mlflow"), ("Role", "dpoflow-pipeline"),
+            ("RoleBinding", "dpoflow-pipeline"), ("PersistentVolumeClaim", "dpoflow-workspace")} <= kinds
+    for obj in objects:
+        kubernetes_validate.validate(obj, "1.32.0", strict=True)
+    mlflow = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "dpoflow-mlflow")
+    args = mlflow["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    assert "postgresql://" in args and "--allowed-hosts" in args and "s3://" in args
+    role = next(o for o in objects if o["kind"] == "Role")
+    assert any("trainjobs" in rule["resources"] and "create" in rule["verbs"] for rule in role["rules"])
+    namespaces = {o["metadata"].get("namespace") for o in objects if o["kind"] != "Namespace"}
+    assert namespaces == {"dpoflow-dev" if overlay == "local" else "kubeflow-user"}
