@@ -163,6 +163,22 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_frontier(args) -> int:
+    from dpoflow.evaluation.report import write_frontier
+
+    cfg = load_config(args.config, args.overrides)
+    root = step_dirs(cfg)["root"]
+    results = {}
+    for beta in cfg.run.betas:
+        metrics = root / "eval" / f"beta-{beta}" / "metrics.json"
+        if not metrics.exists():
+            raise FileNotFoundError(f"{metrics} does not exist: evaluate β={beta} first (dpoflow eval --set dpo.beta={beta})")
+        results[f"beta-{beta}"] = json.loads(metrics.read_text())
+    write_frontier(_out_dir(args, cfg, "frontier"), results)
+    print(f"frontier: {_out_dir(args, cfg, 'frontier') / 'frontier.html'}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from dpoflow.bench import run_bench
 
@@ -300,6 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--data", help="output of `dpoflow data` (prompts_eval.parquet)")
     evaluation.add_argument("--pairs", help="held-out preference pairs (eval.parquet) for implicit-reward accuracy")
     evaluation.set_defaults(func=cmd_eval)
+
+    frontier = sub.add_parser("frontier", help="reward vs KL of the β sweep (frontier.json + frontier.html)",
+                              description="Collect every β's evaluation into the reward-vs-KL frontier page "
+                              "(the miniature of the DPO paper's Figure 2).")
+    _add_common(frontier)
+    frontier.set_defaults(func=cmd_frontier)
 
     bench = sub.add_parser("bench", help="DPO throughput: dpoflow vs TRL DPOTrainer on the same model and data")
     bench.add_argument("--steps", type=int, default=5, help="timed steps per contender (after 1 warm-up)")

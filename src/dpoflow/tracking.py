@@ -141,8 +141,14 @@ def log_dataset(run_id: str, parquet: Path, *, name: str, digest: str) -> None:
     mlflow = _mlflow()
     source = mlflow.data.from_pandas(pd.read_parquet(parquet), source=str(Path(parquet).resolve()), name=name,
                                      digest=digest[:36])
-    retrying(mlflow.MlflowClient().log_inputs, run_id,
-             datasets=[DatasetInput(source._to_mlflow_entity(), [InputTag("mlflow.data.context", "training")])])
+    inputs = [DatasetInput(source._to_mlflow_entity(), [InputTag("mlflow.data.context", "training")])]
+    try:
+        retrying(mlflow.MlflowClient().log_inputs, run_id, datasets=inputs)
+    except Exception as error:  # two β tasks registered the same dataset at once: link the stored one
+        if "UNIQUE constraint" not in str(error):
+            raise
+        time.sleep(0.5)
+        retrying(mlflow.MlflowClient().log_inputs, run_id, datasets=inputs)
 
 
 def start_child_run(parent_id: str, name: str, *, params: dict, tags: dict, start_time_ms: int | None = None) -> str:

@@ -19,6 +19,7 @@ the update is the mean over the global batch whatever the split (tested to 1e-5)
 
 from __future__ import annotations
 
+import json
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -186,6 +187,9 @@ def run_dpo(cfg: DpoConfig, pairs_dir, reference_model_dir, out_dir, *, referenc
             "s_per_step": round(seconds / max(1, steps_run), 4),
             "tokens_per_s": round(tokens * world / max(seconds, 1e-9), 1),
         })
+        # the training curve as a JSON table: what `dvc plots show` draws (it does not read JSON lines)
+        curve = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+        (out_dir / "curve.json").write_text(json.dumps(curve, indent=1) + "\n")
         if pairs.truncated:
             log(f"dpo: {pairs.truncated} of {len(pairs)} pairs were longer than max_length={cfg.max_length} and "
                 "were truncated (keep_start)")

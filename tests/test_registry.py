@@ -1,0 +1,164 @@
+"""The model lifecycle: the selection and gate rules (pure functions, numbers worked by hand), then
+register → select → gate → promote → rollback against a real sqlite MLflow registry."""
+
+import pandas as pd
+import pytest
+
+from dpoflow.registry import gate_decision, select_best
+
+
+def row(version, beta, win, low, high, kl, eval_set="e1"):
+    return {"version": version, "beta": beta, "win_rate": win, "win_rate_ci_low": low, "win_rate_ci_high": high,
+            "kl": kl, "eval_set_hash": eval_set}
+
+
+SWEEP = [row("1", 0.1, 0.96, 0.94, 0.98, 5.2), row("2", 0.5, 0.97, 0.95, 0.99, 2.1), row("3", 2.0, 0.93, 0.90, 0.96, 0.8)]
+
+
+def test_select_highest_interval_lower_bound_within_the_kl_budget():
+    best, reason = select_best(SWEEP)
+    assert best["version"] == "2" and "lower bound 0.950" in reason
+    best, reason = select_best(SWEEP, max_kl=2.0)  # only β=2.0 (KL 0.8) is within budget
+    assert best["version"] == "3" and "2 candidate(s) above registry.max_kl=2.0 skipped" in reason
+    tie = [row("1", 0.1, 0.9, 0.8, 0.95, 3.0), row("2", 0.5, 0.9, 0.8, 0.95, 1.0)]
+    assert select_best(tie)[0]["version"] == "2"  # equal lower bounds: the lower KL
+    assert select_best(SWEEP, max_kl=0.5) == (None, "no candidate within registry.max_kl=0.5 (KLs: [5.2, 2.1, 0.8])")
+
+
+def test_gate_rules():
+    good = row("4", 0.5, 0.70, 0.58, 0.80, 1.0)
+    assert gate_decision(good, 0.6) == (True, ["pass: win rate 0.700 vs registry.min_win_rate 0.6",
+                                                "pass: win-rate interval lower bound 0.580 > 0.5",
+                                                "pass: no champion yet"])
+    passed, reasons = gate_decision(good, 0.75)
+    assert not passed and reasons[0].startswith("fail: win rate 0.700")
+    lucky = row("5", 0.5, 0.60, 0.45, 0.73, 1.0)  # above the bar but the interval reaches below 0.5
+    assert gate_decision(lucky, 0.55)[0] is False
+    # same eval set: a champion whose win rate lies above the candidate's interval wins
+    champion = row("1", 0.1, 0.85, 0.80, 0.90, 2.0)
+    passed, reasons = gate_decision(good, 0.6, champion)
+    assert not passed and "champion v1 win rate 0.850 on the same eval set is not above" in reasons[-1]
+    assert gate_decision(good, 0.6, row("1", 0.1, 0.78, 0.7, 0.85, 2.0))[0] is True
+    # another eval set: only a head-to-head comparison decides, and its interval must reach 0.5
+    other = row("1", 0.1, 0.99, 0.98, 1.0, 2.0, eval_set="e0")
+    assert gate_decision(good, 0.6, other)[0] is False  # no comparison run: never promoted blind
+    duel = {"win_rate": 0.45, "win_rate_ci_low": 0.38, "win_rate_ci_high": 0.52}
+    assert gate_decision(good, 0.6, other, duel)[0] is True  # not shown to be worse
+    duel = {"win_rate": 0.30, "win_rate_ci_low": 0.24, "win_rate_ci_high": 0.37}
+    passed, reasons = gate_decision(good, 0.6, other, duel)
+    assert not passed and "head-to-head vs champion v1: win rate 0.300 [0.240, 0.370] not below 0.5" in reasons[-1]
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return tmp_path
+
+
+def _model_copy(src, dst, seed):
+    """A distinct model folder (other weights) from the tiny model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(src)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    model.save_pretrained(dst)
+    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+    return dst
+
+
+def _register(model_dir, figures, beta):
+    from dpoflow import tracking
+    from dpoflow.registry import run_register
+
+    run_id = tracking.start_parent_run("dpoflow", f"beta-{beta}")
+    return run_register(model_dir, {**figures, "beta": beta}, {"beta": beta}, model_name="m", run_id=run_id)
+
+
+def test_register_select_gate_promote_rollback_in_a_real_store(store, tiny_model_dir):
+    from dpoflow import tracking
+    from dpoflow.registry import rollback, run_gate, run_promote, run_select
+
+    versions = []
+    for seed, (beta, win, low, high, kl) in enumerate([(0.1, 0.8, 0.7, 0.87, 3.0), (0.5, 0.82, 0.72, 0.9, 1.5)]):
+        figures = {"win_rate": win, "win_rate_ci_low": low, "win_rate_ci_high": high, "kl": kl, "n_prompts": 100,
+                   "eval_set_hash": "e1"}
+        versions.append(_register(_model_copy(tiny_model_dir, store / f"m{seed}", seed), figures, beta))
+    assert versions == ["1", "2"]
+    assert tracking.version_by_alias("m", "candidate")["version"] == "2"
+    # the same weights again reuse their version
+    assert _register(store / "m0", {"win_rate": 0.8, "win_rate_ci_low": 0.7, "win_rate_ci_high": 0.87, "kl": 3.0,
+                                    "n_prompts": 100, "eval_set_hash": "e1"}, 0.1) == "1"
+    selected = run_select("m", versions, max_kl=None)
+    assert selected == "2"
+    tags = tracking.version_by_alias("m", "candidate")["tags"]
+    assert tags["dpoflow.selected"] == "true" and '"beta": 0.1' in tags["dpoflow.sweep"]
+    assert run_gate("m", selected, min_win_rate=0.6)
+    run_promote("m", selected)
+    assert tracking.version_by_alias("m", "champion")["version"] == "2"
+
+    # a worse challenger on the same eval set: the champion stays, the reasons are tagged
+    worse = _register(_model_copy(tiny_model_dir, store / "m3", 3),
+                      {"win_rate": 0.62, "win_rate_ci_low": 0.55, "win_rate_ci_high": 0.7, "kl": 1.0, "n_prompts": 100,
+                       "eval_set_hash": "e1"}, 1.0)
+    assert not run_gate("m", worse, min_win_rate=0.6)
+    tags = next(v for v in tracking.model_versions("m") if v["version"] == worse)["tags"]
+    assert tags["dpoflow.gate"] == "fail" and "champion v2 win rate 0.820" in tags["dpoflow.gate_reasons"]
+    assert tracking.version_by_alias("m", "champion")["version"] == "2"
+
+    # a better one is promoted; the old champion keeps previous-champion; rollback swaps them back
+    better = _register(_model_copy(tiny_model_dir, store / "m4", 4),
+                       {"win_rate": 0.9, "win_rate_ci_low": 0.84, "win_rate_ci_high": 0.94, "kl": 1.0, "n_prompts": 100,
+                        "eval_set_hash": "e1"}, 0.3)
+    assert run_gate("m", better, min_win_rate=0.6)
+    run_promote("m", better)
+    assert tracking.version_by_alias("m", "champion")["version"] == better
+    assert tracking.version_by_alias("m", "previous-champion")["version"] == "2"
+    rollback("m")
+    assert tracking.version_by_alias("m", "champion")["version"] == "2"
+    assert tracking.version_by_alias("m", "previous-champion")["version"] == better
+    path = tracking.download_model("models:/m@champion")
+    from dpoflow.modeling import load_model
+
+    assert load_model(path).config.vocab_size > 0
+
+
+def test_champion_from_another_eval_set_is_judged_head_to_head(store, tiny_model_dir):
+    """The champion's figures are for another eval set: the gate samples both models on this run's
+    prompts and judges them (real generation, real judge)."""
+    from dpoflow.config import EvalConfig
+    from dpoflow.evaluation.evaluate import head_to_head
+    from dpoflow.registry import run_gate, run_promote
+
+    data = store / "data"
+    data.mkdir()
+    pd.DataFrame({"prompt": ["the film was", "a movie that", "acting is"], "prompt_messages": ["", "", ""]}).to_parquet(
+        data / "prompts_eval.parquet")
+    old = _register(_model_copy(tiny_model_dir, store / "old", 1),
+                    {"win_rate": 0.9, "win_rate_ci_low": 0.8, "win_rate_ci_high": 0.95, "kl": 1.0, "n_prompts": 50,
+                     "eval_set_hash": "old-set"}, 0.1)
+    run_promote("m", old)
+    new = _register(_model_copy(tiny_model_dir, store / "new", 2),
+                    {"win_rate": 0.8, "win_rate_ci_low": 0.7, "win_rate_ci_high": 0.88, "kl": 1.0, "n_prompts": 50,
+                     "eval_set_hash": "new-set"}, 0.1)
+    cfg = EvalConfig(max_new_tokens=4)
+    duels = []
+
+    def duel(champion_version):
+        from dpoflow.tracking import download_model
+
+        duels.append(champion_version)
+        return head_to_head(cfg, download_model(f"models:/m/{new}"), download_model(f"models:/m/{champion_version}"),
+                            data)
+
+    decision = run_gate("m", new, min_win_rate=0.6, head_to_head=duel)
+    assert duels == [old]
+    from dpoflow import tracking
+
+    reasons = next(v for v in tracking.model_versions("m") if v["version"] == new)["tags"]["dpoflow.gate_reasons"]
+    assert f"head-to-head vs champion v{old}" in reasons
+    assert decision == ("fail: head-to-head" not in reasons)

@@ -1,0 +1,153 @@
+"""MLflow tracking against a real `mlflow server` started on loopback by the test: metrics visible
+while a step runs, a server that goes away mid-run and comes back loses nothing, an unreachable
+server fails fast with its URI."""
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(root: Path, port: int) -> subprocess.Popen:
+    process = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                                "--default-artifact-root", str(root / "artifacts"), "--host", "127.0.0.1",
+                                "--port", str(port), "--workers", "1"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:  # ~15 s on 2 cores: poll, never a fixed sleep
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).ok:
+                return process
+        except requests.RequestException:
+            time.sleep(0.3)
+    process.kill()
+    raise RuntimeError("mlflow server did not start")
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    import os
+    import signal
+
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def test_unreachable_server_fails_fast_naming_the_uri(monkeypatch, tmp_path):
+    from dpoflow.tracking import TrackingError, check_reachable
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    started = time.monotonic()
+    with pytest.raises(TrackingError, match=f"the MLflow tracking server at {uri} does not answer"):
+        check_reachable()
+    assert time.monotonic() - started < 30
+    result = subprocess.run([str(BIN / "dpoflow"), "run", "--set", f"run.output_dir={tmp_path}"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60,
+                            env={"PATH": f"{BIN}:/usr/bin:/bin", "MLFLOW_TRACKING_URI": uri, "HOME": str(tmp_path)})
+    assert result.returncode == 1 and uri in result.stderr and "tracking.enabled=false" in result.stderr
+
+
+def test_sqlite_locked_is_retried_with_backoff():
+    from dpoflow.tracking import retrying
+
+    attempts = []
+
+    def flaky():
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise RuntimeError("(sqlite3.OperationalError) database is locked")
+        return "ok"
+
+    assert retrying(flaky) == "ok" and len(attempts) == 3
+    with pytest.raises(ValueError, match="other"):
+        retrying(lambda: (_ for _ in ()).throw(ValueError("other")))  # other errors are not retried
+
+
+@pytest.mark.slow
+def test_live_metrics_and_a_server_restart_mid_run(tmp_path, monkeypatch, tiny_model_dir, pairs_dir):
+    from mlflow import MlflowClient
+
+    from dpoflow import tracking
+    from dpoflow.config import DpoConfig
+    from dpoflow.dpo.train import run_dpo
+
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    server = start_server(tmp_path, port)
+    try:
+        client = MlflowClient(uri)
+        parent = tracking.start_parent_run("live", "pipeline")
+        run_id = tracking.start_child_run(parent, "beta-0.1", params={"dpo.beta": 0.1}, tags={})
+        live = tracking.LiveMetrics(run_id, flush_every_s=0.3, unrecorded_path=tmp_path / "unrecorded.jsonl")
+        seen_during_training = []
+
+        def log_metrics(step, metrics):
+            live(step, metrics)
+            if step == 3:  # still inside the training loop: the first steps must already be in MLflow
+                deadline = time.monotonic() + 15
+                while time.monotonic() < deadline and not seen_during_training:
+                    seen_during_training.extend(m.step for m in client.get_metric_history(run_id, "loss"))
+                    time.sleep(0.2)
+
+        cfg = DpoConfig(max_steps=6, per_device_batch_size=4, log_every=1, reference="live", learning_rate=1e-3)
+        run_dpo(cfg, pairs_dir, tiny_model_dir, tmp_path / "dpo", log_metrics=log_metrics)
+        assert seen_during_training and max(seen_during_training) <= 3
+
+        # the server goes away while training goes on: logging never blocks or raises
+        stop_server(server)
+        started = time.monotonic()
+        for step in range(7, 31):
+            live(step, {"loss": 0.5 - step / 100, "rewards/margins": step / 10})
+            time.sleep(0.05)
+        assert time.monotonic() - started < 5  # 24 calls with the server down did not wait on the network
+        time.sleep(1)
+        assert live.failures >= 1
+        server = start_server(tmp_path, port)  # back (same store): the buffer is replayed
+        assert live.close() == 0
+        history = client.get_metric_history(run_id, "loss")
+        assert sorted(m.step for m in history) == list(range(1, 31))
+        assert not (tmp_path / "unrecorded.jsonl").exists()
+
+        # a server that never comes back: close() says how many values were not recorded, and where
+        lost = tracking.LiveMetrics(run_id, flush_every_s=60, unrecorded_path=tmp_path / "unrecorded.jsonl")
+        stop_server(server)
+        server = None
+        lost(99, {"loss": 0.1})
+        assert lost.close(attempts=1) == 1
+        assert '"step": 99' in (tmp_path / "unrecorded.jsonl").read_text()
+    finally:
+        if server is not None:
+            stop_server(server)
+
+
+def test_live_metrics_buffer_is_thread_safe_and_ordered(monkeypatch, tmp_path):
+    """Against the default sqlite store: metrics from a producer thread arrive complete and in order."""
+    from mlflow import MlflowClient
+
+    from dpoflow import tracking
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = tracking.start_parent_run("live", "p")
+    live = tracking.LiveMetrics(parent, flush_every_s=0.05)
+    producer = threading.Thread(target=lambda: [live(step, {"loss": float(step)}) for step in range(1, 301)])
+    producer.start()
+    producer.join()
+    assert live.close() == 0
+    history = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(parent, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(s, float(s)) for s in range(1, 301)]
