@@ -11,6 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+import shutil
+from urllib.parse import quote
+
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +32,14 @@ def run_args(out: Path, *settings: str) -> list[str]:
             f"--set=run.output_dir={out}"] + [f"--set={s}" for s in [*TINY, *settings]]
 
 
+def start_server_on(root: Path, port: int, start_server):
+    """An `mlflow server` over the run's sqlite store (the test's own, on loopback)."""
+    (root / "artifacts").mkdir(exist_ok=True)
+    if not (root / "mlflow.db").exists():
+        raise AssertionError("no store")
+    return start_server(root, port)
+
+
 def env_for(tmp_path: Path) -> dict:
     return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
             "PYTHONPATH": str(Path(__file__).parent)}
@@ -41,9 +52,16 @@ def dpoflow_run(tmp_path, *settings, out=None):
     return result
 
 
+@pytest.fixture(scope="module")
+def learned_run(tmp_path_factory):
+    """One tiny run whose gate passes; shared by the end-to-end test and the browser checks."""
+    tmp_path = tmp_path_factory.mktemp("learned")
+    return tmp_path, dpoflow_run(tmp_path, *LEARNABLE)
+
+
 @pytest.mark.slow
-def test_local_runner_end_to_end_gate_pass_then_fail(tmp_path):
-    first = dpoflow_run(tmp_path, *LEARNABLE)
+def test_local_runner_end_to_end_gate_pass_then_fail(learned_run):
+    tmp_path, first = learned_run
     summary = json.loads((tmp_path / "tiny" / "summary.json").read_text())
     assert set(summary["results"]) == {"beta-0.1", "beta-0.5"}
     resolved = json.loads((tmp_path / "tiny" / "config.json").read_text())
@@ -230,3 +248,40 @@ def _check_mlflow(db, summary):
                 "dpoflow.win_rate_ci_low", "dpoflow.lib.torch", "dpoflow.lib.transformers"} <= set(tags)
     selected = client.get_model_version_by_alias(MODEL, "champion")
     assert selected.tags["dpoflow.gate"] == "pass" and "dpoflow.sweep" in selected.tags
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="Debian's chromium is not installed (.ci/run installs it when it can: apt-get install chromium)")
+def test_pages_in_a_real_browser(learned_run):
+    """The eval report, the frontier page and the MLflow UI's comparison of the β runs, opened in
+    headless Chromium: no console errors, and the screenshots show the plots (asserted on pixels)."""
+    from mlflow import MlflowClient
+
+    from browser import colored_pixels, screenshot
+    from test_tracking import free_port, start_server, stop_server
+
+    tmp_path, _ = learned_run
+    summary = json.loads((tmp_path / "tiny" / "summary.json").read_text())
+    report = screenshot((tmp_path / "tiny" / "eval" / "beta-0.5" / "report.html").as_uri(), tmp_path / "report.png")
+    assert report.errors == [] and colored_pixels(report.path, (31, 119, 180)) > 2000  # the win-rate bar
+    frontier = screenshot((tmp_path / "tiny" / "frontier" / "frontier.html").as_uri(), tmp_path / "frontier.png")
+    assert frontier.errors == [] and colored_pixels(frontier.path, (31, 119, 180)) > 100  # the frontier line
+
+    port = free_port()
+    server = start_server_on(tmp_path, port, start_server)
+    try:
+        client = MlflowClient(f"http://127.0.0.1:{port}")
+        experiment = client.get_experiment_by_name("dpoflow").experiment_id
+        children = [r.info.run_id for r in client.search_runs([experiment])
+                    if r.data.tags.get("mlflow.parentRunId") == summary["mlflow_run_id"]]
+        assert len(children) == 2
+        url = (f"http://127.0.0.1:{port}/#/compare-runs?runs={quote(json.dumps(children))}"
+               f"&experiments={quote(json.dumps([experiment]))}")
+        compare = screenshot(url, tmp_path / "compare.png", wait_ms=20000)
+    finally:
+        stop_server(server)
+    assert compare.errors == []
+    # the parallel-coordinates plot draws the runs as coloured lines (a blank or error page has none)
+    assert colored_pixels(compare.path, (0, 0, 170), tolerance=90) + colored_pixels(compare.path, (170, 0, 0), 90) > 150
+    assert "beta-0.1" in compare.dom and "beta-0.5" in compare.dom and "dpo.beta" in compare.dom

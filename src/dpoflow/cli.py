@@ -231,11 +231,12 @@ def cmd_promote(args) -> int:
 
 
 def cmd_compile(args) -> int:
-    from dpoflow.pipeline.client import compile_all
+    from dpoflow.pipeline.client import PIPELINE_FILE, compile_all, render_dag
 
     cfg = load_config(args.config, args.overrides)
     for path in compile_all(Path(args.root), image=args.image, config=cfg):
         print(f"compile: {path}")
+    print(f"compile: {render_dag(Path(args.root) / PIPELINE_FILE, Path(args.root) / PIPELINE_FILE.with_suffix('.png'))}")
     return 0
 
 

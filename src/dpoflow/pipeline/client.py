@@ -132,3 +132,69 @@ def schedule(host: str, cron: str, arguments: dict, *, experiment: str = "dpoflo
                                             max_concurrency=max_concurrency, no_catchup=no_catchup, params=arguments,
                                             pipeline_id=pipeline_id, version_id=version.pipeline_version_id)
     return recurring.recurring_run_id
+
+
+def render_dag(package: Path = PIPELINE_FILE, png: Path = Path("pipelines/dpo_alignment.png")) -> Path:
+    """A picture of the compiled DAG (what the Kubeflow UI draws), for the README: tasks by dependency
+    depth; a ParallelFor or an If is drawn as a box holding its own tasks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    spec = next(yaml.safe_load_all(Path(package).read_text()))
+
+    def depths(tasks: dict) -> dict[str, int]:
+        found: dict[str, int] = {}
+
+        def depth(name):
+            if name not in found:
+                found[name] = 1 + max((depth(d) for d in tasks[name].get("dependentTasks", []) if d in tasks), default=-1)
+            return found[name]
+
+        for name in tasks:
+            depth(name)
+        return found
+
+    def label(name: str, task: dict) -> tuple[str, list[str]]:
+        component = task["componentRef"]["name"]
+        inner = spec["components"][component].get("dag", {}).get("tasks")
+        if inner is None:
+            return name, []
+        order = sorted(inner, key=lambda t: depths(inner)[t])
+        title = "ParallelFor β in betas" if "parameterIterator" in task else f"If {name}: gate == 'pass'"
+        return title, order
+
+    tasks = spec["root"]["dag"]["tasks"]
+    levels = depths(tasks)
+    fig, axis = plt.subplots(figsize=(7, 0.9 * (max(levels.values()) + 1) + 0.6))
+    axis.set_axis_off()
+    positions = {}
+    for name, level in sorted(levels.items(), key=lambda item: item[1]):
+        title, inner = label(name, tasks[name])
+        y = -level
+        positions[name] = y
+        if inner:
+            axis.add_patch(plt.Rectangle((0.05, y - 0.38), 0.9, 0.76, fill=False, linestyle="--", color="#555"))
+            axis.text(0.07, y + 0.27, title, fontsize=8, color="#555", va="center")
+            for i, task in enumerate(inner):
+                x = 0.5 + (i - (len(inner) - 1) / 2) * 0.28
+                axis.text(x, y - 0.05, task, ha="center", va="center", fontsize=9,
+                          bbox=dict(boxstyle="round", fc="#dbe9f6", ec="#3d6fa8"))
+                if i:
+                    axis.annotate("", (x - 0.1, y - 0.05), (x - 0.18, y - 0.05), arrowprops=dict(arrowstyle="->"))
+        else:
+            axis.text(0.5, y, name, ha="center", va="center", fontsize=10,
+                      bbox=dict(boxstyle="round", fc="#e8f3e0", ec="#4b8a2e"))
+    for name, task in tasks.items():
+        for parent in task.get("dependentTasks", []):
+            if parent in positions and positions[parent] == positions[name] + 1:
+                axis.annotate("", (0.5, positions[name] + 0.4), (0.5, positions[parent] - 0.4),
+                              arrowprops=dict(arrowstyle="->", color="#333"))
+    axis.set_xlim(0, 1)
+    axis.set_ylim(min(positions.values()) - 0.6, 0.6)
+    axis.set_title(f"{spec['pipelineInfo']['name']} (compiled: {Path(package).name})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
