@@ -5,13 +5,12 @@ the same metrics."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-import shutil
 from urllib.parse import quote
 
 import pytest
