@@ -151,3 +151,24 @@ def test_live_metrics_buffer_is_thread_safe_and_ordered(monkeypatch, tmp_path):
     assert live.close() == 0
     history = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(parent, "loss")
     assert sorted((m.step, m.value) for m in history) == [(s, float(s)) for s in range(1, 301)]
+
+
+def test_runs_table_and_compare(monkeypatch, tmp_path):
+    from dpoflow import tracking
+    from dpoflow.runs import compare_runs, runs_table
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = tracking.start_parent_run("dpoflow", "pipeline")
+    ids = {}
+    for beta, win in ((0.1, 0.80), (0.5, 0.93)):
+        ids[beta] = tracking.start_child_run(parent, f"beta-{beta}", params={"dpo.beta": beta, "dpo.loss_type": "sigmoid"},
+                                             tags={})
+        tracking.log_metrics(ids[beta], {"eval/win_rate": win, "eval/kl": 1 / beta})
+        tracking.end_run(ids[beta])
+    table = runs_table("dpoflow").splitlines()
+    assert table[0].split()[:3] == ["run", "id", "name"]
+    assert "beta-0.5" in table[2] and "0.93" in table[2] and "beta-0.1" in table[3]  # best win rate first
+    assert "sorted by eval/win_rate; 2 runs" in table[-1]
+    diff = compare_runs(ids[0.1][:10], ids[0.5][:10])
+    assert "dpo.beta" in diff and "eval/win_rate" in diff and "dpo.loss_type" not in diff  # only what differs

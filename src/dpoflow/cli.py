@@ -267,7 +267,7 @@ def cmd_runs(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if args.compare:
-        print(compare_runs(args.compare[0], args.compare[1]))
+        print(compare_runs(args.compare[0], args.compare[1], cfg.tracking.experiment))
     else:
         print(runs_table(cfg.tracking.experiment, sort=args.sort, limit=args.limit))
     return 0

@@ -21,7 +21,8 @@ def runs_table(experiment: str, sort: str = "eval/win_rate", limit: int = 20) ->
     """One row per β run (runs with a `dpo.beta` param): key params vs key metrics, best first."""
     from dpoflow.tracking import search_runs
 
-    runs = [r for r in search_runs(experiment, max_results=500) if "dpo.beta" in r.data.params]
+    runs = [r for r in search_runs(experiment, max_results=500)
+            if "dpo.beta" in r.data.params and "mlflow.parentRunId" in r.data.tags]
     if not runs:
         return f"no DPO runs in experiment '{experiment}' yet (dpoflow run creates them)"
     runs.sort(key=lambda r: r.data.metrics.get(sort, float("-inf")), reverse=True)
@@ -35,12 +36,12 @@ def runs_table(experiment: str, sort: str = "eval/win_rate", limit: int = 20) ->
     return _table(header, rows) + f"\n(sorted by {sort}; {len(runs)} runs)"
 
 
-def compare_runs(run_a: str, run_b: str) -> str:
-    """Params and metrics that differ between two runs (ids or unique id prefixes from `dpoflow runs`)."""
+def compare_runs(run_a: str, run_b: str, experiment: str = "dpoflow") -> str:
+    """Params and metrics that differ between two runs (ids, or the id prefixes `dpoflow runs` shows)."""
     from dpoflow.tracking import client
 
     c = client()
-    a, b = (c.get_run(_full_id(c, run)) for run in (run_a, run_b))
+    a, b = (c.get_run(_full_id(run, experiment)) for run in (run_a, run_b))
     lines = [f"A = {a.info.run_name} ({a.info.run_id}), B = {b.info.run_name} ({b.info.run_id})"]
     for kind, left, right in (("param", a.data.params, b.data.params), ("metric", a.data.metrics, b.data.metrics)):
         rows = [[kind, key, _fmt(left.get(key)), _fmt(right.get(key))]
@@ -49,14 +50,12 @@ def compare_runs(run_a: str, run_b: str) -> str:
     return "\n\n".join(lines)
 
 
-def _full_id(c, prefix: str) -> str:
+def _full_id(prefix: str, experiment: str) -> str:
     if len(prefix) == 32:
         return prefix
     from dpoflow.tracking import search_runs
 
-    del c
-    matches = [r.info.run_id for experiment in ("dpoflow",) for r in search_runs(experiment, 1000)
-               if r.info.run_id.startswith(prefix)]
+    matches = [r.info.run_id for r in search_runs(experiment, 1000) if r.info.run_id.startswith(prefix)]
     if len(matches) != 1:
         raise ValueError(f"run id prefix {prefix!r} matches {len(matches)} runs; give more characters")
     return matches[0]
