@@ -59,3 +59,21 @@ def test_pipeline_combinations_are_checked():
     assert "set prefs.enabled=false" in str(error.value)
     with pytest.raises(ConfigError, match="makes model.base the reference: set model.base"):
         check_pipeline(load_config(None, ["sft.enabled=false"]))
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in (ROOT / "configs/examples").glob("*.yaml")))
+def test_example_configs_load_and_can_run_as_a_pipeline(example):
+    from dpoflow.config import check_pipeline, load_config
+
+    cfg = load_config(ROOT / "configs/examples" / example)
+    check_pipeline(cfg)
+    assert cfg.eval.judge != "demo" and cfg.data.source != "demo"  # own data: the judge is chosen explicitly
+
+
+def test_own_data_with_the_demo_judge_is_refused():
+    from dpoflow.config import ConfigError, check_pipeline, load_config
+
+    cfg = load_config(None, ["data.kind=preferences", "data.source=pairs.jsonl", "sft.enabled=false",
+                             "model.base=m", "prefs.enabled=false"])
+    with pytest.raises(ConfigError, match="eval.judge is 'demo' .* choose the judge explicitly"):
+        check_pipeline(cfg)

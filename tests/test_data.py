@@ -22,7 +22,8 @@ BAD_ROWS = [
     ({"prompt": "   ", "chosen": "a", "rejected": "b"}, "empty_text", "'prompt' is empty"),
     ({"prompt": "p4", "chosen": "same", "rejected": "same"}, "chosen_equals_rejected", "identical"),
     (GOOD[0], "duplicate_pair", "earlier row"),
-    ({"prompt": "x" * 300, "chosen": "a", "rejected": "b"}, "prompt_too_long", "300 chars > data.max_prompt_tokens=256"),
+    ({"prompt": "x" * 4100, "chosen": "a", "rejected": "b"}, "prompt_too_long",
+     "1025 estimated tokens (4 characters each; set data.tokenizer to count exactly) > data.max_prompt_tokens=1024"),
 ]
 
 CONVERSATIONAL_BAD = [

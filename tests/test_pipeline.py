@@ -146,31 +146,33 @@ def test_sigkill_half_way_then_rerun_gives_the_same_metrics(tmp_path):
 
 
 @pytest.mark.slow
-def test_run_on_user_pairs_with_a_given_reference(tmp_path, tiny_model_dir, monkeypatch):
-    """The path of a real user: own preference pairs + an existing reference model from the MLflow
-    registry (models:/name@alias; no SFT, no prefs)."""
+def test_run_on_user_pairs_and_own_model_from_the_example_config(tmp_path, tiny_model_dir):
+    """The path of a real user, from configs/examples/own_pairs_own_model.yaml: own preference pairs
+    (some bad: quarantined, reported) and an own reference model in a folder; no SFT, no prefs."""
     from conftest import make_pairs
-    from dpoflow.tracking import register_model_dir
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    register_model_dir(str(tiny_model_dir), "my-sft", alias="production")
 
     frame = make_pairs(60).drop(columns=["prompt_messages"])
-    (tmp_path / "pairs.jsonl").write_text(frame.to_json(orient="records", lines=True))
-    settings = ["run.name=user", "run.betas=[0.1]", "data.kind=preferences", f"data.source={tmp_path / 'pairs.jsonl'}",
-                "data.eval_fraction=0.3", "model.base=models:/my-sft@production", "sft.enabled=false", "prefs.enabled=false",
-                "dpo.max_steps=4", "dpo.per_device_batch_size=8", "eval.max_new_tokens=8", "registry.model_name=mine"]
-    args = [str(Path(sys.executable).parent / "dpoflow"), "run", "-c", str(ROOT / "params.yaml"),
-            f"--set=run.output_dir={tmp_path}"] + [f"--set={s}" for s in settings]
-    result = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path)
+    rows = frame.to_dict(orient="records") + [{"prompt": "p", "chosen": "same", "rejected": "same"}]
+    (tmp_path / "pairs.json").write_text(json.dumps(rows))  # a JSON array, as exports often are
+    settings = [f"data.source={tmp_path / 'pairs.json'}", f"model.base={tiny_model_dir}", "run.betas=[0.1]",
+                "data.eval_fraction=0.3", "dpo.max_length=128", "dpo.max_steps=4", "dpo.per_device_batch_size=8",
+                "dpo.gradient_accumulation_steps=1", "dpo.warmup_steps=0", "dpo.checkpoint_every=0",
+                "eval.max_new_tokens=8", "eval.judge=callable:judges_for_tests:longer", f"run.output_dir={tmp_path}"]
+    args = [str(Path(sys.executable).parent / "dpoflow"), "run", "-c",
+            str(ROOT / "configs/examples/own_pairs_own_model.yaml")] + [f"--set={s}" for s in settings]
+    result = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, env=env_for(tmp_path))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    summary = json.loads((tmp_path / "user" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "own-pairs" / "summary.json").read_text())
     metrics = summary["results"]["beta-0.1"]
-    held_out_prompts = json.loads((tmp_path / "user" / "data" / "stats.json").read_text())["splits"]["prompts_eval"]
+    stats = json.loads((tmp_path / "own-pairs" / "data" / "stats.json").read_text())
+    assert stats["rows_in"] == 61 and stats["kept"] == 60 and stats["quarantined"] == {"chosen_equals_rejected": 1}
+    assert "data: 61 rows in, 60 kept, 1 quarantined (chosen_equals_rejected x1)" in result.stdout
+    assert str(tmp_path / "own-pairs" / "data" / "quarantine.jsonl") in result.stdout
+    held_out_prompts = stats["splits"]["prompts_eval"]
     assert metrics["n_prompts"] == held_out_prompts > 0 and metrics["n_eval_pairs"] == held_out_prompts
-    assert not (tmp_path / "user" / "sft").exists() and not (tmp_path / "user" / "prefs").exists()
+    assert not (tmp_path / "own-pairs" / "sft").exists() and not (tmp_path / "own-pairs" / "prefs").exists()
     assert summary["registry"]["candidates"] == {"beta-0.1": "1"}
+    assert "WARNING: only" in (tmp_path / "own-pairs" / "kfp.log").read_text()  # ~18 prompts: a wide interval
 
 
 def test_a_wrong_override_fails_the_first_task_naming_the_key(tmp_path):
@@ -186,8 +188,8 @@ def test_a_wrong_override_fails_the_first_task_naming_the_key(tmp_path):
         resolve_config(base, {}, '{"dpo.max_stepz": 7}')
     with pytest.raises(ConfigError, match="dpo.loss_type"):
         resolve_config(base, {"loss_type": "nope"})
-    dvc = resolve_config(base, {"data_kind": "preferences"}, '{"prefs.enabled": false, "sft.enabled": false, '
-                         '"model.base": "m"}', ("https://git.example/r.git", "pairs.jsonl", "v2"))
+    dvc = resolve_config(base, {"data_kind": "preferences", "judge": "llm"}, '{"prefs.enabled": false, '
+                         '"sft.enabled": false, "model.base": "m"}', ("https://git.example/r.git", "pairs.jsonl", "v2"))
     assert dvc.data.dvc.repo == "https://git.example/r.git" and dvc.data.dvc.rev == "v2"
 
 

@@ -42,7 +42,7 @@ def cmd_config_show(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from dpoflow.data.step import run_data
+    from dpoflow.data.step import data_config_for_run, run_data
 
     cfg = load_config(args.config, args.overrides)
     if args.source:  # assigned, not parsed as YAML: any path is taken literally (validated on assignment)
@@ -50,7 +50,7 @@ def cmd_data(args) -> int:
     if args.mode:
         cfg.data.mode = args.mode
     out_dir = _out_dir(args, cfg, "data")
-    result = run_data(cfg.data, out_dir, seed=cfg.run.seed)
+    result = run_data(data_config_for_run(cfg), out_dir, seed=cfg.run.seed)
     stats = result.stats
     print(f"data: {stats['rows_in']} rows in, {stats['kept']} kept, quarantined {stats['quarantined'] or 'none'}")
     print(f"data: splits {stats['splits']} -> {out_dir}")
@@ -397,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--source", help="a .jsonl/.parquet/.csv file or save_to_disk folder (overrides data.source)")
     data.add_argument("--mode", choices=["strict", "quarantine"], help="what to do with bad rows")
     data.set_defaults(func=cmd_data)
+    for action in sub._choices_actions:  # every --help page opens with what the command does
+        command = sub.choices[action.dest]
+        command.description = command.description or action.help[0].upper() + action.help[1:] + "."
     return parser
 
 

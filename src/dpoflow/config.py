@@ -44,14 +44,15 @@ class DataConfig(_Strict):
     )
     dvc: DvcSource | None = Field(None, description="read `source` from a DVC repo at a revision instead")
     format: Literal["auto", "standard", "implicit", "conversational"] = Field(
-        "auto", description="preference format; auto = detect from the first row (SFT/prompt rows: per row)"
+        "auto", description="preference format; auto = detected per row"
     )
     mode: Literal["strict", "quarantine"] = Field(
         "strict", description="strict: fail on any bad row; quarantine: set bad rows aside with a reason"
     )
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of prompts held out (by hash)")
-    max_prompt_tokens: int = Field(256, gt=0, description="longest allowed prompt (tokens, else chars)")
-    tokenizer: str | None = Field(None, description="tokenizer dir for max_prompt_tokens; None = chars")
+    max_prompt_tokens: int = Field(1024, gt=0, description="longest allowed prompt in tokens")
+    tokenizer: str | None = Field(None, description="tokenizer dir for max_prompt_tokens; None = the base "
+                                  "model's when it is a folder, else estimated at 4 characters a token")
     prompt_words: tuple[int, int] = Field(
         (2, 8), description="for an SFT corpus: prompts are review openings of this many words"
     )
@@ -119,7 +120,8 @@ class DpoConfig(OptimConfig):
 
 class PrefsConfig(_Strict):
     enabled: bool = Field(True, description="generate pairs from the reference; false = data holds pairs")
-    judge: str = Field("callable:dpoflow.evaluation.judges:vader_sentiment", description="scores samples")
+    judge: str = Field("demo", description="scores samples: demo (VADER, demo data only) | callable:<mod>:<fn> | "
+                       "reward_model:<dir|models:/> | llm")
     k: int = Field(4, ge=2, description="samples per prompt; best vs worst become a pair")
     min_gap: float = Field(0.1, ge=0.0, description="smallest judge-score gap kept as a pair")
     temperature: float = Field(1.0, gt=0.0, description="sampling temperature")
@@ -144,8 +146,8 @@ class LLMJudgeConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    judge: str = Field("callable:dpoflow.evaluation.judges:vader_sentiment",
-                       description="callable:<mod>:<fn> | reward_model:<dir|models:/> | llm")
+    judge: str = Field("demo", description="demo (VADER, demo data only) | callable:<mod>:<fn> | "
+                       "reward_model:<dir|models:/> | llm")
     llm_judge: LLMJudgeConfig = LLMJudgeConfig()
     max_prompts: int = Field(1000, gt=0, description="held-out prompts evaluated")
     temperature: float = Field(0.7, ge=0.0, description="sampling temperature for both models (0 = greedy)")
@@ -200,6 +202,12 @@ def check_pipeline(cfg: Config) -> None:
     if cfg.data.kind != "preferences" and not cfg.prefs.enabled:
         problems.append(f"data.kind={cfg.data.kind!r} holds no pairs: prefs.enabled must be true "
                         "(or point data at preference pairs)")
+    own_data = cfg.data.source != "demo" or cfg.data.dvc is not None
+    for section, judge in (("eval", cfg.eval.judge), ("prefs", cfg.prefs.judge if cfg.prefs.enabled else None)):
+        if own_data and judge == "demo":
+            problems.append(f"{section}.judge is 'demo' (VADER sentiment, the demo's ground truth) but the data is "
+                            f"your own: choose the judge explicitly: {section}.judge=callable:<module>:<function>, "
+                            f"reward_model:<dir or models:/...> or llm (see configs/examples/)")
     if cfg.registry.enabled and not cfg.tracking.enabled:
         problems.append("registry.enabled needs MLflow: set tracking.enabled=true or registry.enabled=false")
     if problems:

@@ -1,10 +1,17 @@
 """Formats and row validation: every accepted row becomes one internal schema per kind.
 
-Preference formats (as TRL names them):
+Preference formats (as TRL names them), detected per row (never for a whole file by its first row):
     standard        {"prompt": str, "chosen": str, "rejected": str}
     implicit        {"chosen": str, "rejected": str}            prompt = longest common prefix
+    ultrafeedback   {"prompt": str, "chosen": [messages], "rejected": [messages]}: UltraFeedback-binarized,
+                    the completions repeat the prompt's user turn(s); the shared leading turns are the prompt
+    hh              {"chosen": "\n\nHuman: ...\n\nAssistant: ...", "rejected": ...}   (Anthropic HH-RLHF)
+                    prompt = the dialogue up to and including the final "Assistant:" marker; the
+                    completions are the whole final replies
     conversational  {"prompt": [messages], "chosen": [messages], "rejected": [messages]}
-                    (or implicit: chosen/rejected full conversations sharing the prompt turns)
+                    (or implicit: chosen/rejected full conversations sharing the prompt turns; or
+                    UltraFeedback-binarized: a string prompt and completions that repeat its user turn)
+Other columns (prompt_id, score_chosen, messages, ...) are ignored and counted in stats.json.
 
 Internal schemas (all columns strings; `*_messages` is JSON, "" for text data):
     preferences  prompt, chosen, rejected, prompt_messages
@@ -18,7 +25,9 @@ is a short code counted in stats.json; the detail names the field and what to do
 from __future__ import annotations
 
 import json
+import unicodedata
 
+HH_ASSISTANT = "\n\nAssistant:"
 ROLES = ("system", "user", "assistant")
 COLUMNS = {
     "preferences": ("prompt", "chosen", "rejected", "prompt_messages"),
@@ -34,6 +43,23 @@ class RowError(ValueError):
         self.detail = detail
 
 
+def visible(text: str) -> str:
+    """The text without whitespace and invisible format characters (zero-width space, BOM, ...)."""
+    return "".join(c for c in text if not c.isspace() and unicodedata.category(c) not in ("Cf", "Cc"))
+
+
+def check_text(value: str, name: str) -> str:
+    """Text a model can be trained on: encodable as UTF-8 and with something visible in it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise RowError("unencodable_text", f"{name} holds a lone surrogate at character {error.start} (broken "
+                       "UTF-16 escapes such as \\ud800 in the source): fix the text or drop the row") from None
+    if not visible(value):
+        raise RowError("empty_text", f"{name} is empty, whitespace or invisible characters only")
+    return value
+
+
 def _text(record: dict, name: str) -> str:
     if name not in record:
         raise RowError("missing_field", f"field {name!r} is missing")
@@ -42,9 +68,7 @@ def _text(record: dict, name: str) -> str:
         raise RowError("null_value", f"field {name!r} is null/NaN")
     if not isinstance(value, str):
         raise RowError("wrong_type", f"field {name!r} must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise RowError("empty_text", f"field {name!r} is empty or whitespace only")
-    return value
+    return check_text(value, f"field {name!r}")
 
 
 def _messages(record: dict, name: str) -> list[dict]:
@@ -65,8 +89,7 @@ def _messages(record: dict, name: str) -> list[dict]:
             raise RowError("null_value", f"{name}[{index}].content is null")
         if not isinstance(content, str):
             raise RowError("wrong_type", f"{name}[{index}].content must be a string")
-        if not content.strip():
-            raise RowError("empty_text", f"{name}[{index}].content is empty or whitespace only")
+        check_text(content, f"{name}[{index}].content")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
@@ -103,24 +126,53 @@ def common_prefix(chosen: str, rejected: str) -> str:
     return prefix.rstrip()
 
 
+def _is_hh(record: dict) -> bool:
+    chosen = record.get("chosen")
+    return isinstance(chosen, str) and HH_ASSISTANT in chosen
+
+
 def resolve_format(configured: str, record: dict) -> str:
-    """The preference parser for a row: `configured` is standard | implicit | conversational; the
-    last two cover both shapes (implicit over text or messages; conversational with an explicit or a
-    shared prompt)."""
+    """The preference parser for a row: `configured` is auto | standard | implicit | conversational;
+    implicit covers text, HH dialogues and messages; conversational an explicit or a shared prompt."""
+    if configured == "auto":
+        return detect_format("preferences", record)
     if configured == "implicit" and isinstance(record.get("chosen"), list):
         return "implicit_conversational"
+    if configured == "implicit" and _is_hh(record):
+        return "hh"
     if configured == "conversational" and "prompt" not in record:
         return "implicit_conversational"
     return configured
 
 
 def detect_format(kind: str, record: dict) -> str:
+    """The format of one row (rows of one file may differ)."""
     if kind != "preferences":
         return "conversational" if isinstance(record.get("messages") or record.get("prompt"), list) else "standard"
     conversational = isinstance(record.get("chosen"), list)
     if "prompt" not in record:
-        return "implicit_conversational" if conversational else "implicit"
-    return "conversational" if conversational else "standard"
+        return "implicit_conversational" if conversational else "hh" if _is_hh(record) else "implicit"
+    if conversational:
+        return "ultrafeedback" if isinstance(record.get("prompt"), str) else "conversational"
+    return "standard"
+
+
+KNOWN_COLUMNS = {"preferences": {"prompt", "chosen", "rejected"}, "sft": {"text", "prompt", "completion", "messages"},
+                 "prompts": {"prompt"}}
+
+
+def extra_columns(kind: str, record: dict) -> list[str]:
+    """Columns this kind does not read (kept out of training; counted in stats.json)."""
+    return sorted(set(record) - KNOWN_COLUMNS[kind])
+
+
+def split_hh(text: str, name: str) -> tuple[str, str]:
+    """HH-RLHF text -> (dialogue up to and including the final 'Assistant:', the final reply)."""
+    cut = text.rfind(HH_ASSISTANT)
+    if cut < 0:
+        raise RowError("no_common_prompt", f"hh format: {name} has no '\\n\\nAssistant:' turn")
+    cut += len(HH_ASSISTANT)
+    return text[:cut], text[cut:]
 
 
 def _assistant_reply(messages: list[dict], name: str) -> str:
@@ -132,6 +184,14 @@ def _assistant_reply(messages: list[dict], name: str) -> str:
 def _preference(fmt: str, record: dict) -> dict:
     if fmt == "standard":
         prompt, chosen, rejected = _text(record, "prompt"), _text(record, "chosen"), _text(record, "rejected")
+        prompt_messages = ""
+    elif fmt == "hh":
+        (prompt, chosen), (rejected_prompt, rejected) = (split_hh(_text(record, n), n) for n in ("chosen", "rejected"))
+        if prompt != rejected_prompt:
+            raise RowError("no_common_prompt", "hh format: chosen and rejected differ before their final "
+                           "'Assistant:' turn, so they do not answer the same dialogue")
+        for name, value in (("chosen", chosen), ("rejected", rejected)):
+            check_text(value, f"hh format: the final {name} reply")
         prompt_messages = ""
     elif fmt == "implicit":
         chosen_full, rejected_full = _text(record, "chosen"), _text(record, "rejected")
@@ -145,6 +205,13 @@ def _preference(fmt: str, record: dict) -> dict:
         prompt_messages = ""
     else:  # conversational (explicit or implicit prompt)
         chosen_messages, rejected_messages = _messages(record, "chosen"), _messages(record, "rejected")
+        if fmt == "ultrafeedback" or (fmt == "conversational" and isinstance(record.get("prompt"), str)):
+            # UltraFeedback-binarized: a string prompt, and completions that repeat its user turn(s)
+            _text(record, "prompt")
+            fmt = "implicit_conversational"
+            if chosen_messages[0]["role"] == "assistant" and rejected_messages[0]["role"] == "assistant":
+                chosen_messages = [{"role": "user", "content": record["prompt"]}, *chosen_messages]
+                rejected_messages = [{"role": "user", "content": record["prompt"]}, *rejected_messages]
         if fmt == "conversational":
             prompt_list = _messages(record, "prompt")
         else:
@@ -161,8 +228,9 @@ def _preference(fmt: str, record: dict) -> dict:
         rejected = _assistant_reply(rejected_messages, "rejected")
         prompt = render_messages(prompt_list, add_generation_prompt=True)
         prompt_messages = json.dumps(prompt_list)
-    if chosen == rejected:
-        raise RowError("chosen_equals_rejected", "chosen and rejected are identical; the pair teaches nothing")
+    if chosen.split() == rejected.split():  # equal up to whitespace: the pair teaches nothing
+        raise RowError("chosen_equals_rejected", "chosen and rejected are identical (up to whitespace); "
+                       "the pair teaches nothing")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "prompt_messages": prompt_messages}
 
 

@@ -74,7 +74,31 @@ def tree_md5(path: Path) -> str:
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
 
 
+def read_json_array(path: Path) -> Iterator[RawRow]:
+    """A .json file holding one JSON array of row objects; row numbers are 1-based array positions."""
+    try:
+        records = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataSourceError(f"{path}: starts with '[' but is not a valid JSON array ({error}); "
+                              "fix the file or save it as JSON lines (.jsonl), one object per line") from None
+    for number, record in enumerate(records, start=1):
+        if not isinstance(record, dict):
+            yield RawRow(number, None, "wrong_type", f"an array item must be a JSON object, got {type(record).__name__}",
+                         {"raw_text": json.dumps(record)[:10000]})
+        else:
+            yield RawRow(number, record)
+
+
+def _starts_with_bracket(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        head = handle.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head.startswith(b"[")
+
+
 def read_jsonl(path: Path) -> Iterator[RawRow]:
+    if _starts_with_bracket(path):
+        yield from read_json_array(path)
+        return
     with open(path, "rb") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -141,7 +165,8 @@ def detect_kind(path: Path) -> str:
         return "jsonl"
     if suffix in (".parquet", ".csv"):
         return suffix[1:]
-    raise DataSourceError(f"{path}: unknown file type {suffix!r}; use .jsonl, .parquet, .csv or a save_to_disk folder")
+    raise DataSourceError(f"{path}: unknown file type {suffix!r}; use .jsonl, .json (lines or one array), .parquet, "
+                          ".csv or a save_to_disk folder")
 
 
 def read_path(path: Path) -> Iterator[RawRow]:

@@ -58,10 +58,11 @@ def _demo_source(cfg: DataConfig) -> tuple[list[RawRow], SourceInfo]:
 
 
 class _PromptLength:
-    """Prompt length in tokens when a tokenizer is configured, else in characters."""
+    """Prompt length in tokens of the configured tokenizer; without one, estimated at 4 characters a
+    token (English BPE averages about that), so ordinary multi-turn prompts pass the default."""
 
     def __init__(self, tokenizer_path: str | None):
-        self.unit = "chars"
+        self.unit = "estimated tokens (4 characters each; set data.tokenizer to count exactly)"
         self.tokenizer = None
         if tokenizer_path:
             from transformers import AutoTokenizer
@@ -71,19 +72,20 @@ class _PromptLength:
 
     def __call__(self, text: str) -> int:
         if self.tokenizer is None:
-            return len(text)
+            return -(-len(text) // 4)
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def validate_rows(rows, cfg: DataConfig) -> tuple[list[dict], list[dict], int]:
-    """Normalize every raw row; return (kept rows, quarantine records, rows_in)."""
+def validate_rows(rows, cfg: DataConfig) -> tuple[list[dict], list[dict], int, dict]:
+    """Normalize every raw row; return (kept rows, quarantine records, rows_in, {formats seen per row,
+    ignored columns})."""
     kept: list[dict] = []
     bad: list[dict] = []
     seen: set[tuple] = set()
+    ignored: Counter = Counter()
+    formats_seen: Counter = Counter()
     measure = _PromptLength(cfg.tokenizer)
-    # preferences: data.format, or the first readable row, fixes the format of the file; SFT and
-    # prompt rows may mix shapes (text, prompt/completion, messages) and are detected per row
-    fmt = None if cfg.format == "auto" or cfg.kind != "preferences" else cfg.format
+    # the format of every row is detected on its own (data.format may force one for preferences)
     rows_in = 0
     for row in rows:
         rows_in += 1
@@ -91,11 +93,12 @@ def validate_rows(rows, cfg: DataConfig) -> tuple[list[dict], list[dict], int]:
             if row.error:
                 raise formats.RowError(row.error, row.detail)
             record = row.record
+            ignored.update(formats.extra_columns(cfg.kind, record))
             if cfg.kind == "preferences":
-                fmt = fmt or formats.detect_format(cfg.kind, record)
-                row_fmt = formats.resolve_format(fmt, record)
+                row_fmt = formats.resolve_format(cfg.format, record)
             else:
                 row_fmt = formats.detect_format(cfg.kind, record)
+            formats_seen[row_fmt] += 1
             normalized = formats.normalize(cfg.kind, row_fmt, record)
             key = formats.dedup_key(cfg.kind, normalized)
             if key in seen:
@@ -112,7 +115,8 @@ def validate_rows(rows, cfg: DataConfig) -> tuple[list[dict], list[dict], int]:
         except formats.RowError as error:
             original = row.raw or {"record": row.record}
             bad.append({"row": row.number, "reason": error.reason, "detail": error.detail, **original})
-    return kept, bad, rows_in
+    shapes = {"formats": dict(sorted(formats_seen.items())), "ignored_columns": dict(sorted(ignored.items()))}
+    return kept, bad, rows_in, shapes
 
 
 def derive_prompts(texts: list[str], prompt_words: tuple[int, int], seed: int) -> list[str]:
@@ -140,6 +144,15 @@ def _fingerprint(frames: dict) -> str:
     return digest.hexdigest()[:16]
 
 
+def data_config_for_run(cfg) -> DataConfig:
+    """The run's data settings: prompts are counted with the base model's tokenizer when the base is
+    a local folder and data.tokenizer is not set (the tokenizer training will use)."""
+    base = cfg.model.base
+    if cfg.data.tokenizer is None and base and Path(base).is_dir() and (Path(base) / "tokenizer_config.json").exists():
+        return cfg.data.model_copy(update={"tokenizer": base})
+    return cfg.data
+
+
 def run_data(cfg: DataConfig, out_dir: str | Path, seed: int = 0) -> DataResult:
     import pandas as pd
 
@@ -151,9 +164,14 @@ def run_data(cfg: DataConfig, out_dir: str | Path, seed: int = 0) -> DataResult:
         rows, info = _demo_source(cfg)
     else:
         rows, info = open_source(cfg.source, cfg.dvc)
-    kept, bad, rows_in = validate_rows(rows, cfg)
+    kept, bad, rows_in, shapes = validate_rows(rows, cfg)
     reasons = Counter(item["reason"] for item in bad)
     assert len(kept) + len(bad) == rows_in  # the no-silent-drop invariant
+    quarantine_path = out_dir / "quarantine.jsonl"
+    quarantine_path.unlink(missing_ok=True)
+    if bad and cfg.mode == "quarantine":  # written whenever a row is set aside, even if none is kept
+        with open(quarantine_path, "w") as handle:
+            handle.writelines(json.dumps(item, ensure_ascii=True, default=str) + "\n" for item in bad)
     if bad and cfg.mode == "strict":
         listed = "\n".join(f"  row {b['row']}: {b['reason']} - {b['detail']}" for b in bad[:MAX_LISTED_ERRORS])
         raise DataValidationError(
@@ -162,7 +180,12 @@ def run_data(cfg: DataConfig, out_dir: str | Path, seed: int = 0) -> DataResult:
             "(--mode quarantine) to set them aside in quarantine.jsonl."
         )
     if not kept:
-        raise DataValidationError(f"{info.source}: no valid rows out of {rows_in}; nothing to train on")
+        top = ", ".join(f"{reason} x{count}" for reason, count in reasons.most_common(3))
+        example = f" (row {bad[0]['row']}: {bad[0]['detail']})" if bad else ""
+        hint = (" The rows look like preference pairs: set data.kind=preferences." if cfg.kind != "preferences"
+                and "chosen" in str(bad[0]) else "")
+        raise DataValidationError(f"{info.source}: no valid rows out of {rows_in} ({top}){example}; nothing to "
+                                  f"train on. The set-aside rows with their reasons are in {quarantine_path}.{hint}")
 
     columns = formats.COLUMNS[cfg.kind]
     split_rows: dict[str, list[dict]] = {"train": [], "eval": []}
@@ -185,17 +208,13 @@ def run_data(cfg: DataConfig, out_dir: str | Path, seed: int = 0) -> DataResult:
     for name, frame in frames.items():
         frame.to_parquet(out_dir / f"{name}.parquet", index=False)
 
-    quarantine_path = out_dir / "quarantine.jsonl"
-    quarantine_path.unlink(missing_ok=True)
-    if bad:
-        with open(quarantine_path, "w") as handle:
-            handle.writelines(json.dumps(item, ensure_ascii=False, default=str) + "\n" for item in bad)
 
     dataset = {**asdict(info), "data_kind": cfg.kind}
     stats = {
         "rows_in": rows_in,
         "kept": len(kept),
         "quarantined": dict(sorted(reasons.items())),
+        **shapes,
         "splits": {name: len(frame) for name, frame in frames.items()},
         "input_md5": info.md5,
         "output_fingerprint": _fingerprint(frames),

@@ -54,6 +54,10 @@ def run_eval(cfg: EvalConfig, policy_dir, reference_model_dir, data_dir, out_dir
     judged = [v for v in verdicts if v is not None]  # a failed judgement is never a win
     metrics.update(load_metric("win_rate").compute(verdicts=judged))
     metrics["judge_failures"] = len(verdicts) - len(judged)
+    width = metrics["win_rate_ci_high"] - metrics["win_rate_ci_low"]
+    if width > 0.2:  # e.g. 24 prompts: ±0.2; the figure then says little
+        log(f"eval: WARNING: only {len(judged)} judged prompts: the win rate's 95 % interval is {width:.2f} wide; "
+            "hold out more prompts (data.eval_fraction, eval.max_prompts) before trusting or gating on it")
 
     # KL(π‖π_ref) = E_{y~π}[log π(y|x) − log π_ref(y|x)], estimated on samples of π itself: temperature 1
     # and no nucleus cut (samples at the judging temperature come from another distribution), scored

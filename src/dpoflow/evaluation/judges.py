@@ -82,8 +82,13 @@ def vader_sentiment(prompt: str, completion: str) -> float:
     return _vader().polarity_scores(prompt + completion)["compound"]
 
 
+DEMO_JUDGE = "callable:dpoflow.evaluation.judges:vader_sentiment"
+
+
 def load_judge(spec: str, llm: LLMJudgeConfig | None = None) -> Judge:
     """`spec` names the judge; `llm` (an LLMJudgeConfig) configures the 'llm' judge."""
+    if spec == "demo":  # the demo's ground truth; config checks keep it to the demo's data
+        spec = DEMO_JUDGE
     kind, _, target = spec.partition(":")
     if kind == "llm":
         if llm is None or not llm.base_url or not llm.model:

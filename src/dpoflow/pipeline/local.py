@@ -179,6 +179,11 @@ def registry_summary(model_name: str, parent_run_id: str) -> dict:
 def _print_summary(cfg: Config, root: Path, summary: dict, log) -> None:
     nan = float("nan")
     log(f"\nrun {cfg.run.name}: outputs in {root} ({summary['wall_s']:.0f} s)")
+    data = summary["data"]
+    quarantined = sum(data["quarantined"].values())
+    reasons = ", ".join(f"{r} x{n}" for r, n in sorted(data["quarantined"].items(), key=lambda item: -item[1])[:3])
+    log(f"  data: {data['rows_in']} rows in, {data['kept']} kept, {quarantined} quarantined"
+        + (f" ({reasons}) -> {root / 'data' / 'quarantine.jsonl'}" if quarantined else ""))
     for name, m in summary["results"].items():
         log(f"  {name}: win rate {m['win_rate']:.3f} [{m['win_rate_ci_low']:.3f}, {m['win_rate_ci_high']:.3f}] over "
             f"{m['n_prompts']} prompts; reward margin {m.get('reward_margin', nan):+.3f}; KL {m['kl']:.2f}; "

@@ -292,12 +292,13 @@ def _run_info(artifact) -> tuple[Config, str, str]:
 def data_task(*, config: str, data_md5: str, workspace: str, dataset) -> dict:
     """Load + validate + split the data (cached by KFP on its inputs: the config and the data md5).
     Returns the per-step config sections the later tasks take."""
-    from dpoflow.data.step import run_data
+    from dpoflow.data.step import data_config_for_run, run_data
 
     _setup("", workspace)
     cfg = Config.model_validate_json(config)
-    key = step_key(config_dict(cfg.data), cfg.run.seed, data_md5)
-    out = produce("data", "data", dataset, key, workspace, lambda d: run_data(cfg.data, d, seed=cfg.run.seed))
+    data_cfg = data_config_for_run(cfg)
+    key = step_key(config_dict(data_cfg), cfg.run.seed, data_md5)
+    out = produce("data", "data", dataset, key, workspace, lambda d: run_data(data_cfg, d, seed=cfg.run.seed))
     stats = json.loads((out / "stats.json").read_text())
     info = json.loads((out / "dataset.json").read_text())
     dataset.metadata.update({"rows_in": stats["rows_in"], "kept": stats["kept"], "md5": info["md5"],
