@@ -102,11 +102,13 @@ def test_truncation_counted_and_errors(tiny_model_dir):
     tokenizer = load_tokenizer(str(tiny_model_dir))
     frame = pd.DataFrame({"prompt": ["the film", "a"], "chosen": [" was great " * 20, " fun"], "rejected": [" dull", " no"]})
     assert tokenize_pairs(frame, tokenizer, 24).truncated == 1
-    with pytest.raises(TruncationError, match=r"pair 0: prompt\+completion is \d+ tokens > max_length=24"):
+    with pytest.raises(TruncationError, match=r"prompt 'the film'... is \d+ tokens > max_length=24"):
         tokenize_pairs(frame, tokenizer, 24, truncation="error")
+    # a prompt that alone fills max_length keeps its last half: the completions still get trained on
     long_prompt = pd.DataFrame({"prompt": ["the film was " * 30], "chosen": [" a"], "rejected": [" b"]})
-    with pytest.raises(TruncationError, match="pair 0: the prompt alone is"):
-        tokenize_pairs(long_prompt, tokenizer, 24)
+    pairs = tokenize_pairs(long_prompt, tokenizer, 24)
+    assert pairs.truncated == 1 and len(pairs.prompt_ids[0]) == 12 and len(pairs.chosen_ids[0]) >= 1
+    assert len(pairs.prompt_ids[0]) + len(pairs.chosen_ids[0]) <= 24
 
 
 # --- training ---------------------------------------------------------------------------------------

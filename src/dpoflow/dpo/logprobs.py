@@ -90,30 +90,27 @@ def _common_prefix_length(a: list[int], b: list[int]) -> int:
 def tokenize_pairs(frame, tokenizer, max_length: int, truncation: str = "keep_start") -> TokenizedPairs:
     """Tokenize a preference frame (columns prompt, chosen, rejected[, prompt_messages]).
 
-    truncation="keep_start" cuts each prompt+completion to max_length from the end; "error" refuses
-    any pair longer than max_length. A pair whose prompt alone fills max_length has nothing left to
-    score under either mode, and is always an error that names its row.
+    truncation="keep_start" cuts each prompt+completion to max_length from the end; a prompt that
+    alone fills max_length keeps only its last max_length // 2 tokens (the turns nearest the answer),
+    so the completions keep the other half; both are counted in `truncated`, never an abort.
+    "error" refuses any pair longer than max_length, quoting the start of its prompt.
     """
     prompts, chosen, rejected, truncated = [], [], [], 0
     messages = frame["prompt_messages"] if "prompt_messages" in frame else [""] * len(frame)
-    for row, (prompt, chosen_text, rejected_text, prompt_messages) in enumerate(
-        zip(frame["prompt"], frame["chosen"], frame["rejected"], messages)
-    ):
+    for prompt, chosen_text, rejected_text, prompt_messages in zip(frame["prompt"], frame["chosen"], frame["rejected"],
+                                                                   messages):
         prompt_ids, (chosen_ids, rejected_ids) = encode_completions(tokenizer, prompt, prompt_messages,
                                                                     [chosen_text, rejected_text])
-        if len(prompt_ids) >= max_length:
-            raise TruncationError(
-                f"pair {row}: the prompt alone is {len(prompt_ids)} tokens >= max_length={max_length}, leaving no "
-                "completion token to train on; raise dpo.max_length or drop long prompts with data.max_prompt_tokens"
-            )
         longest = len(prompt_ids) + max(len(chosen_ids), len(rejected_ids))
         if longest > max_length:
             if truncation == "error":
                 raise TruncationError(
-                    f"pair {row}: prompt+completion is {longest} tokens > max_length={max_length}; raise "
-                    "dpo.max_length or set dpo.truncation=keep_start"
+                    f"the pair with prompt {prompt[:60]!r}... is {longest} tokens > max_length={max_length}; raise "
+                    "dpo.max_length, set dpo.truncation=keep_start or drop long prompts with data.max_prompt_tokens"
                 )
             truncated += 1
+            if len(prompt_ids) >= max_length:
+                prompt_ids = prompt_ids[len(prompt_ids) - max_length // 2:]
             room = max_length - len(prompt_ids)
             chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
         prompts.append(prompt_ids)
