@@ -134,7 +134,10 @@ def generate_ids(model, tokenizer, prompt_ids: list[list[int]], *, num_samples: 
     model.eval()
     device = next(model.parameters()).device
     results: list[list[list[int]]] = []
-    for start in range(0, len(prompt_ids), batch_size):
+    from tqdm.auto import tqdm
+
+    for start in tqdm(range(0, len(prompt_ids), batch_size), desc="generate", unit="batch", leave=False,
+                      disable=len(prompt_ids) <= batch_size):
         chunk = prompt_ids[start:start + batch_size]
         width = max(len(ids) for ids in chunk)
         input_ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)

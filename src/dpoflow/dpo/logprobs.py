@@ -187,7 +187,10 @@ def score_sequences(model, prompt_ids: list[list[int]], completion_ids: list[lis
     scorer = SequenceLogProbs(model).eval()
     device = next(model.parameters()).device
     sums, counts = [], []
-    for start in range(0, len(prompt_ids), batch_size):
+    from tqdm.auto import tqdm
+
+    for start in tqdm(range(0, len(prompt_ids), batch_size), desc="score", unit="batch", leave=False,
+                      disable=len(prompt_ids) <= batch_size):
         rows = range(start, min(start + batch_size, len(prompt_ids)))
         batch = pad_right([prompt_ids[i] + completion_ids[i] for i in rows],
                           [[IGNORE] * len(prompt_ids[i]) + completion_ids[i] for i in rows], pad_token_id)
