@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from dpoflow.config import ConfigError, config_dict, config_hash, load_config
-from dpoflow.pipeline.tasks import step_dirs
+from dpoflow.pipeline.tasks import beta_threads, set_threads, step_dirs
 
 
 def _add_common(parser: argparse.ArgumentParser, out: bool = True) -> None:
@@ -60,8 +61,6 @@ def cmd_data(args) -> int:
 
 
 def _needs_launch(args) -> bool:
-    import os
-
     launched = os.environ.get("DPOFLOW_LAUNCHED") or "WORLD_SIZE" in os.environ
     return (args.num_processes > 1 or bool(args.accelerate_config)) and not launched
 
@@ -98,7 +97,6 @@ def cmd_reference(args) -> int:
 def _relaunch(num_processes: int, accelerate_config: str | None) -> int:
     """Re-run this command under N processes: accelerate launch on GPUs (or with a config file for
     FSDP/DeepSpeed), torchrun with gloo on CPU (`accelerate launch --cpu` would start only one)."""
-    import os
     import subprocess
 
     import torch
@@ -126,6 +124,8 @@ def cmd_dpo(args) -> int:
     if _needs_launch(args):
         return _relaunch(args.num_processes, args.accelerate_config)
     cfg = load_config(args.config, args.overrides)
+    if not os.environ.get("DPOFLOW_LAUNCHED"):  # one process: the thread count `dpoflow run` gives a β task
+        set_threads(beta_threads(len(cfg.run.betas)))
     paths = step_dirs(cfg)
     out_dir = _out_dir(args, cfg, "dpo")
     live = _live_metrics(out_dir)
@@ -141,8 +141,6 @@ def cmd_dpo(args) -> int:
 
 def _live_metrics(out_dir: Path):
     """Metrics to the MLflow run a launcher named (DPOFLOW_MLFLOW_RUN_ID), from the main process only."""
-    import os
-
     run_id = os.environ.get("DPOFLOW_MLFLOW_RUN_ID")
     if not run_id or os.environ.get("RANK", "0") != "0":
         return None
@@ -155,6 +153,7 @@ def cmd_eval(args) -> int:
     from dpoflow.evaluation.evaluate import run_eval
 
     cfg = load_config(args.config, args.overrides)
+    set_threads(beta_threads(len(cfg.run.betas)))  # as `dpoflow run` runs a β's evaluation
     paths = step_dirs(cfg)
     policy = Path(args.policy) if args.policy else paths["dpo"] / "model"
     run_eval(cfg.eval, policy, args.reference_model or paths["reference_model"], args.data or paths["data"],

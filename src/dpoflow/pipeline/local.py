@@ -94,7 +94,7 @@ def run_local(cfg: Config, log=print) -> dict:
 
     from dpoflow.evaluation.report import write_frontier
     from dpoflow.pipeline.dag import build_pipeline
-    from dpoflow.pipeline.tasks import beta_dir_name, pipeline_arguments
+    from dpoflow.pipeline.tasks import beta_dir_name, beta_threads, pipeline_arguments
 
     check_pipeline(cfg)
     root = (Path(cfg.run.output_dir) / cfg.run.name).resolve()
@@ -109,8 +109,7 @@ def run_local(cfg: Config, log=print) -> dict:
         tracking.check_reachable()
         parent = tracking.start_parent_run(cfg.tracking.experiment, cfg.run.name)
         arguments.update(mlflow_uri=os.environ["MLFLOW_TRACKING_URI"], mlflow_run_id=parent)
-    parallel = min(len(cfg.run.betas), 2)  # kfp's local runner runs at most 2 loop iterations at once
-    arguments.update(workspace=str(root), threads_per_task=max(1, (os.cpu_count() or 1) // parallel))
+    arguments.update(workspace=str(root), threads_per_task=beta_threads(len(cfg.run.betas)))
 
     log_path = root / "kfp.log"
     log(f"run {cfg.run.name}: the KFP pipeline on the local runner; runner log: {log_path}")

@@ -213,6 +213,13 @@ def produce(name: str, rel: str, artifact, key: str, workspace: str, fn: Callabl
     return out_dir
 
 
+def beta_threads(n_betas: int) -> int:
+    """CPU threads of each β task: kfp's local runner runs two β iterations at once, so each gets half
+    the cores. `dpoflow dpo`/`eval` (the DVC stages) use the same count: CPU float reductions depend
+    on the thread count, and `dpoflow run` and `dvc repro` must write the same bytes."""
+    return max(1, (os.cpu_count() or 1) // min(n_betas, 2))
+
+
 def set_threads(threads: int) -> None:
     """Tasks that run side by side (the β loop) share the machine's cores instead of each taking all."""
     if threads > 0:
