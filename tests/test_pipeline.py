@@ -286,3 +286,17 @@ def test_pages_in_a_real_browser(learned_run):
     # the parallel-coordinates plot draws the runs as coloured lines (a blank or error page has none)
     assert colored_pixels(compare.path, (0, 0, 170), tolerance=90) + colored_pixels(compare.path, (170, 0, 0), 90) > 150
     assert "beta-0.1" in compare.dom and "beta-0.5" in compare.dom and "dpo.beta" in compare.dom
+
+
+def test_a_cluster_run_without_a_tracking_server_is_refused(tmp_path, monkeypatch):
+    """On a cluster (no local workspace) the default sqlite store would live and die inside each pod."""
+    from kfp.dsl import Artifact
+
+    from dpoflow.config import ConfigError, load_config
+    from dpoflow.pipeline.tasks import fingerprint_task, pipeline_arguments
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    base = pipeline_arguments(load_config(ROOT / "params.yaml"))["config"]
+    with pytest.raises(ConfigError, match="on a cluster, set the pipeline parameter mlflow_uri"):
+        fingerprint_task(config=base, flat={}, config_overrides="{}", dvc=("", "", ""), workspace="", mlflow_uri="",
+                         mlflow_run_id="", run_info=Artifact(uri=str(tmp_path / "info")))

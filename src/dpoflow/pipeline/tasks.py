@@ -272,6 +272,10 @@ def fingerprint_task(*, config: str, flat: dict, config_overrides: str, dvc: tup
     if cfg.tracking.enabled:
         from dpoflow import tracking
 
+        if not workspace and tracking.tracking_uri() == tracking.DEFAULT_TRACKING_URI:
+            raise ConfigError("on a cluster, set the pipeline parameter mlflow_uri (e.g. http://dpoflow-mlflow:5000, "
+                              "see manifests/) or config_overrides {\"tracking.enabled\": false, \"registry.enabled\": "
+                              "false}: a sqlite file inside a pod is lost with the pod, and each task has its own")
         tracking.check_reachable()
         parent = mlflow_run_id or tracking.start_parent_run(cfg.tracking.experiment, cfg.run.name)
         tracking.log_parent(parent, params=flatten(config_dict(cfg)),
