@@ -300,3 +300,27 @@ def test_a_cluster_run_without_a_tracking_server_is_refused(tmp_path, monkeypatc
     with pytest.raises(ConfigError, match="on a cluster, set the pipeline parameter mlflow_uri"):
         fingerprint_task(config=base, flat={}, config_overrides="{}", dvc=("", "", ""), workspace="", mlflow_uri="",
                          mlflow_run_id="", run_info=Artifact(uri=str(tmp_path / "info")))
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_with_one_line_and_the_run_resumes(tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it): one line saying what is kept,
+    exit 130, the MLflow parent marked KILLED; started again, the finished steps are reused."""
+    process = subprocess.Popen(run_args(tmp_path, "registry.enabled=false"), cwd=tmp_path, env=env_for(tmp_path),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    marker = tmp_path / "tiny" / ".steps" / "sft.json"
+    deadline = time.monotonic() + 300
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    assert "interrupted; finished steps are kept and reused when you start it again" in err
+    assert "Traceback" not in err
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [parent] = client.search_runs([client.get_experiment_by_name("dpoflow").experiment_id])
+    assert parent.info.status == "KILLED"
+    again = dpoflow_run(tmp_path, "registry.enabled=false")
+    assert "sft: reused" in again.stdout and "data: reused" in again.stdout

@@ -122,6 +122,10 @@ def run_local(cfg: Config, log=print) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "settings have no effect in the local runner", image notes
             pipeline(**arguments)
+    except KeyboardInterrupt:
+        if tracking is not None and not os.environ.get("MLFLOW_RUN_ID"):
+            tracking.end_run(parent, "KILLED")
+        raise
     except RuntimeError as error:
         if tracking is not None and not os.environ.get("MLFLOW_RUN_ID"):
             tracking.end_run(parent, "FAILED")
