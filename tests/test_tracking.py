@@ -115,7 +115,9 @@ def test_live_metrics_and_a_server_restart_mid_run(tmp_path, monkeypatch, tiny_m
             live(step, {"loss": 0.5 - step / 100, "rewards/margins": step / 10})
             time.sleep(0.05)
         assert time.monotonic() - started < 5  # 24 calls with the server down did not wait on the network
-        time.sleep(1)
+        deadline = time.monotonic() + 30
+        while live.failures < 1 and time.monotonic() < deadline:  # a send failed: the metrics stay buffered
+            time.sleep(0.2)
         assert live.failures >= 1
         server = start_server(tmp_path, port)  # back (same store): the buffer is replayed
         assert live.close() == 0
