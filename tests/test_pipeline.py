@@ -31,14 +31,6 @@ def run_args(out: Path, *settings: str) -> list[str]:
             f"--set=run.output_dir={out}"] + [f"--set={s}" for s in [*TINY, *settings]]
 
 
-def start_server_on(root: Path, port: int, start_server):
-    """An `mlflow server` over the run's sqlite store (the test's own, on loopback)."""
-    (root / "artifacts").mkdir(exist_ok=True)
-    if not (root / "mlflow.db").exists():
-        raise AssertionError("no store")
-    return start_server(root, port)
-
-
 def env_for(tmp_path: Path) -> dict:
     return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
             "PYTHONPATH": str(Path(__file__).parent)}
@@ -270,7 +262,7 @@ def test_pages_in_a_real_browser(learned_run):
     assert frontier.errors == [] and colored_pixels(frontier.path, (31, 119, 180)) > 100  # the frontier line
 
     port = free_port()
-    server = start_server_on(tmp_path, port, start_server)
+    server = start_server(tmp_path, port)  # an `mlflow server` over the run's own sqlite store
     try:
         client = MlflowClient(f"http://127.0.0.1:{port}")
         experiment = client.get_experiment_by_name("dpoflow").experiment_id

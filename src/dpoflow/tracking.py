@@ -99,8 +99,13 @@ def numeric(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
-def _params(params: dict) -> dict[str, str]:
-    return {k: json.dumps(v) if isinstance(v, list | dict) else str(v) for k, v in params.items()}
+def _log_params(c, run_id: str, params: dict) -> None:
+    """Params as MLflow strings (lists and dicts as JSON), at most 100 per call as MLflow requires."""
+    from mlflow.entities import Param
+
+    items = [Param(k, json.dumps(v) if isinstance(v, list | dict) else str(v)) for k, v in params.items()]
+    for start in range(0, len(items), 100):
+        retrying(c.log_batch, run_id, params=items[start:start + 100])
 
 
 # ---- runs -------------------------------------------------------------------------------------
@@ -120,13 +125,10 @@ def log_parent(run_id: str, *, params: dict, tags: dict, artifacts=()) -> None:
     """Params (the flattened config), lineage tags and artifacts, on the parent run."""
     mlflow = _mlflow()
     c = mlflow.MlflowClient()
-    items = list(_params(params).items())
     existing = c.get_run(run_id).data.params
-    from mlflow.entities import Param, RunTag
+    from mlflow.entities import RunTag
 
-    fresh = [(k, v) for k, v in items if k not in existing]  # a param cannot change once logged
-    for start in range(0, len(fresh), 100):  # MLflow takes at most 100 params per call
-        retrying(c.log_batch, run_id, params=[Param(k, v) for k, v in fresh[start:start + 100]])
+    _log_params(c, run_id, {k: v for k, v in params.items() if k not in existing})  # a param cannot change
     retrying(c.log_batch, run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
     for path in artifacts:
         if Path(path).exists():
@@ -151,22 +153,18 @@ def log_dataset(run_id: str, parquet: Path, *, name: str, digest: str) -> None:
         retrying(mlflow.MlflowClient().log_inputs, run_id, datasets=inputs)
 
 
-def start_child_run(parent_id: str, name: str, *, params: dict, tags: dict, start_time_ms: int | None = None) -> str:
+def start_child_run(parent_id: str, name: str, *, params: dict, tags: dict) -> str:
     """A nested run under the pipeline's parent (the β run), with the params a comparison needs."""
-    from mlflow.entities import Param
-
     c = client()
     parent = c.get_run(parent_id)
-    run = retrying(c.create_run, parent.info.experiment_id, start_time=start_time_ms, run_name=name,
+    run = retrying(c.create_run, parent.info.experiment_id, run_name=name,
                    tags={"mlflow.parentRunId": parent_id, **{k: str(v) for k, v in tags.items()}})
-    items = list(_params(params).items())
-    for start in range(0, len(items), 100):
-        retrying(c.log_batch, run.info.run_id, params=[Param(k, v) for k, v in items[start:start + 100]])
+    _log_params(c, run.info.run_id, params)
     return run.info.run_id
 
 
-def end_run(run_id: str, status: str = "FINISHED", end_time_ms: int | None = None) -> None:
-    retrying(client().set_terminated, run_id, status=status, end_time=end_time_ms)
+def end_run(run_id: str, status: str = "FINISHED") -> None:
+    retrying(client().set_terminated, run_id, status=status)
 
 
 def log_metrics(run_id: str, metrics: dict, step: int = 0) -> None:
@@ -318,12 +316,16 @@ def register_model_dir(model_dir: str, name: str, alias: str | None = None, tags
     return version
 
 
+def _version(v) -> dict:
+    # no aliases here: search_model_versions leaves them empty in the sqlite store; ask version_by_alias
+    return {"version": str(v.version), "run_id": v.run_id, "tags": dict(v.tags)}
+
+
 def model_versions(name: str) -> list[dict]:
-    """Every version of `name`: {version, run_id, tags, aliases}, oldest first."""
+    """Every version of `name`: {version, run_id, tags}, oldest first."""
     c = client()
     found = c.search_model_versions(filter_string=f"name = '{name}'")
-    return sorted(({"version": str(v.version), "run_id": v.run_id, "tags": dict(v.tags), "aliases": list(v.aliases)}
-                   for v in found), key=lambda v: int(v["version"]))
+    return sorted(map(_version, found), key=lambda v: int(v["version"]))
 
 
 def version_by_alias(name: str, alias: str) -> dict | None:
@@ -332,7 +334,7 @@ def version_by_alias(name: str, alias: str) -> dict | None:
         v = c.get_model_version_by_alias(name, alias)
     except Exception:
         return None
-    return {"version": str(v.version), "run_id": v.run_id, "tags": dict(v.tags), "aliases": list(v.aliases)}
+    return _version(v)
 
 
 def set_alias(name: str, alias: str, version: str) -> None:

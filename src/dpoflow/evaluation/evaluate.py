@@ -40,7 +40,6 @@ def run_eval(cfg: EvalConfig, policy_dir, reference_model_dir, data_dir, out_dir
     tokenizer = load_tokenizer(str(reference_model_dir))
     policy, reference = load_model(str(policy_dir)), load_model(str(reference_model_dir))
     prompt_ids = [tokenize_prompt(tokenizer, p, m) for p, m in zip(prompts, prompts_frame.prompt_messages)]
-    settings = dict(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     duel = judge_pair(cfg, policy, reference, tokenizer, prompts, prompt_ids)
     policy_ids, reference_ids = duel["a_ids"], duel["b_ids"]
     policy_text, reference_text = duel["a_text"], duel["b_text"]
@@ -64,7 +63,7 @@ def run_eval(cfg: EvalConfig, policy_dir, reference_model_dir, data_dir, out_dir
     # on the exact sampled token ids
     kl_ids = policy_ids
     if (cfg.temperature, cfg.top_p) != (1.0, 1.0):
-        kl_ids = [s[0] for s in generate_ids(policy, tokenizer, prompt_ids, **{**settings, "temperature": 1.0,
+        kl_ids = [s[0] for s in generate_ids(policy, tokenizer, prompt_ids, **{**sampling(cfg), "temperature": 1.0,
                                                                               "top_p": 1.0, "seed": cfg.seed + 1})]
     policy_logps, _ = score_sequences(policy, prompt_ids, kl_ids, tokenizer.pad_token_id)
     reference_logps, _ = score_sequences(reference, prompt_ids, kl_ids, tokenizer.pad_token_id)
@@ -118,15 +117,19 @@ def eval_set_hash(cfg: EvalConfig, prompts: list[str], reference_model_dir: Path
     return hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]
 
 
+def sampling(cfg: EvalConfig) -> dict:
+    """The generation settings both models are sampled with (the same seed for both)."""
+    return dict(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+
+
 def judge_pair(cfg: EvalConfig, model_a, model_b, tokenizer, prompts: list[str], prompt_ids) -> dict:
     """Sample both models with identical settings and seeds and let the judge decide each prompt:
     verdict 1 = a better, 0.5 tie, 0 = b better, None = the judge failed (never a win)."""
     from dpoflow.evaluation.judges import load_judge
     from dpoflow.modeling import generate_ids
 
-    settings = dict(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-    a_ids = [s[0] for s in generate_ids(model_a, tokenizer, prompt_ids, **settings)]
-    b_ids = [s[0] for s in generate_ids(model_b, tokenizer, prompt_ids, **settings)]
+    a_ids = [s[0] for s in generate_ids(model_a, tokenizer, prompt_ids, **sampling(cfg))]
+    b_ids = [s[0] for s in generate_ids(model_b, tokenizer, prompt_ids, **sampling(cfg))]
     a_text = tokenizer.batch_decode(a_ids, skip_special_tokens=True)
     b_text = tokenizer.batch_decode(b_ids, skip_special_tokens=True)
     judge = load_judge(cfg.judge, cfg.llm_judge)

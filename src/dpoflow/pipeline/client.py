@@ -11,6 +11,7 @@ service-account token, or the kube config's credentials.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import yaml
@@ -118,15 +119,12 @@ def schedule(host: str, cron: str, arguments: dict, *, experiment: str = "dpoflo
     validate_cron(cron)
     client = _client(host, token)
     experiment_id = _experiment_id(client, experiment)
-    name = "dpo-alignment"
-    pipeline_id = client.get_pipeline_id(name)
-    if pipeline_id is None:
-        pipeline = client.upload_pipeline(str(package), pipeline_name=name)
-        pipeline_id = pipeline.pipeline_id
-    import time
-
     from dpoflow import __version__
+    from dpoflow.pipeline.dag import PIPELINE_NAME
 
+    pipeline_id = client.get_pipeline_id(PIPELINE_NAME)
+    if pipeline_id is None:
+        pipeline_id = client.upload_pipeline(str(package), pipeline_name=PIPELINE_NAME).pipeline_id
     version = client.upload_pipeline_version(str(package), f"{__version__}-{int(time.time())}", pipeline_id=pipeline_id)
     recurring = client.create_recurring_run(experiment_id, job_name, cron_expression=cron,
                                             max_concurrency=max_concurrency, no_catchup=no_catchup, params=arguments,

@@ -456,7 +456,7 @@ def _launch_dpo(cfg: DpoConfig, pairs_dir, model_dir, reference_dir, out_dir: Pa
 def eval_task(*, beta: float, run_info, policy, reference_model, data, pairs, threads: int, workspace: str,
               mlflow_uri: str, results, metrics, report) -> None:
     """Win rate vs the reference (± 95 % CI), reward margin, KL, report. Figures go to the KFP
-    Metrics artifact, the HTML report to the UI, both to the β's MLflow run. Returns metrics JSON."""
+    Metrics artifact, the HTML report to the UI, both to the β's MLflow run."""
     from dpoflow.evaluation.evaluate import run_eval
 
     _setup(mlflow_uri, workspace, threads)
