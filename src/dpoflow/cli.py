@@ -79,8 +79,12 @@ def cmd_prefs(args) -> int:
     from dpoflow.preferences import run_prefs
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.run.rounds > 1:
+        raise ConfigError(f"run.rounds={cfg.run.rounds}: on-policy rounds run through `dpoflow run` (the KFP pipeline "
+                          "unrolls them); the single steps and dvc.yaml's stages are one offline round")
     paths = step_dirs(cfg)
-    run_prefs(cfg.prefs, args.data or paths["data"], args.model or paths["reference_model"], _out_dir(args, cfg, "prefs"))
+    sampler = args.model or _init_model(cfg.model.policy_init) or paths["reference_model"]
+    run_prefs(cfg.prefs, args.data or paths["data"], sampler, _out_dir(args, cfg, "prefs"))
     return 0
 
 
@@ -130,13 +134,22 @@ def cmd_dpo(args) -> int:
     out_dir = _out_dir(args, cfg, "dpo")
     live = _live_metrics(out_dir)
     summary = run_dpo(cfg.dpo, args.pairs or paths["pairs"], args.reference_model or paths["reference_model"], out_dir,
-                      reference_dir=args.reference_dir or paths["reference"], resume=args.resume, log_metrics=live)
+                      reference_dir=args.reference_dir or paths["reference"], resume=args.resume, log_metrics=live,
+                      init_model_dir=_init_model(args.init_model or cfg.model.policy_init))
     if live is not None:
         live.close()
     if summary:
         print(f"dpo: {summary['steps']} steps, {summary['s_per_step']} s/step, {summary['tokens_per_s']} tokens/s "
               f"-> {out_dir / 'model'}")
     return 0
+
+
+def _init_model(uri: str | None):
+    if not uri:
+        return None
+    from dpoflow.modeling import resolve_model_path
+
+    return resolve_model_path(uri)
 
 
 def _live_metrics(out_dir: Path):
@@ -303,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     dpo = sub.add_parser("dpo", help="train the policy with DPO on accelerate")
     _add_common(dpo)
     dpo.add_argument("--pairs", help="folder with train.parquet pairs")
-    dpo.add_argument("--reference-model", help="reference model folder (also the policy's init)")
+    dpo.add_argument("--reference-model", help="reference model folder (also the policy's init unless --init-model)")
+    dpo.add_argument("--init-model", help="policy to start from (default: model.policy_init, else the reference)")
     dpo.add_argument("--reference-dir", help="output of `dpoflow reference` (dpo.reference=cached)")
     dpo.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     _add_launch(dpo)

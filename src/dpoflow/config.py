@@ -72,6 +72,9 @@ class ModelConfig(_Strict):
     vocab_size: int = Field(2000, ge=300, description="BPE vocabulary of a from-scratch tokenizer")
     allow_pickle: bool = Field(False, description="allow non-safetensors weights (runs pickle: trusted files only)")
     trust_remote_code: bool = Field(False, description="allow model code from the checkpoint")
+    policy_init: str | None = Field(None, description="DPO starts from this policy (dir or models:/name@champion) "
+                                    "and round 1 samples its pairs from it; the reference stays fixed; None = the "
+                                    "reference")
 
 
 class LoraConfig(_Strict):
@@ -115,6 +118,8 @@ class DpoConfig(OptimConfig):
         "cached", description="cached log-probs (default), a live frozen copy, or the LoRA base (adapters off)"
     )
     prefix_sharing: bool = Field(False, description="encode the prompt once for chosen and rejected")
+    reference_update: Literal["fixed", "previous"] = Field(
+        "fixed", description="run.rounds > 1: the reference of round r is the fixed one, or round r-1's policy")
     lora: LoraConfig = LoraConfig()
 
 
@@ -175,6 +180,10 @@ class RunConfig(_Strict):
     output_dir: str = Field("outputs", description="root folder of step outputs")
     seed: int = Field(0, description="global seed")
     betas: list[float] = Field([0.1], min_length=1, description="β values swept by `dpoflow run`")
+    rounds: int = Field(1, ge=1, le=20, description="on-policy rounds: round r samples pairs from round r-1's policy "
+                        "(its share of the training prompts), judges them and trains on from that policy")
+    min_diversity: float = Field(0.5, ge=0.0, description="stop iterating when a round's policy samples fall below "
+                                 "this fraction of the reference's distinct-2 (judge exploitation guard)")
 
 
 class Config(_Strict):
@@ -208,6 +217,9 @@ def check_pipeline(cfg: Config) -> None:
             problems.append(f"{section}.judge is 'demo' (VADER sentiment, the demo's ground truth) but the data is "
                             f"your own: choose the judge explicitly: {section}.judge=callable:<module>:<function>, "
                             f"reward_model:<dir or models:/...> or llm (see configs/examples/)")
+    if cfg.run.rounds > 1 and not cfg.prefs.enabled:
+        problems.append("run.rounds > 1 samples new pairs each round: it needs prefs.enabled=true and a prompt or "
+                        "SFT corpus (data.kind prompts or sft) and a prefs.judge")
     if cfg.registry.enabled and not cfg.tracking.enabled:
         problems.append("registry.enabled needs MLflow: set tracking.enabled=true or registry.enabled=false")
     if problems:

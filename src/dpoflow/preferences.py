@@ -35,7 +35,10 @@ def build_pairs(prompts: list[str], samples: list[list[str]], scores: list[list[
     return pairs, dropped
 
 
-def run_prefs(cfg: PrefsConfig, data_dir, model_dir, out_dir, log=print) -> dict:
+def run_prefs(cfg: PrefsConfig, data_dir, model_dir, out_dir, shard: tuple[int, int] = (0, 1), log=print) -> dict:
+    """`model_dir` samples the completions: the reference, or (on-policy rounds) the current policy.
+    `shard` = (i, n): this round trains on every n-th training prompt from the i-th (the eval prompts
+    are the same every round)."""
     import pandas as pd
     import torch
 
@@ -49,10 +52,16 @@ def run_prefs(cfg: PrefsConfig, data_dir, model_dir, out_dir, log=print) -> dict
     if torch.cuda.is_available():
         model = model.to("cuda")
     judge = load_judge(cfg.judge)
+    from dpoflow.evaluation.stats import diversity
+
     stats: dict = {"judge": cfg.judge, "k": cfg.k, "min_gap": cfg.min_gap}
+    if shard != (0, 1):
+        stats["shard"] = list(shard)
     started = time.perf_counter()
     for split, limit in (("train", cfg.max_prompts), ("eval", cfg.max_eval_prompts)):
         frame = pd.read_parquet(data_dir / f"prompts_{split}.parquet").head(limit)
+        if split == "train":
+            frame = frame.iloc[shard[0]::shard[1]]
         prompts = frame.prompt.tolist()
         samples = sample_completions(model, tokenizer, prompts, num_samples=cfg.k, temperature=cfg.temperature,
                                      top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
@@ -61,7 +70,9 @@ def run_prefs(cfg: PrefsConfig, data_dir, model_dir, out_dir, log=print) -> dict
         pairs, dropped = build_pairs(prompts, samples, scores, cfg.min_gap)
         pd.DataFrame(pairs, columns=["prompt", "chosen", "rejected", "prompt_messages", "chosen_score",
                                      "rejected_score"]).to_parquet(out_dir / f"{split}.parquet", index=False)
-        stats[split] = {"prompts": len(prompts), "pairs": len(pairs), "dropped": dict(dropped)}
+        stats[split] = {"prompts": len(prompts), "pairs": len(pairs), "dropped": dict(dropped),
+                        "samples": {k: round(v, 6) for k, v in diversity([t for s in samples for t in s]).items()},
+                        "mean_score": round(sum(map(sum, scores)) / max(1, sum(map(len, scores))), 6)}
         log(f"prefs: {split}: {len(prompts)} prompts -> {len(pairs)} pairs (dropped {dict(dropped) or 'none'})")
     seconds = round(time.perf_counter() - started, 2)
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")  # deterministic: DVC-friendly

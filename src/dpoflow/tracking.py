@@ -354,6 +354,19 @@ def set_version_tags(name: str, version: str, tags: dict) -> None:
         retrying(c.set_model_version_tag, name, str(version), key, str(value))
 
 
+def pin_model_uri(uri: str) -> str:
+    """`models:/name@alias` -> `models:/name/<version>` (what the alias points at now), so a run reads
+    one version throughout even if the alias moves meanwhile; any other URI as it is."""
+    if not uri.startswith("models:/") or "@" not in uri:
+        return uri
+    name, alias = uri.removeprefix("models:/").split("@", 1)
+    found = version_by_alias(name, alias)
+    if found is None:
+        raise ValueError(f"{uri}: registered model {name!r} has no alias {alias!r} in the MLflow registry at "
+                         f"{tracking_uri()} (promote a version first, or point model.policy_init at a version)")
+    return f"models:/{name}/{found['version']}"
+
+
 def download_model(uri: str) -> str:
     """Local folder of a `models:/name@alias` or `models:/name/version` URI."""
     mlflow = _mlflow()

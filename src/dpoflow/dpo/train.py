@@ -78,10 +78,14 @@ def _reference_fn(cfg: DpoConfig, reference_dir, expected_key, model_dir, scorer
 
 
 def run_dpo(cfg: DpoConfig, pairs_dir, reference_model_dir, out_dir, *, reference_dir=None, resume: bool = False,
-            log_metrics=None, log=print) -> dict:
+            init_model_dir=None, log_metrics=None, log=print) -> dict:
+    """`init_model_dir`: the policy training starts from (default: the reference model itself), e.g.
+    the previous on-policy round's policy or the registry's champion; it must share the reference's
+    tokenizer."""
     from tqdm.auto import tqdm
 
     from dpoflow.modeling import load_model, load_tokenizer
+    from dpoflow.registry import model_sha
 
     pairs_dir, model_dir, out_dir = Path(pairs_dir), Path(reference_model_dir), Path(out_dir)
     accelerator = make_accelerator(cfg.precision)
@@ -96,7 +100,12 @@ def run_dpo(cfg: DpoConfig, pairs_dir, reference_model_dir, out_dir, *, referenc
     expected_key = cache_key(frames, model_dir, cfg.max_length, cfg.truncation)
 
     torch.manual_seed(cfg.seed)
-    model = load_model(str(model_dir))
+    init_dir = Path(init_model_dir) if init_model_dir is not None else model_dir
+    if init_dir != model_dir and load_tokenizer(str(init_dir)).get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"the initial policy {init_dir} has another tokenizer than the reference {model_dir}: "
+                         "a policy and its reference must share one vocabulary (set model.policy_init to a "
+                         "policy trained from this reference, or leave it null)")
+    model = load_model(str(init_dir))
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
@@ -182,6 +191,7 @@ def run_dpo(cfg: DpoConfig, pairs_dir, reference_model_dir, out_dir, *, referenc
             "steps": cfg.max_steps, "pairs": len(pairs), "truncated_pairs": pairs.truncated, "processes": world,
             "global_batch": global_batch, "reference": cfg.reference, "reference_cache_key": expected_key,
             "beta": cfg.beta, "loss_type": cfg.loss_type, "config": cfg.model_dump(mode="json"),
+            **({"init_model_sha": model_sha(init_dir)} if init_dir != model_dir else {}),
         }, {
             "seconds": round(seconds, 2), "steps_this_run": steps_run, "resumed_from": start,
             "s_per_step": round(seconds / max(1, steps_run), 4),

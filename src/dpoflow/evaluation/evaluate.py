@@ -31,6 +31,7 @@ def run_eval(cfg: EvalConfig, policy_dir, reference_model_dir, data_dir, out_dir
 
     from dpoflow.dpo.logprobs import score_sequences, tokenize_prompt
     from dpoflow.evaluation.report import write_report
+    from dpoflow.evaluation.stats import diversity
     from dpoflow.modeling import generate_ids, load_model, load_tokenizer
 
     out_dir = Path(out_dir)
@@ -71,6 +72,11 @@ def run_eval(cfg: EvalConfig, policy_dir, reference_model_dir, data_dir, out_dir
     policy_lengths = torch.tensor([len(ids) for ids in policy_ids], dtype=torch.float)
     reference_lengths = torch.tensor([len(ids) for ids in reference_ids], dtype=torch.float)
     metrics["kl"] = sum(kl_per_sample) / len(kl_per_sample)
+    # next to the reward: does the policy still write varied text? (a judge-exploitation guard)
+    for who, texts in (("policy", policy_text), ("reference", reference_text)):
+        metrics.update({f"{name}_{who}": value for name, value in diversity(texts).items()})
+    if metrics["distinct_2_reference"]:
+        metrics["diversity_ratio"] = metrics["distinct_2_policy"] / metrics["distinct_2_reference"]
     metrics["length_policy"] = float(policy_lengths.mean())
     metrics["length_reference"] = float(reference_lengths.mean())
     median = float(policy_lengths.median())

@@ -101,23 +101,55 @@ def write_report(path, metrics: dict, samples, training_metrics=None) -> Path:
 
 
 def write_frontier(out_dir, evaluations: dict[str, dict]) -> dict:
-    """Mean judge reward vs KL(π‖π_ref) for each run of a sweep: frontier.json + frontier.html."""
+    """Mean judge reward vs KL(π‖π_ref) for each run of a sweep: frontier.json + frontier.html. With
+    on-policy rounds (metrics carry `round`): one curve per round over the βs, and win rate and
+    diversity per round for each β."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = [{"run": name, "beta": m.get("beta"), "kl": m["kl"], "reward": m.get("reward_policy"),
-              "win_rate": m["win_rate"]} for name, m in evaluations.items()]
-    table.sort(key=lambda row: row["kl"])
+              "win_rate": m["win_rate"],
+              **({"round": m["round"], "distinct_2": m.get("distinct_2_policy"),
+                  "repetition": m.get("repetition_policy"), **({"stopped": m["stopped"]} if m.get("stopped") else {})}
+                 if "round" in m else {})}
+             for name, m in evaluations.items()]
+    table.sort(key=lambda row: (row.get("round", 1), row["kl"]))
     (out_dir / "frontier.json").write_text(json.dumps(table, indent=2) + "\n")
     plt = _figure()
     fig, axis = plt.subplots(figsize=(5, 3.5))
-    with_reward = [row for row in table if row["reward"] is not None]
-    axis.plot([r["kl"] for r in with_reward], [r["reward"] for r in with_reward], marker="o")
-    for row in with_reward:
-        axis.annotate(f"β={row['beta']:g}", (row["kl"], row["reward"]))
+    rounds = sorted({row.get("round", 1) for row in table})
+    for r in rounds:
+        points = [row for row in table if row.get("round", 1) == r and row["reward"] is not None]
+        axis.plot([p["kl"] for p in points], [p["reward"] for p in points], marker="o",
+                  label=f"round {r}" if len(rounds) > 1 else None)
+        for row in points:
+            axis.annotate(f"β={row['beta']:g}", (row["kl"], row["reward"]))
+    if len(rounds) > 1:
+        axis.legend()
     axis.set_xlabel("KL(π‖π_ref) (nats per completion)")
     axis.set_ylabel("mean judge reward")
     axis.set_title("reward vs KL frontier")
     body = _table({f"{r['run']}": f"KL {r['kl']:.2f}, reward {r['reward']}, win rate {r['win_rate']:.3f}"
+                   + (f", distinct-2 {r['distinct_2']:.3f}, repetition {r['repetition']:.3f}"
+                      if r.get("distinct_2") is not None else "")
+                   + (f" (stopped: {r['stopped']})" if r.get("stopped") else "")
                    for r in table}) + _png(fig)
+    if len(rounds) > 1:
+        body += "<h2>Per round</h2>" + _rounds_plot(table)
     (out_dir / "frontier.html").write_text(_page("dpoflow β sweep: reward vs KL", body))
     return {"frontier": table}
+
+
+def _rounds_plot(table: list[dict]) -> str:
+    """Win rate and distinct-2 of each β's policy across the on-policy rounds."""
+    plt = _figure()
+    fig, (wins, spread) = plt.subplots(1, 2, figsize=(9, 3.2))
+    for beta in sorted({row["beta"] for row in table}):
+        rows = sorted((row for row in table if row["beta"] == beta), key=lambda row: row["round"])
+        wins.plot([r["round"] for r in rows], [r["win_rate"] for r in rows], marker="o", label=f"β={beta:g}")
+        spread.plot([r["round"] for r in rows], [r["distinct_2"] for r in rows], marker="o", label=f"β={beta:g}")
+    wins.set_xlabel("round")
+    wins.set_ylabel("win rate vs reference")
+    spread.set_xlabel("round")
+    spread.set_ylabel("distinct-2 of policy samples")
+    wins.legend()
+    return _png(fig)

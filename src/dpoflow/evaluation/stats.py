@@ -42,3 +42,23 @@ def reward_margin_summary(policy_scores: list[float], reference_scores: list[flo
     low, high = bootstrap_mean_interval(margins, seed)
     return {"reward_policy": sum(policy_scores) / n, "reward_reference": sum(reference_scores) / n,
             "reward_margin": sum(margins) / n, "reward_margin_ci_low": low, "reward_margin_ci_high": high}
+
+
+def diversity(texts: list[str]) -> dict:
+    """How varied a set of completions is (words = whitespace tokens, lower-cased):
+    distinct_n = unique n-grams / all n-grams over the whole set (Li et al. 2016), for n = 1, 2;
+    repetition = mean over completions of the share of their bigrams that repeat an earlier bigram of
+    the same completion. A policy that exploits its judge collapses onto a few phrases: distinct-n
+    falls and repetition rises while the judge's reward still climbs."""
+    words = [text.lower().split() for text in texts]
+    result = {}
+    for n in (1, 2):
+        grams = [tuple(w[i:i + n]) for w in words for i in range(len(w) - n + 1)]
+        result[f"distinct_{n}"] = len(set(grams)) / len(grams) if grams else 0.0
+    repeats = []
+    for w in words:
+        bigrams = [tuple(w[i:i + 2]) for i in range(len(w) - 1)]
+        if bigrams:
+            repeats.append(1 - len(set(bigrams)) / len(bigrams))
+    result["repetition"] = sum(repeats) / len(repeats) if repeats else 0.0
+    return result

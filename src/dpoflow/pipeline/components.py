@@ -19,7 +19,7 @@ DEFAULT_IMAGE = f"dpoflow/dpoflow:{__version__}"  # make image IMAGE=<registry>/
 def fingerprint(config: str, config_overrides: str, base_model: str, data_kind: str, data_source: str,
                 dvc_repo: str, dvc_path: str, dvc_rev: str, betas: list, loss_type: str, learning_rate: float,
                 max_steps: int, judge: str, min_win_rate: float, model_name: str, workspace: str, mlflow_uri: str,
-                mlflow_run_id: str, run_info: Output[Artifact]) -> NamedTuple(
+                mlflow_run_id: str, compiled_rounds: int, run_info: Output[Artifact]) -> NamedTuple(
                     "FingerprintOutputs", [("config", str), ("data_md5", str), ("parent_run_id", str)]):
     """Resolve the run config from the parameters (a wrong key fails here, naming it), fingerprint the
     data (its md5 is what makes the cached steps re-run on new data) and open the MLflow parent run."""
@@ -32,7 +32,7 @@ def fingerprint(config: str, config_overrides: str, base_model: str, data_kind: 
                 min_win_rate=min_win_rate, model_name=model_name)
     out = fingerprint_task(config=config, flat=flat, config_overrides=config_overrides,
                            dvc=(dvc_repo, dvc_path, dvc_rev), workspace=workspace, mlflow_uri=mlflow_uri,
-                           mlflow_run_id=mlflow_run_id, run_info=run_info)
+                           mlflow_run_id=mlflow_run_id, compiled_rounds=compiled_rounds, run_info=run_info)
     return namedtuple("FingerprintOutputs", FINGERPRINT_OUTPUTS)(*(out[name] for name in FINGERPRINT_OUTPUTS))
 
 
@@ -59,12 +59,14 @@ def sft(sft_cfg: str, model_cfg: str, data: Input[Dataset], data_md5: str, works
              reference_model=reference_model)
 
 
-def prefs(prefs_cfg: str, data: Input[Dataset], reference_model: Input[Model], workspace: str,
-          pairs: Output[Dataset]):
-    """Sample the reference k times per prompt, judge, keep best vs worst as pairs (or the data's own pairs)."""
+def prefs(prefs_cfg: str, model_cfg: str, rounds: int, data: Input[Dataset], reference_model: Input[Model],
+          workspace: str, pairs: Output[Dataset]):
+    """Sample the reference (or model.policy_init) k times per prompt, judge, keep best vs worst as
+    pairs (or the data's own pairs); with on-policy rounds, round 1's share of the prompts."""
     from dpoflow.pipeline.tasks import prefs_task
 
-    prefs_task(prefs=prefs_cfg, data=data, reference_model=reference_model, workspace=workspace, pairs=pairs)
+    prefs_task(prefs=prefs_cfg, model=model_cfg, rounds=rounds, data=data, reference_model=reference_model,
+               workspace=workspace, pairs=pairs)
 
 
 def reference(dpo_cfg: str, pairs: Input[Dataset], reference_model: Input[Model], workspace: str,
@@ -76,26 +78,48 @@ def reference(dpo_cfg: str, pairs: Input[Dataset], reference_model: Input[Model]
                    reference=reference_logps)
 
 
-def dpo(beta: float, run_info: Input[Artifact], pairs: Input[Dataset], reference_model: Input[Model],
-        reference_logps: Input[Dataset], data: Input[Dataset], gpus: int, gpu_type: str, threads: int,
-        workspace: str, mlflow_uri: str, policy: Output[Model]):
-    """Train the policy with DPO at this β (accelerate; DDP over `gpus` GPUs of type `gpu_type` in this
-    pod). Its training metrics reach MLflow while it runs; the β run's id is in the policy's metadata."""
+def round_prefs(beta: float, round: int, rounds: int, run_info: Input[Artifact], data: Input[Dataset],
+                sampler: Input[Model], previous_results: Input[Artifact], threads: int, workspace: str,
+                pairs: Output[Dataset]):
+    """On-policy round r: pairs sampled from round r-1's policy on this round's share of the prompts,
+    judged as in prefs; stops when round r-1's samples lost their diversity (run.min_diversity)."""
+    from dpoflow.pipeline.tasks import round_prefs_task
+
+    round_prefs_task(beta=beta, round=round, rounds=rounds, run_info=run_info, data=data, sampler=sampler,
+                     previous_results=previous_results, workspace=workspace, threads=threads, pairs=pairs)
+
+
+def round_reference(beta: float, round: int, run_info: Input[Artifact], pairs: Input[Dataset],
+                    reference_model: Input[Model], threads: int, workspace: str, reference_logps: Output[Dataset]):
+    """The reference's log-probs over round r's pairs (the fixed reference, or round r-1's policy)."""
+    from dpoflow.pipeline.tasks import round_reference_task
+
+    round_reference_task(beta=beta, round=round, run_info=run_info, pairs=pairs, reference_model=reference_model,
+                         workspace=workspace, threads=threads, reference=reference_logps)
+
+
+def dpo(beta: float, round: int, run_info: Input[Artifact], pairs: Input[Dataset], reference_model: Input[Model],
+        reference_logps: Input[Dataset], init_policy: Input[Model], data: Input[Dataset], gpus: int, gpu_type: str,
+        threads: int, workspace: str, mlflow_uri: str, policy: Output[Model]):
+    """Train the policy with DPO at this β from `init_policy` (accelerate; DDP over `gpus` GPUs of type
+    `gpu_type` in this pod). Its training metrics reach MLflow while it runs; the β run's id is in the
+    policy's metadata."""
     from dpoflow.pipeline.tasks import dpo_task
 
     # gpu_type is an input so that KFP passes the parameter into the loop (it sets the accelerator)
     policy.metadata["accelerator"] = f"{gpus} x {gpu_type}" if gpus else "cpu"
-    dpo_task(beta=beta, run_info=run_info, pairs=pairs, reference_model=reference_model, reference=reference_logps,
-             data=data, gpus=gpus, threads=threads, workspace=workspace, mlflow_uri=mlflow_uri, policy=policy)
+    dpo_task(beta=beta, round=round, run_info=run_info, pairs=pairs, reference_model=reference_model,
+             reference=reference_logps, init_policy=init_policy, data=data, gpus=gpus, threads=threads,
+             workspace=workspace, mlflow_uri=mlflow_uri, policy=policy)
 
 
-def evaluate(beta: float, run_info: Input[Artifact], policy: Input[Model], reference_model: Input[Model],
+def evaluate(beta: float, round: int, run_info: Input[Artifact], policy: Input[Model], reference_model: Input[Model],
              data: Input[Dataset], pairs: Input[Dataset], threads: int, workspace: str, mlflow_uri: str,
              results: Output[Artifact], metrics: Output[Metrics], report: Output[HTML]):
     """Win rate vs the reference with its 95 % interval, reward margin, KL; the report renders in the UI."""
     from dpoflow.pipeline.tasks import eval_task
 
-    eval_task(beta=beta, run_info=run_info, policy=policy, reference_model=reference_model, data=data, pairs=pairs,
+    eval_task(beta=beta, round=round, run_info=run_info, policy=policy, reference_model=reference_model, data=data, pairs=pairs,
               threads=threads, workspace=workspace, mlflow_uri=mlflow_uri, results=results, metrics=metrics,
               report=report)
 
@@ -145,7 +169,8 @@ def multinode_dpo(beta: float, dpo_cfg: str, image: str, nodes: int, gpus_per_no
     return launch(spec, engine=engine, timeout_s=timeout_s)
 
 
-STEPS = (fingerprint, data, sft, prefs, reference, dpo, evaluate, register, select, gate, promote, multinode_dpo)
+STEPS = (fingerprint, data, sft, prefs, reference, round_prefs, round_reference, dpo, evaluate, register, select, gate,
+         promote, multinode_dpo)
 
 
 def build_components(image: str = DEFAULT_IMAGE) -> dict:

@@ -5,6 +5,12 @@
     ParallelFor(β in betas): dpo ──► evaluate ──► register (alias candidate)
     select (dsl.Collected versions) ──► gate ──► If(gate == 'pass'): promote (alias champion)
 
+With run.rounds = R > 1 (on-policy rounds, unrolled when the pipeline is built), each β iteration is
+
+    dpo(round 1) ──► evaluate ──► [round_prefs ──► round_reference ──► dpo ──► evaluate] x (R-1) ──► register
+
+where round r samples its pairs from round r-1's policy and trains on from it.
+
 `build_pipeline(image, config)` returns the pipeline function; parameter defaults come from the
 config (params.yaml), so the compiled pipeline *is* the demo until a UI user changes a parameter.
 """
@@ -31,7 +37,9 @@ def build_pipeline(image: str = DEFAULT_IMAGE, config: Config | None = None, par
     """The pipeline function for `image`; `config` gives the parameters' defaults (default: Config()).
     `retries`: per task that talks to services (a cluster's MLflow); the local runner uses 0."""
     c = build_components(image)
-    defaults = pipeline_arguments(config or Config())
+    config = config or Config()
+    rounds, reference_update = config.run.rounds, config.dpo.reference_update
+    defaults = pipeline_arguments(config)
     config_default = json.dumps(json.loads(defaults["config"]), sort_keys=True)
 
     @dsl.pipeline(name=PIPELINE_NAME, description="DPO alignment: data -> SFT reference -> judged pairs -> "
@@ -97,7 +105,7 @@ def build_pipeline(image: str = DEFAULT_IMAGE, config: Config | None = None, par
             data_source=data_source, dvc_repo=dvc_repo, dvc_path=dvc_path, dvc_rev=dvc_rev, betas=betas,
             loss_type=loss_type, learning_rate=learning_rate, max_steps=max_steps, judge=judge,
             min_win_rate=min_win_rate, model_name=model_name, workspace=workspace, mlflow_uri=mlflow_uri,
-            mlflow_run_id=mlflow_run_id)
+            mlflow_run_id=mlflow_run_id, compiled_rounds=rounds)
         # never cached: it tells the cached steps below whether the data (a moving DVC branch) changed
         fingerprint.set_caching_options(False)
         run_info = fingerprint.outputs["run_info"]
@@ -108,32 +116,56 @@ def build_pipeline(image: str = DEFAULT_IMAGE, config: Config | None = None, par
                        data_md5=fingerprint.outputs["data_md5"], workspace=workspace)
         sft.set_display_name("sft (reference)")
         reference_model = sft.outputs["reference_model"]
-        prefs = c["prefs"](prefs_cfg=data.outputs["prefs_cfg"], data=dataset, reference_model=reference_model,
-                           workspace=workspace)
+        prefs = c["prefs"](prefs_cfg=data.outputs["prefs_cfg"], model_cfg=data.outputs["model_cfg"], rounds=rounds,
+                           data=dataset, reference_model=reference_model, workspace=workspace)
         pairs = prefs.outputs["pairs"]
         reference = c["reference"](dpo_cfg=data.outputs["dpo_cfg"], pairs=pairs, reference_model=reference_model,
                                    workspace=workspace)
         reference.set_display_name("reference log-probs")
-        tracked = [fingerprint, data]
+        tracked, uncached = [fingerprint, data], []
         # inside the loop, settings come from the run_info artifact, not from task-output parameters
         # (kfp 2.17's local runner replaces those with the loop item)
         with dsl.ParallelFor(betas, parallelism=parallelism) as beta:
-            dpo = c["dpo"](beta=beta, run_info=run_info, pairs=pairs, reference_model=reference_model,
-                           reference_logps=reference.outputs["reference_logps"], data=dataset, gpus=gpus,
-                           gpu_type=gpu_type,
-                           threads=threads_per_task, workspace=workspace, mlflow_uri=mlflow_uri)
-            dpo.set_accelerator_type(gpu_type).set_accelerator_limit(gpus)
-            dpo.set_memory_limit("64G").set_cpu_limit("8")
-            kubernetes.empty_dir_mount(dpo, volume_name="shm", mount_path="/dev/shm", medium="Memory")  # NCCL
-            kubernetes.add_node_selector_json(dpo, node_selector)
-            kubernetes.add_toleration_json(dpo, tolerations)
-            evaluate = c["evaluate"](beta=beta, run_info=run_info, policy=dpo.outputs["policy"],
-                                     reference_model=reference_model, data=dataset, pairs=pairs,
-                                     threads=threads_per_task, workspace=workspace, mlflow_uri=mlflow_uri)
-            register = c["register"](run_info=run_info, policy=dpo.outputs["policy"],
-                                     results=evaluate.outputs["results"], data=dataset,
-                                     reference_logps=reference.outputs["reference_logps"], mlflow_uri=mlflow_uri)
-            tracked += [dpo, evaluate, register]
+            round_pairs, round_logps, round_reference_model, init = pairs, reference.outputs["reference_logps"], \
+                reference_model, reference_model
+            previous_policy = previous_results = None
+            for r in range(1, rounds + 1):
+                if r > 1:  # on-policy: pairs sampled from the previous round's policy, training goes on from it
+                    sample = c["round_prefs"](beta=beta, round=r, rounds=rounds, run_info=run_info, data=dataset,
+                                              sampler=previous_policy, previous_results=previous_results,
+                                              threads=threads_per_task, workspace=workspace)
+                    round_reference_model = previous_policy if reference_update == "previous" else reference_model
+                    score = c["round_reference"](beta=beta, round=r, run_info=run_info, pairs=sample.outputs["pairs"],
+                                                 reference_model=round_reference_model, threads=threads_per_task,
+                                                 workspace=workspace)
+                    sample.set_display_name(f"prefs (round {r})")
+                    score.set_display_name(f"reference log-probs (round {r})")
+                    round_pairs, round_logps, init = sample.outputs["pairs"], score.outputs["reference_logps"], \
+                        previous_policy
+                    tracked += [sample, score]
+                    uncached += [sample, score]
+                dpo = c["dpo"](beta=beta, round=r, run_info=run_info, pairs=round_pairs,
+                               reference_model=round_reference_model, reference_logps=round_logps, init_policy=init,
+                               data=dataset, gpus=gpus, gpu_type=gpu_type, threads=threads_per_task,
+                               workspace=workspace, mlflow_uri=mlflow_uri)
+                dpo.set_accelerator_type(gpu_type).set_accelerator_limit(gpus)
+                dpo.set_memory_limit("64G").set_cpu_limit("8")
+                kubernetes.empty_dir_mount(dpo, volume_name="shm", mount_path="/dev/shm", medium="Memory")  # NCCL
+                kubernetes.add_node_selector_json(dpo, node_selector)
+                kubernetes.add_toleration_json(dpo, tolerations)
+                # every round is evaluated against the fixed reference
+                evaluate = c["evaluate"](beta=beta, round=r, run_info=run_info, policy=dpo.outputs["policy"],
+                                         reference_model=reference_model, data=dataset, pairs=round_pairs,
+                                         threads=threads_per_task, workspace=workspace, mlflow_uri=mlflow_uri)
+                if rounds > 1:
+                    dpo.set_display_name(f"dpo (round {r})")
+                    evaluate.set_display_name(f"evaluate (round {r})")
+                tracked += [dpo, evaluate]
+                uncached += [dpo, evaluate]
+                previous_policy, previous_results = dpo.outputs["policy"], evaluate.outputs["results"]
+            register = c["register"](run_info=run_info, policy=previous_policy, results=previous_results, data=dataset,
+                                     reference_logps=round_logps, mlflow_uri=mlflow_uri)
+            tracked.append(register)
         select = c["select"](registry_cfg=data.outputs["registry_cfg"], versions=dsl.Collected(register.output),
                              parent_run_id=fingerprint.outputs["parent_run_id"], mlflow_uri=mlflow_uri)
         gate = c["gate"](registry_cfg=data.outputs["registry_cfg"], eval_cfg=data.outputs["eval_cfg"],
@@ -150,7 +182,7 @@ def build_pipeline(image: str = DEFAULT_IMAGE, config: Config | None = None, par
             kubernetes.use_secret_as_env(task, s3_secret, S3_SECRET_KEYS, optional=True)
         # the β tasks log into this pipeline run's MLflow tree and the registry tasks move aliases:
         # never served from KFP's cache (sft, prefs, reference log-probs are, while data is unchanged)
-        for task in (dpo, evaluate, register, select, gate, promote):
+        for task in uncached + [register, select, gate, promote]:
             task.set_caching_options(False)
 
     return dpo_alignment

@@ -94,7 +94,7 @@ def run_local(cfg: Config, log=print) -> dict:
 
     from dpoflow.evaluation.report import write_frontier
     from dpoflow.pipeline.dag import build_pipeline
-    from dpoflow.pipeline.tasks import beta_dir_name, beta_threads, pipeline_arguments
+    from dpoflow.pipeline.tasks import beta_threads, pipeline_arguments, round_rel, round_run_name
 
     check_pipeline(cfg)
     root = (Path(cfg.run.output_dir) / cfg.run.name).resolve()
@@ -137,16 +137,20 @@ def run_local(cfg: Config, log=print) -> dict:
         progress.close()
     wall = time.perf_counter() - started
 
-    results = {}
+    results, policies = {}, {}
     for beta in cfg.run.betas:
-        results[beta_dir_name(beta)] = json.loads((root / "eval" / beta_dir_name(beta) / "metrics.json").read_text())
+        for r in range(1, cfg.run.rounds + 1):
+            name = round_run_name(beta, r, cfg.run.rounds)
+            results[name] = json.loads((root / round_rel("eval", beta, r) / "metrics.json").read_text())
+            policies[name] = str(root / round_rel("dpo", beta, r) / "model")
     write_frontier(root / "frontier", results)
     timings = {}
     for name in progress.ran + progress.reused:
         marker = root / ".steps" / f"{name.replace(' ', '-')}.json"
         timings[name] = json.loads(marker.read_text())["seconds"] if name in progress.ran and marker.exists() else 0.0
     data_dir = root / "data"
-    summary = {"run": cfg.run.name, "config_hash": config_hash(cfg), "results": results, "timings_s": timings,
+    summary = {"run": cfg.run.name, "config_hash": config_hash(cfg), "results": results, "policies": policies,
+               "timings_s": timings,
                "wall_s": round(wall, 1), "tasks": progress.tasks, "data": json.loads((data_dir / "stats.json").read_text())}
     if tracking is not None:
         summary["mlflow_run_id"] = parent
@@ -190,7 +194,9 @@ def _print_summary(cfg: Config, root: Path, summary: dict, log) -> None:
     for name, m in summary["results"].items():
         log(f"  {name}: win rate {m['win_rate']:.3f} [{m['win_rate_ci_low']:.3f}, {m['win_rate_ci_high']:.3f}] over "
             f"{m['n_prompts']} prompts; reward margin {m.get('reward_margin', nan):+.3f}; KL {m['kl']:.2f}; "
-            f"implicit accuracy {m.get('implicit_accuracy', nan):.3f} -> {root / 'dpo' / name / 'model'}")
+            f"implicit accuracy {m.get('implicit_accuracy', nan):.3f}; distinct-2 {m.get('distinct_2_policy', nan):.3f} "
+            f"(reference {m.get('distinct_2_reference', nan):.3f}) -> {summary['policies'][name]}"
+            + (f"\n    STOPPED: {m['stopped']}" if m.get("stopped") else ""))
     log(f"  reports: {root / 'eval'}/<beta>/report.html; frontier: {root / 'frontier' / 'frontier.html'}")
     log(f"  summary: {root / 'summary.json'}")
     registry = summary.get("registry")

@@ -140,6 +140,39 @@ def beta_dir_name(beta: float) -> str:
     return f"beta-{beta}"
 
 
+def round_rel(step: str, beta: float, round: int) -> str:
+    """Workspace folder of a β step of on-policy round `round`: round 1 keeps the single-round names
+    (dpo/beta-0.5, as dvc.yaml writes them); round r > 1 lives in round-<r>/beta-<β>/<step>."""
+    if round == 1:
+        return f"{step}/{beta_dir_name(beta)}"
+    return f"round-{round}/{beta_dir_name(beta)}/{step}"
+
+
+def round_step_name(step: str, beta: float, round: int) -> str:
+    """`dpo beta-0.5` (round 1, as before rounds existed), `dpo round-2 beta-0.5`: log lines, .steps/ records."""
+    return f"{step} {beta_dir_name(beta)}" if round == 1 else f"{step} round-{round} {beta_dir_name(beta)}"
+
+
+def round_run_name(beta: float, round: int, rounds: int) -> str:
+    """Name of the β run (MLflow, summary.json): beta-0.5, or round-2/beta-0.5 when there are rounds."""
+    return beta_dir_name(beta) if rounds == 1 else f"round-{round}/{beta_dir_name(beta)}"
+
+
+def stop_reason(previous: dict, min_diversity: float) -> str:
+    """Why an on-policy round must not run, given the previous round's evaluation ('' = go on): its
+    policy's samples lost their diversity (distinct-2 below `min_diversity` × the reference's) — the
+    sign of a policy exploiting its judge — or an earlier round already stopped."""
+    if previous.get("stopped"):
+        return previous["stopped"]
+    ratio = previous.get("diversity_ratio")
+    if ratio is not None and ratio < min_diversity:
+        return (f"round {previous.get('round', '?')}'s policy samples have distinct-2 "
+                f"{previous['distinct_2_policy']:.3f} = {ratio:.2f} x the reference's "
+                f"{previous['distinct_2_reference']:.3f}, below run.min_diversity={min_diversity}: its diversity "
+                "collapsed (judge exploitation); further rounds keep its policy")
+    return ""
+
+
 def step_dirs(cfg: Config) -> dict[str, Path]:
     """Where each step of a run reads and writes: <output_dir>/<run name>/<step> (as dvc.yaml says)."""
     root = Path(cfg.run.output_dir) / cfg.run.name
@@ -260,13 +293,17 @@ FINGERPRINT_OUTPUTS = ["config", "data_md5", "parent_run_id"]
 # ---- tasks ----------------------------------------------------------------------------------------
 
 def fingerprint_task(*, config: str, flat: dict, config_overrides: str, dvc: tuple[str, str, str], workspace: str,
-                     mlflow_uri: str, mlflow_run_id: str, run_info) -> dict:
+                     mlflow_uri: str, mlflow_run_id: str, compiled_rounds: int, run_info) -> dict:
     """Resolve and validate the run config, fingerprint the data (DVC's md5 at the rev, or the file's),
     open (or join) the MLflow parent run. Never cached: its outputs are what tells the cached steps
     below whether anything changed. `run_info` (an artifact: parent run, md5, config sections) is
     what the β tasks read."""
     _setup(mlflow_uri, workspace)
     cfg = resolve_config(config, flat, config_overrides, dvc)
+    if cfg.run.rounds != compiled_rounds:
+        raise ConfigError(f"run.rounds={cfg.run.rounds} but this pipeline was compiled with {compiled_rounds} on-policy "
+                          f"round(s) (KFP unrolls them when the pipeline is built): compile it with "
+                          f"`dpoflow compile --set run.rounds={cfg.run.rounds}` and upload that")
     md5 = data_fingerprint(cfg.data) or f"demo:{cfg.data.demo.n_reviews}:{cfg.data.demo.seed}"
     parent = ""
     if cfg.tracking.enabled:
@@ -345,17 +382,36 @@ def sft_task(*, sft: str, model: str, data, data_md5: str, workspace: str, refer
     reference_model.metadata["base"] = model_cfg.base
 
 
-def prefs_task(*, prefs: str, data, reference_model, workspace: str, pairs) -> None:
-    """Judged preference pairs sampled from the reference (the DPO paper's protocol), or the data's
-    own pairs (prefs.enabled=false)."""
+def resolve_policy_init(uri: str) -> tuple[str, Path]:
+    """(pinned URI, local folder) of model.policy_init: an alias is pinned to the version it points at
+    now, so the pairs and the DPO start of one run come from the same weights."""
+    from dpoflow.modeling import resolve_model_path
+
+    if uri.startswith("models:/"):
+        from dpoflow.tracking import pin_model_uri
+
+        uri = pin_model_uri(uri)
+    return uri, Path(resolve_model_path(uri)).resolve()
+
+
+def prefs_task(*, prefs: str, model: str, rounds: int, data, reference_model, workspace: str, pairs) -> None:
+    """Judged preference pairs sampled from the reference (the DPO paper's protocol) — or from
+    model.policy_init when set (scheduled retraining continues from the champion) —, or the data's own
+    pairs (prefs.enabled=false). With on-policy rounds, round 1 takes its share of the prompts."""
+    from dpoflow.data.sources import tree_md5
     from dpoflow.preferences import run_prefs
 
     _setup("", workspace)
-    prefs_cfg = _model(PrefsConfig, prefs)
+    prefs_cfg, model_cfg = _model(PrefsConfig, prefs), _model(ModelConfig, model)
     if prefs_cfg.enabled:
-        key = step_key(data.metadata.get("dpoflow_key"), reference_model.metadata.get("dpoflow_key"), prefs)
-        produce("prefs", "prefs", pairs, key, workspace,
-                lambda d: run_prefs(prefs_cfg, _in(data), _in(reference_model, "model"), d))
+        sampler, sampler_key, init_uri = _in(reference_model, "model"), reference_model.metadata.get("dpoflow_key"), ""
+        if model_cfg.policy_init:
+            init_uri, sampler = resolve_policy_init(model_cfg.policy_init)
+            sampler_key = tree_md5(sampler)
+        shard = (0, rounds)
+        key = step_key(data.metadata.get("dpoflow_key"), sampler_key, prefs, *([shard] if rounds > 1 else []))
+        produce("prefs", "prefs", pairs, key, workspace, lambda d: run_prefs(prefs_cfg, _in(data), sampler, d, shard))
+        pairs.metadata.update({"policy_init": init_uri, "sampler": init_uri or "reference"})
     else:
         (_link if workspace else _copy_into)(pairs.path, Path(data.path))
         pairs.metadata["dpoflow_key"] = data.metadata.get("dpoflow_key")
@@ -369,61 +425,123 @@ def _rows(path: Path) -> int:
     return pq.ParquetFile(path).metadata.num_rows if path.exists() else 0
 
 
-def reference_task(*, dpo: str, pairs, reference_model, workspace: str, reference) -> None:
-    """The reference model's log-probs over every pair, once for the whole β sweep."""
+def reference_task(*, dpo: str, pairs, reference_model, workspace: str, reference, name: str = "reference",
+                   rel: str = "reference", threads: int = 0) -> None:
+    """The reference model's log-probs over every pair, once for the whole β sweep (or, in on-policy
+    round r > 1, over that round's pairs of one β)."""
     from dpoflow.dpo.reference import run_reference
 
-    _setup("", workspace)
+    _setup("", workspace, threads)
     dpo_cfg = _model(DpoConfig, dpo)
     key = step_key(pairs.metadata.get("dpoflow_key"), reference_model.metadata.get("dpoflow_key"),
                    dpo_cfg.max_length, dpo_cfg.truncation)
-    out = produce("reference", "reference", reference, key, workspace,
-                  lambda d: run_reference(_in(pairs), _in(reference_model, "model"), d,
-                                          max_length=dpo_cfg.max_length, truncation=dpo_cfg.truncation))
+
+    def compute(out_dir: Path):
+        stopped = _in(pairs, "stopped.json")
+        if stopped.exists():  # a stopped round: nothing to score
+            out_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copy(stopped, out_dir / "stopped.json")
+            (out_dir / "reference.json").write_text(json.dumps({"cache_key": ""}) + "\n")
+            return
+        run_reference(_in(pairs), _in(reference_model, "model"), out_dir, max_length=dpo_cfg.max_length,
+                      truncation=dpo_cfg.truncation)
+
+    out = produce(name, rel, reference, key, workspace, compute)
     reference.metadata["cache_key"] = json.loads((out / "reference.json").read_text())["cache_key"]
 
 
-def dpo_task(*, beta: float, run_info, pairs, reference_model, reference, data, gpus: int, threads: int,
-             workspace: str, mlflow_uri: str, policy) -> None:
-    """DPO for one β. Training metrics reach MLflow while it runs (a nested run `beta-<β>` under the
-    parent, with system metrics and the training data as its input); a reused step is logged from
-    its metrics.jsonl. The β run's id goes on in the policy's metadata."""
+def round_prefs_task(*, beta: float, round: int, rounds: int, run_info, data, sampler, previous_results,
+                     workspace: str, threads: int, pairs) -> None:
+    """On-policy round `round` for one β: sample this round's share of the training prompts (and the
+    eval prompts) from the previous round's policy, judge, build pairs — the prefs step unchanged.
+    Stops (writes stopped.json, no pairs) when the previous round's samples lost their diversity."""
+    from dpoflow.preferences import run_prefs
+
+    _setup("", workspace, threads)
+    cfg = _run_info(run_info)[0]
+    previous = json.loads((Path(previous_results.path) / "metrics.json").read_text())
+    reason = stop_reason(previous, cfg.run.min_diversity)
+    prefs_cfg = cfg.prefs.model_copy(update={"seed": cfg.prefs.seed + 100 * (round - 1)})
+    key = step_key(data.metadata.get("dpoflow_key"), sampler.metadata.get("dpoflow_key"),
+                   config_dict(prefs_cfg), round, rounds, reason)
+
+    def sample(out_dir: Path):
+        if reason:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "stopped.json").write_text(json.dumps({"round": round, "reason": reason}, indent=2) + "\n")
+            print(f"round {round} beta {beta}: stopped: {reason}")
+            return
+        run_prefs(prefs_cfg, _in(data), _in(sampler, "model"), out_dir, shard=(round - 1, rounds))
+
+    produce(round_step_name("prefs", beta, round), round_rel("prefs", beta, round), pairs, key, workspace, sample)
+    pairs.metadata.update({"round": round, "stopped": reason})
+
+
+def round_reference_task(*, beta: float, round: int, run_info, pairs, reference_model, workspace: str, threads: int,
+                         reference) -> None:
+    cfg = _run_info(run_info)[0]
+    reference_task(dpo=cfg.dpo.model_dump_json(), pairs=pairs, reference_model=reference_model, workspace=workspace,
+                   reference=reference, name=round_step_name("reference", beta, round),
+                   rel=round_rel("reference", beta, round), threads=threads)
+
+
+def dpo_task(*, beta: float, round: int, run_info, pairs, reference_model, reference, init_policy, data, gpus: int,
+             threads: int, workspace: str, mlflow_uri: str, policy) -> None:
+    """DPO for one β (and on-policy round). Training starts from `init_policy` (the previous round's
+    policy; in round 1 the reference, or model.policy_init). Training metrics reach MLflow while it
+    runs (a nested run `beta-<β>` — `round-<r>/beta-<β>` with rounds — under the parent, with system
+    metrics and the training data as its input); a reused step is logged from its metrics.jsonl. The
+    β run's id goes on in the policy's metadata. A stopped round passes its initial policy through."""
     from dpoflow.dpo.train import run_dpo
 
     _setup(mlflow_uri, workspace, threads)
     cfg, parent_run_id = _run_info(run_info)[:2]
     data_md5 = data.metadata.get("md5", "")  # the data step's md5 of what it read (DVC's for DVC data)
     dpo_cfg, tracking_cfg = cfg.dpo.model_copy(update={"beta": beta}), cfg.tracking
-    name = beta_dir_name(beta)
-    key = step_key(reference.metadata.get("dpoflow_key"), config_dict(dpo_cfg))
+    name = round_run_name(beta, round, cfg.run.rounds)
+    init_dir, init_uri = _in(init_policy, "model"), init_policy.metadata.get("policy_init", "")
+    if round == 1 and pairs.metadata.get("policy_init"):  # the same (pinned) version the pairs came from
+        init_uri, init_dir = resolve_policy_init(pairs.metadata["policy_init"])
+    stopped = pairs.metadata.get("stopped", "")
+    key = step_key(reference.metadata.get("dpoflow_key"), init_policy.metadata.get("dpoflow_key"), init_uri,
+                   config_dict(dpo_cfg))
     run_id, live = "", None
     if tracking_cfg.enabled and parent_run_id:
         from dpoflow import tracking
 
         params = {f"dpo.{k}": v for k, v in flatten(config_dict(dpo_cfg)).items()}
         params.update({"data.md5": data_md5, "reference.cache_key": reference.metadata.get("cache_key", "")})
+        if cfg.run.rounds > 1 or init_uri:
+            params.update({"round": round, "rounds": cfg.run.rounds, "policy_init": init_uri or ("previous round" if round > 1 else "reference")})
         run_id = tracking.start_child_run(parent_run_id, name, params=params, tags={
-            "dpoflow.beta": beta, "dpoflow.data.md5": data_md5, "dpoflow.config_hash": config_hash(cfg),
-            "dpoflow.ref_cache_key": reference.metadata.get("cache_key", "")})
-        for run in (run_id, parent_run_id):
-            tracking.log_dataset(run, Path(pairs.path) / "train.parquet", name=f"{cfg.run.name}-pairs", digest=data_md5)
+            "dpoflow.beta": beta, "dpoflow.round": round, "dpoflow.data.md5": data_md5,
+            "dpoflow.config_hash": config_hash(cfg), "dpoflow.ref_cache_key": reference.metadata.get("cache_key", ""),
+            **({"dpoflow.stopped": stopped} if stopped else {})})
+        train_pairs = Path(pairs.path) / "train.parquet"
+        dataset_name = f"{cfg.run.name}-pairs" + (f"-round-{round}-{beta_dir_name(beta)}" if round > 1 else "")
+        for run in (run_id, parent_run_id) if train_pairs.exists() else ():
+            tracking.log_dataset(run, train_pairs, name=dataset_name, digest=data_md5)
     reused = True
 
     def train(out_dir: Path):
         nonlocal live, reused
         reused = False
+        if stopped:
+            pass_through(init_dir, out_dir, stopped)
+            return
         if run_id:
             from dpoflow.tracking import LiveMetrics
 
             live = LiveMetrics(run_id, tracking_cfg.flush_every_s, out_dir / "unrecorded_metrics.jsonl",
                                system_metrics=tracking_cfg.system_metrics)
         if gpus > 1:
-            _launch_dpo(dpo_cfg, _in(pairs), _in(reference_model, "model"), _in(reference), out_dir, gpus, run_id)
+            _launch_dpo(dpo_cfg, _in(pairs), _in(reference_model, "model"), _in(reference), out_dir, gpus, run_id,
+                        init_dir)
         else:
             run_dpo(dpo_cfg, _in(pairs), _in(reference_model, "model"), out_dir, reference_dir=_in(reference),
-                    log_metrics=live)
+                    init_model_dir=init_dir, log_metrics=live)
 
-    out = produce(f"dpo {name}", f"dpo/{name}", policy, key, workspace, train)
+    out = produce(round_step_name("dpo", beta, round), round_rel("dpo", beta, round), policy, key, workspace, train)
     if run_id:
         from dpoflow import tracking
 
@@ -432,11 +550,22 @@ def dpo_task(*, beta: float, run_info, pairs, reference_model, reference, data, 
             tracking.log_metric_history(run_id, out / "metrics.jsonl")
         tracking.set_tags(run_id, {"dpoflow.reused": str(reused).lower()})
     summary = json.loads((out / "train_summary.json").read_text())
-    policy.metadata.update({"beta": beta, "steps": summary["steps"], "pairs": summary["pairs"],
-                            "mlflow_run_id": run_id})
+    policy.metadata.update({"beta": beta, "round": round, "steps": summary["steps"], "pairs": summary["pairs"],
+                            "mlflow_run_id": run_id, "policy_init": init_uri, "stopped": stopped})
 
 
-def _launch_dpo(cfg: DpoConfig, pairs_dir, model_dir, reference_dir, out_dir: Path, gpus: int, run_id: str) -> None:
+def pass_through(init_dir: Path, out_dir: Path, reason: str) -> None:
+    """A stopped on-policy round: its policy is the previous round's, unchanged, and says why."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(init_dir, out_dir / "model", dirs_exist_ok=True)
+    (out_dir / "metrics.jsonl").write_text("")
+    summary = json.loads((init_dir.parent / "train_summary.json").read_text())
+    summary.update({"steps": 0, "stopped": reason})
+    (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def _launch_dpo(cfg: DpoConfig, pairs_dir, model_dir, reference_dir, out_dir: Path, gpus: int, run_id: str,
+                init_dir) -> None:
     """Several GPUs in this pod: `accelerate launch` of `dpoflow dpo` (DDP), the config written beside it."""
     import subprocess
     import sys
@@ -448,12 +577,12 @@ def _launch_dpo(cfg: DpoConfig, pairs_dir, model_dir, reference_dir, out_dir: Pa
     config_file.write_text(yaml.safe_dump({"dpo": config_dict(cfg)}))
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(gpus),
                "-m", "dpoflow.cli", "dpo", "-c", str(config_file), "--pairs", str(pairs_dir), "--reference-model",
-               str(model_dir), "--reference-dir", str(reference_dir), "--out", str(out_dir)]
+               str(model_dir), "--reference-dir", str(reference_dir), "--init-model", str(init_dir), "--out", str(out_dir)]
     env = {**os.environ, "DPOFLOW_LAUNCHED": "1", "DPOFLOW_MLFLOW_RUN_ID": run_id}
     subprocess.run(command, check=True, env=env)
 
 
-def eval_task(*, beta: float, run_info, policy, reference_model, data, pairs, threads: int, workspace: str,
+def eval_task(*, beta: float, round: int, run_info, policy, reference_model, data, pairs, threads: int, workspace: str,
               mlflow_uri: str, results, metrics, report) -> None:
     """Win rate vs the reference (± 95 % CI), reward margin, KL, report. Figures go to the KFP
     Metrics artifact, the HTML report to the UI, both to the β's MLflow run."""
@@ -462,19 +591,26 @@ def eval_task(*, beta: float, run_info, policy, reference_model, data, pairs, th
     _setup(mlflow_uri, workspace, threads)
     cfg = _run_info(run_info)[0]
     eval_cfg, dpo_cfg, run_id = cfg.eval, cfg.dpo, policy.metadata.get("mlflow_run_id", "")
-    name = beta_dir_name(beta)
     key = step_key(policy.metadata.get("dpoflow_key"), config_dict(eval_cfg))
-    out = produce(f"eval {name}", f"eval/{name}", results, key, workspace,
-                  lambda d: run_eval(eval_cfg, _in(policy, "model"), _in(reference_model, "model"), _in(data), d,
-                                     beta=beta, pairs_dir=_in(pairs), max_length=dpo_cfg.max_length,
-                                     training_metrics=_in(policy, "metrics.jsonl")))
+
+    def evaluate(out_dir: Path):
+        figures = run_eval(eval_cfg, _in(policy, "model"), _in(reference_model, "model"), _in(data), out_dir,
+                           beta=beta, pairs_dir=_in(pairs), max_length=dpo_cfg.max_length,
+                           training_metrics=_in(policy, "metrics.jsonl"))
+        if cfg.run.rounds > 1 or policy.metadata.get("policy_init"):  # single-round files stay as dvc writes them
+            stopped = policy.metadata.get("stopped", "")
+            figures.update({"round": round, **({"stopped": stopped} if stopped else {})})
+            (out_dir / "metrics.json").write_text(json.dumps(figures, indent=2) + "\n")
+
+    out = produce(round_step_name("eval", beta, round), round_rel("eval", beta, round), results, key, workspace,
+                  evaluate)
     figures = json.loads((out / "metrics.json").read_text())
     for metric, value in figures.items():
         if isinstance(value, int | float) and not isinstance(value, bool):
             metrics.log_metric(metric, float(value))
     _link(report.path, out / "report.html") if workspace else shutil.copy(out / "report.html", report.path)
     results.metadata.update({k: figures[k] for k in ("win_rate", "win_rate_ci_low", "win_rate_ci_high", "kl",
-                                                      "reward_margin", "eval_set_hash") if k in figures})
+                                                      "reward_margin", "eval_set_hash", "round") if k in figures})
     if run_id:
         from dpoflow import tracking
 
@@ -497,9 +633,10 @@ def register_task(*, run_info, policy, results, data, reference, mlflow_uri: str
         return ""
     figures = json.loads((Path(results.path) / "metrics.json").read_text())
     train = json.loads((Path(policy.path) / "train_summary.json").read_text())
-    lineage = {"beta": figures["beta"], "data.md5": data_md5, "data.rev": data.metadata.get("rev", ""),
-               "data.source": data.metadata.get("source", ""), "git_sha": _git_sha() or "unknown",
-               "config_hash": config_hash(cfg),
+    lineage = {"beta": figures["beta"], "round": policy.metadata.get("round", 1),
+               "policy_init": policy.metadata.get("policy_init", ""), "data.md5": data_md5,
+               "data.rev": data.metadata.get("rev", ""), "data.source": data.metadata.get("source", ""),
+               "git_sha": _git_sha() or "unknown", "config_hash": config_hash(cfg),
                "ref_cache_key": reference.metadata.get("cache_key", ""), "loss_type": train["loss_type"],
                "parent_run_id": parent_run_id, "mlflow_run_id": run_id}
     version = run_register(Path(policy.path) / "model", figures, lineage, model_name=registry_cfg.model_name,
