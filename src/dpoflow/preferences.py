@@ -35,10 +35,12 @@ def build_pairs(prompts: list[str], samples: list[list[str]], scores: list[list[
     return pairs, dropped
 
 
-def run_prefs(cfg: PrefsConfig, data_dir, model_dir, out_dir, shard: tuple[int, int] = (0, 1), log=print) -> dict:
-    """`model_dir` samples the completions: the reference, or (on-policy rounds) the current policy.
-    `shard` = (i, n): this round trains on every n-th training prompt from the i-th (the eval prompts
-    are the same every round)."""
+def run_prefs(cfg: PrefsConfig, data_dir, model_dir, out_dir, shard: tuple[int, int] = (0, 1), sampler: str = "",
+              log=print) -> dict:
+    """`model_dir` samples the completions: the reference, or (on-policy rounds) the current policy;
+    `sampler` names a policy that is not the reference (recorded in stats.json). `shard` = (i, n):
+    this round trains on every n-th training prompt from the i-th (the eval prompts are the same
+    every round)."""
     import pandas as pd
     import torch
 
@@ -57,6 +59,8 @@ def run_prefs(cfg: PrefsConfig, data_dir, model_dir, out_dir, shard: tuple[int, 
     stats: dict = {"judge": cfg.judge, "k": cfg.k, "min_gap": cfg.min_gap}
     if shard != (0, 1):
         stats["shard"] = list(shard)
+    if sampler:
+        stats["sampler"] = sampler
     started = time.perf_counter()
     for split, limit in (("train", cfg.max_prompts), ("eval", cfg.max_eval_prompts)):
         frame = pd.read_parquet(data_dir / f"prompts_{split}.parquet").head(limit)

@@ -410,7 +410,7 @@ def prefs_task(*, prefs: str, model: str, rounds: int, data, reference_model, wo
             sampler_key = tree_md5(sampler)
         shard = (0, rounds)
         key = step_key(data.metadata.get("dpoflow_key"), sampler_key, prefs, *([shard] if rounds > 1 else []))
-        produce("prefs", "prefs", pairs, key, workspace, lambda d: run_prefs(prefs_cfg, _in(data), sampler, d, shard))
+        produce("prefs", "prefs", pairs, key, workspace, lambda d: run_prefs(prefs_cfg, _in(data), sampler, d, shard, init_uri))
         pairs.metadata.update({"policy_init": init_uri, "sampler": init_uri or "reference"})
     else:
         (_link if workspace else _copy_into)(pairs.path, Path(data.path))
@@ -471,7 +471,8 @@ def round_prefs_task(*, beta: float, round: int, rounds: int, run_info, data, sa
             (out_dir / "stopped.json").write_text(json.dumps({"round": round, "reason": reason}, indent=2) + "\n")
             print(f"round {round} beta {beta}: stopped: {reason}")
             return
-        run_prefs(prefs_cfg, _in(data), _in(sampler, "model"), out_dir, shard=(round - 1, rounds))
+        run_prefs(prefs_cfg, _in(data), _in(sampler, "model"), out_dir, shard=(round - 1, rounds),
+                  sampler=f"round {round - 1} policy")
 
     produce(round_step_name("prefs", beta, round), round_rel("prefs", beta, round), pairs, key, workspace, sample)
     pairs.metadata.update({"round": round, "stopped": reason})
@@ -512,7 +513,8 @@ def dpo_task(*, beta: float, round: int, run_info, pairs, reference_model, refer
         params = {f"dpo.{k}": v for k, v in flatten(config_dict(dpo_cfg)).items()}
         params.update({"data.md5": data_md5, "reference.cache_key": reference.metadata.get("cache_key", "")})
         if cfg.run.rounds > 1 or init_uri:
-            params.update({"round": round, "rounds": cfg.run.rounds, "policy_init": init_uri or ("previous round" if round > 1 else "reference")})
+            started_from = init_uri or ("previous round" if round > 1 else "reference")
+            params.update({"round": round, "rounds": cfg.run.rounds, "policy_init": started_from})
         run_id = tracking.start_child_run(parent_run_id, name, params=params, tags={
             "dpoflow.beta": beta, "dpoflow.round": round, "dpoflow.data.md5": data_md5,
             "dpoflow.config_hash": config_hash(cfg), "dpoflow.ref_cache_key": reference.metadata.get("cache_key", ""),
@@ -633,7 +635,7 @@ def register_task(*, run_info, policy, results, data, reference, mlflow_uri: str
         return ""
     figures = json.loads((Path(results.path) / "metrics.json").read_text())
     train = json.loads((Path(policy.path) / "train_summary.json").read_text())
-    lineage = {"beta": figures["beta"], "round": policy.metadata.get("round", 1),
+    lineage = {"beta": figures["beta"], "round": int(policy.metadata.get("round", 1)),
                "policy_init": policy.metadata.get("policy_init", ""), "data.md5": data_md5,
                "data.rev": data.metadata.get("rev", ""), "data.source": data.metadata.get("source", ""),
                "git_sha": _git_sha() or "unknown", "config_hash": config_hash(cfg),
