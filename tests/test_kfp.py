@@ -76,6 +76,38 @@ def test_compiled_spec_holds_the_dag(compiled):
     assert "retryPolicy" in tasks["fingerprint"] and "retryPolicy" in tasks["select"]
 
 
+def test_rounds_are_unrolled_per_beta(tmp_path):
+    """run.rounds=3 compiles to three dpo -> evaluate groups inside the β loop, each later round
+    sampling from the previous round's policy; a run asking for other rounds than compiled is refused."""
+    from kfp import compiler
+
+    from dpoflow.config import Config, ConfigError
+    from dpoflow.pipeline.dag import build_pipeline
+    from dpoflow.pipeline.tasks import fingerprint_task
+
+    cfg = Config.model_validate({"run": {"rounds": 3}})
+    compiler.Compiler().compile(build_pipeline(config=cfg), str(tmp_path / "p.yaml"))
+    spec = next(yaml.safe_load_all((tmp_path / "p.yaml").read_text()))
+    loop = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
+    assert set(loop) == {"dpo", "evaluate", "round-prefs", "round-reference", "dpo-2", "evaluate-2", "round-prefs-2",
+                         "round-reference-2", "dpo-3", "evaluate-3", "register"}
+    sampler = loop["round-prefs-2"]["inputs"]["artifacts"]["sampler"]["taskOutputArtifact"]
+    assert sampler == {"producerTask": "dpo-2", "outputArtifactKey": "policy"}
+    assert loop["dpo-3"]["inputs"]["artifacts"]["init_policy"]["taskOutputArtifact"]["producerTask"] == "dpo-2"
+    # the reference stays fixed: round 3 is scored and evaluated against the SFT model
+    for task in ("round-reference-2", "evaluate-3"):
+        ref = loop[task]["inputs"]["artifacts"]["reference_model"]
+        assert ref["componentInputArtifact"] == "pipelinechannel--sft-reference_model"
+    assert loop["register"]["inputs"]["artifacts"]["policy"]["taskOutputArtifact"]["producerTask"] == "dpo-3"
+    assert loop["dpo-3"]["inputs"]["parameters"]["round"]["runtimeValue"]["constant"] == 3
+    assert spec["root"]["dag"]["tasks"]["fingerprint"]["inputs"]["parameters"]["compiled_rounds"]["runtimeValue"] == {
+        "constant": 3}
+    with pytest.raises(ConfigError, match="compiled with 1 on-policy round"):
+        fingerprint_task(config="{}", flat={}, config_overrides='{"run.rounds": 2, "tracking.enabled": false, '
+                         '"registry.enabled": false}', dvc=("", "", ""), workspace="", mlflow_uri="", mlflow_run_id="",
+                         compiled_rounds=1, run_info=None)
+
+
 def test_cron_and_params_are_checked_before_any_request():
     from dpoflow.pipeline.client import parse_params, validate_cron
 
