@@ -59,4 +59,12 @@ def pairs_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("pairs")
     make_pairs(16).to_parquet(path / "train.parquet")
     make_pairs(8, seed=1).to_parquet(path / "eval.parquet")
-    return path
+    return vouch(path)
+
+
+def vouch(folder):
+    """A hand-made step folder, vouched for like a finished step's (steps refuse folders without one)."""
+    from dpoflow.manifest import write_manifest
+
+    write_manifest(folder, "test fixture", "hand-made")
+    return folder

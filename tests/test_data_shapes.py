@@ -111,8 +111,10 @@ def test_nothing_kept_still_writes_the_quarantine_and_says_why(tmp_path):
     source = write_jsonl(tmp_path / "pairs.jsonl", rows)
     with pytest.raises(DataValidationError, match=r"no valid rows out of 4 \(chosen_equals_rejected x4\)") as error:
         _run(tmp_path, source)
-    assert str(tmp_path / "out" / "quarantine.jsonl") in str(error.value)
-    assert len((tmp_path / "out" / "quarantine.jsonl").read_text().splitlines()) == 4
+    # the step did not finish: its folder stays out.partial (no manifest: no later step takes it)
+    assert str(tmp_path / "out.partial" / "quarantine.jsonl") in str(error.value)
+    assert len((tmp_path / "out.partial" / "quarantine.jsonl").read_text().splitlines()) == 4
+    assert not (tmp_path / "out").exists()
     # pairs given to a run configured for an SFT corpus: the error says which setting to change
     with pytest.raises(DataValidationError, match="set data.kind=preferences"):
         run_data(DataConfig(kind="sft", source=str(source), mode="quarantine"), tmp_path / "sft")

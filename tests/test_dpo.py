@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import vouch
 from dpoflow.config import DpoConfig
 from dpoflow.dpo.logprobs import IGNORE, SequenceLogProbs, TruncationError, collate_pairs, collate_shared_prefix, tokenize_pairs
 from dpoflow.dpo.losses import preference_loss, sft_loss
@@ -140,16 +141,16 @@ def _assert_same_weights(a, b, atol):
 
 
 def test_step_one_loss_is_ln2_and_metric_names(tmp_path, pairs_dir, tiny_model_dir, reference_dir):
-    run_dpo(_cfg(max_steps=3), pairs_dir, tiny_model_dir, tmp_path, reference_dir=reference_dir)
-    metrics = _metrics(tmp_path)
+    run_dpo(_cfg(max_steps=3), pairs_dir, tiny_model_dir, tmp_path / "out", reference_dir=reference_dir)
+    metrics = _metrics(tmp_path / "out")
     assert abs(metrics[0]["loss"] - math.log(2)) < 1e-6
     assert metrics[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
     assert set(metrics[0]) == {"step", "loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
                                "rewards/accuracies", "logps/chosen", "logps/rejected", "grad_norm", "learning_rate"}
     assert metrics[-1]["loss"] < metrics[0]["loss"] and metrics[-1]["rewards/margins"] > 0
-    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
     assert summary["steps"] == 3 and summary["pairs"] == 16
-    assert json.loads((tmp_path / "timing.json").read_text())["tokens_per_s"] > 0
+    assert json.loads((tmp_path / "out" / "timing.json").read_text())["tokens_per_s"] > 0
 
 
 # Adam turns float noise in near-zero gradients into steps of size ~lr, so the invariance runs use a
@@ -226,6 +227,7 @@ def test_bad_inputs_are_clear(tmp_path, tiny_model_dir, reference_dir, pairs_dir
     empty = tmp_path / "empty"
     empty.mkdir()
     pd.DataFrame(columns=["prompt", "chosen", "rejected"]).to_parquet(empty / "train.parquet")
+    vouch(empty)
     with pytest.raises(ValueError, match="no preference pairs"):
         run_dpo(_cfg(), empty, tiny_model_dir, tmp_path / "o")
     with pytest.raises(ValueError, match="loss_type"):

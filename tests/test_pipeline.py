@@ -291,6 +291,7 @@ def test_a_cluster_run_without_a_tracking_server_is_refused(tmp_path, monkeypatc
     base = pipeline_arguments(load_config(ROOT / "params.yaml"))["config"]
     with pytest.raises(ConfigError, match="on a cluster, set the pipeline parameter mlflow_uri"):
         fingerprint_task(config=base, flat={}, config_overrides="{}", dvc=("", "", ""), workspace="", mlflow_uri="",
+                         compiled_rounds=1,
                          mlflow_run_id="", run_info=Artifact(uri=str(tmp_path / "info")))
 
 

@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 from dpoflow.config import PrefsConfig
+from dpoflow.manifest import building
 
 
 def build_pairs(prompts: list[str], samples: list[list[str]], scores: list[list[float]], min_gap: float):
@@ -41,6 +42,12 @@ def run_prefs(cfg: PrefsConfig, data_dir, model_dir, out_dir, shard: tuple[int, 
     `sampler` names a policy that is not the reference (recorded in stats.json). `shard` = (i, n):
     this round trains on every n-th training prompt from the i-th (the eval prompts are the same
     every round)."""
+    with building("prefs", out_dir, config=[cfg, list(shard), sampler], inputs={"data": data_dir, "model": model_dir},
+                  verify_inputs={"model": False}) as (work, _):
+        return _run_prefs(cfg, data_dir, model_dir, work, shard, sampler, log)
+
+
+def _run_prefs(cfg: PrefsConfig, data_dir, model_dir, out_dir, shard: tuple[int, int], sampler: str, log) -> dict:
     import pandas as pd
     import torch
 

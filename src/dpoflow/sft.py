@@ -20,6 +20,7 @@ import torch
 
 from dpoflow.config import ModelConfig, SftConfig
 from dpoflow.dpo.logprobs import IGNORE, encode_completions, pad_right
+from dpoflow.manifest import building
 from dpoflow.training import (
     MetricsWriter,
     global_batch_indices,
@@ -94,6 +95,16 @@ def _frame_rows(frame) -> list[dict]:
 
 def run_sft(cfg: SftConfig, model_cfg: ModelConfig, data_dir, out_dir, *, resume: bool = False,
             log_metrics=None, log=print) -> dict:
+    """SFT into out_dir, built atomically (manifest.py); an interrupted run resumes from its last
+    checkpoint when started again with the same settings."""
+    model_settings = model_cfg.model_dump(mode="json", exclude={"policy_init"})  # DPO's business, not SFT's
+    with building("sft", out_dir, config=[cfg, model_settings], inputs={"data": data_dir,
+                  "base": model_cfg.base if model_cfg.base and Path(model_cfg.base).exists() else None},
+                  verify_inputs={"base": False}, resume=resume) as (work, resumable):
+        return _run_sft(cfg, model_cfg, data_dir, work, resume=resumable, log_metrics=log_metrics, log=log)
+
+
+def _run_sft(cfg: SftConfig, model_cfg: ModelConfig, data_dir, out_dir, *, resume: bool, log_metrics, log) -> dict:
     import pandas as pd
     from tqdm.auto import tqdm
 

@@ -154,6 +154,15 @@ def data_config_for_run(cfg) -> DataConfig:
 
 
 def run_data(cfg: DataConfig, out_dir: str | Path, seed: int = 0) -> DataResult:
+    """Load, validate, split into out_dir, built atomically (manifest.py)."""
+    from dpoflow.manifest import building
+
+    with building("data", out_dir, config=[cfg, seed], inputs={}) as (work, _):
+        result = _run_data(cfg, work, seed)
+    return DataResult(out_dir=Path(out_dir), stats=result.stats, dataset=result.dataset)
+
+
+def _run_data(cfg: DataConfig, out_dir: Path, seed: int) -> DataResult:
     import pandas as pd
 
     out_dir = Path(out_dir)

@@ -86,6 +86,18 @@ def load_pair_frames(pairs_dir: Path) -> dict:
 
 def run_reference(pairs_dir, model_dir, out_dir, *, max_length: int, truncation: str = "keep_start",
                   batch_size: int = 16, cache_dir=None, log=print) -> ReferenceResult:
+    """The reference model's log-probs over every pair, built atomically (manifest.py)."""
+    from dpoflow.manifest import building
+
+    with building("reference", out_dir, config=[max_length, truncation], inputs={"pairs": pairs_dir, "model": model_dir},
+                  verify_inputs={"model": False}) as (work, _):
+        result = _run_reference(pairs_dir, model_dir, work, max_length=max_length, truncation=truncation,
+                                batch_size=batch_size, cache_dir=cache_dir, log=log)
+    return ReferenceResult(Path(out_dir), result.cache_key, result.reused)
+
+
+def _run_reference(pairs_dir, model_dir, out_dir, *, max_length: int, truncation: str, batch_size: int, cache_dir,
+                   log) -> ReferenceResult:
     import pandas as pd
 
     from dpoflow.modeling import load_model, load_tokenizer

@@ -30,6 +30,7 @@ from dpoflow.config import DpoConfig
 from dpoflow.dpo.logprobs import SequenceLogProbs, collate_pairs, collate_shared_prefix, tokenize_pairs
 from dpoflow.dpo.losses import preference_loss, sft_loss
 from dpoflow.dpo.reference import cache_key, load_pair_frames, load_reference_logps
+from dpoflow.manifest import building
 from dpoflow.training import (
     MetricsWriter,
     global_batch_indices,
@@ -79,9 +80,23 @@ def _reference_fn(cfg: DpoConfig, reference_dir, expected_key, model_dir, scorer
 
 def run_dpo(cfg: DpoConfig, pairs_dir, reference_model_dir, out_dir, *, reference_dir=None, resume: bool = False,
             init_model_dir=None, log_metrics=None, log=print) -> dict:
-    """`init_model_dir`: the policy training starts from (default: the reference model itself), e.g.
+    """DPO into out_dir, built atomically (manifest.py): inputs are verified against their manifests;
+    an interrupted run resumes from its last checkpoint when started again with the same settings.
+    `init_model_dir`: the policy training starts from (default: the reference model itself), e.g.
     the previous on-policy round's policy or the registry's champion; it must share the reference's
     tokenizer."""
+    if init_model_dir is not None and Path(init_model_dir).resolve() == Path(reference_model_dir).resolve():
+        init_model_dir = None  # starting from the reference itself: the same step as without an init
+    inputs = {"pairs": pairs_dir, "reference_model": reference_model_dir, "init": init_model_dir,
+              "reference": reference_dir if cfg.reference == "cached" else None}
+    with building("dpo", out_dir, config=cfg, inputs=inputs,
+                  verify_inputs={"reference_model": False, "init": False}, resume=resume) as (work, resumable):
+        return _run_dpo(cfg, pairs_dir, reference_model_dir, work, reference_dir=reference_dir, resume=resumable,
+                        init_model_dir=init_model_dir, log_metrics=log_metrics, log=log)
+
+
+def _run_dpo(cfg: DpoConfig, pairs_dir, reference_model_dir, out_dir, *, reference_dir, resume: bool, init_model_dir,
+             log_metrics, log) -> dict:
     from tqdm.auto import tqdm
 
     from dpoflow.modeling import load_model, load_tokenizer

@@ -25,8 +25,21 @@ from dpoflow.evaluation.metrics import load_metric
 
 
 def run_eval(cfg: EvalConfig, policy_dir, reference_model_dir, data_dir, out_dir, *, beta: float, pairs_dir=None,
-             max_length: int = 128, training_metrics=None, log=print) -> dict:
-    """`training_metrics`: the DPO run's metrics.jsonl, plotted in the report when given."""
+             max_length: int = 128, training_metrics=None, extra_metrics: dict | None = None, log=print) -> dict:
+    """`training_metrics`: the DPO run's metrics.jsonl, plotted in the report when given;
+    `extra_metrics` (e.g. the on-policy round) go into metrics.json. Built atomically (manifest.py)."""
+    from dpoflow.manifest import building
+
+    inputs = {"policy": policy_dir, "reference_model": reference_model_dir, "data": data_dir, "pairs": pairs_dir}
+    with building("eval", out_dir, config=[cfg, beta, max_length, extra_metrics or {}], inputs=inputs,
+                  verify_inputs={"policy": False, "reference_model": False}) as (work, _):
+        return _run_eval(cfg, policy_dir, reference_model_dir, data_dir, work, beta=beta, pairs_dir=pairs_dir,
+                         max_length=max_length, training_metrics=training_metrics, extra_metrics=extra_metrics or {},
+                         log=log)
+
+
+def _run_eval(cfg: EvalConfig, policy_dir, reference_model_dir, data_dir, out_dir, *, beta: float, pairs_dir,
+              max_length: int, training_metrics, extra_metrics: dict, log) -> dict:
     import pandas as pd
 
     from dpoflow.dpo.logprobs import score_sequences, tokenize_prompt
@@ -46,7 +59,7 @@ def run_eval(cfg: EvalConfig, policy_dir, reference_model_dir, data_dir, out_dir
     policy_text, reference_text = duel["a_text"], duel["b_text"]
     policy_scores, reference_scores, verdicts = duel["a_scores"], duel["b_scores"], duel["verdicts"]
     orders, failures = duel["orders"], duel["failures"]
-    metrics: dict = {"beta": beta, "judge": cfg.judge,
+    metrics: dict = {"beta": beta, **extra_metrics, "judge": cfg.judge,
                      "eval_set_hash": eval_set_hash(cfg, prompts, Path(reference_model_dir))}
     if policy_scores[0] is not None:
         metrics.update(load_metric("reward_margin").compute(policy_scores=policy_scores,

@@ -42,6 +42,7 @@ from dpoflow.config import (
     config_hash,
     flatten,
 )
+from dpoflow.manifest import ManifestError, building, verify
 
 # pipeline parameter -> config key. The UI shows these flat, typed parameters; everything else is
 # reachable through `config_overrides` (a JSON object of dotted keys), validated like params.yaml.
@@ -189,8 +190,12 @@ def run_step(name: str, out_dir: Path, key: str, fn: Callable[[], object], recor
     folder is byte-identical whether `dpoflow run` or `dvc repro` produced it."""
     marker = records / f"{name.replace(' ', '-')}.json"
     if marker.exists() and json.loads(marker.read_text()).get("key") == key and out_dir.exists():
-        log(f"[{name}] inputs unchanged, reusing {out_dir}")
-        return 0.0
+        try:
+            verify(out_dir)
+            log(f"[{name}] inputs unchanged, reusing {out_dir}")
+            return 0.0
+        except ManifestError as error:
+            log(f"[{name}] not reusable: {error}; running it again")
     marker.unlink(missing_ok=True)
     records.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -439,9 +444,9 @@ def reference_task(*, dpo: str, pairs, reference_model, workspace: str, referenc
     def compute(out_dir: Path):
         stopped = _in(pairs, "stopped.json")
         if stopped.exists():  # a stopped round: nothing to score
-            out_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copy(stopped, out_dir / "stopped.json")
-            (out_dir / "reference.json").write_text(json.dumps({"cache_key": ""}) + "\n")
+            with building("reference", out_dir, config="stopped", inputs={"pairs": _in(pairs)}) as (work, _):
+                shutil.copy(stopped, work / "stopped.json")
+                (work / "reference.json").write_text(json.dumps({"cache_key": ""}) + "\n")
             return
         run_reference(_in(pairs), _in(reference_model, "model"), out_dir, max_length=dpo_cfg.max_length,
                       truncation=dpo_cfg.truncation)
@@ -467,8 +472,8 @@ def round_prefs_task(*, beta: float, round: int, rounds: int, run_info, data, sa
 
     def sample(out_dir: Path):
         if reason:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "stopped.json").write_text(json.dumps({"round": round, "reason": reason}, indent=2) + "\n")
+            with building("prefs", out_dir, config=reason, inputs={}) as (work, _):
+                (work / "stopped.json").write_text(json.dumps({"round": round, "reason": reason}, indent=2) + "\n")
             print(f"round {round} beta {beta}: stopped: {reason}")
             return
         run_prefs(prefs_cfg, _in(data), _in(sampler, "model"), out_dir, shard=(round - 1, rounds),
@@ -558,12 +563,12 @@ def dpo_task(*, beta: float, round: int, run_info, pairs, reference_model, refer
 
 def pass_through(init_dir: Path, out_dir: Path, reason: str) -> None:
     """A stopped on-policy round: its policy is the previous round's, unchanged, and says why."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(init_dir, out_dir / "model", dirs_exist_ok=True)
-    (out_dir / "metrics.jsonl").write_text("")
-    summary = json.loads((init_dir.parent / "train_summary.json").read_text())
-    summary.update({"steps": 0, "stopped": reason})
-    (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with building("dpo", out_dir, config=reason, inputs={"init": init_dir}) as (work, _):
+        shutil.copytree(init_dir, work / "model", dirs_exist_ok=True)
+        (work / "metrics.jsonl").write_text("")
+        summary = json.loads((init_dir.parent / "train_summary.json").read_text())
+        summary.update({"steps": 0, "stopped": reason})
+        (work / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def _launch_dpo(cfg: DpoConfig, pairs_dir, model_dir, reference_dir, out_dir: Path, gpus: int, run_id: str,
@@ -595,17 +600,14 @@ def eval_task(*, beta: float, round: int, run_info, policy, reference_model, dat
     eval_cfg, dpo_cfg, run_id = cfg.eval, cfg.dpo, policy.metadata.get("mlflow_run_id", "")
     key = step_key(policy.metadata.get("dpoflow_key"), config_dict(eval_cfg))
 
-    def evaluate(out_dir: Path):
-        figures = run_eval(eval_cfg, _in(policy, "model"), _in(reference_model, "model"), _in(data), out_dir,
-                           beta=beta, pairs_dir=_in(pairs), max_length=dpo_cfg.max_length,
-                           training_metrics=_in(policy, "metrics.jsonl"))
-        if cfg.run.rounds > 1 or policy.metadata.get("policy_init"):  # single-round files stay as dvc writes them
-            stopped = policy.metadata.get("stopped", "")
-            figures.update({"round": round, **({"stopped": stopped} if stopped else {})})
-            (out_dir / "metrics.json").write_text(json.dumps(figures, indent=2) + "\n")
-
+    extra = {}
+    if cfg.run.rounds > 1 or policy.metadata.get("policy_init"):  # single-round files stay as dvc writes them
+        stopped = policy.metadata.get("stopped", "")
+        extra = {"round": round, **({"stopped": stopped} if stopped else {})}
     out = produce(round_step_name("eval", beta, round), round_rel("eval", beta, round), results, key, workspace,
-                  evaluate)
+                  lambda d: run_eval(eval_cfg, _in(policy, "model"), _in(reference_model, "model"), _in(data), d,
+                                     beta=beta, pairs_dir=_in(pairs), max_length=dpo_cfg.max_length,
+                                     training_metrics=_in(policy, "metrics.jsonl"), extra_metrics=extra))
     figures = json.loads((out / "metrics.json").read_text())
     for metric, value in figures.items():
         if isinstance(value, int | float) and not isinstance(value, bool):
