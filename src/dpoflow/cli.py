@@ -14,6 +14,7 @@ from pathlib import Path
 
 from dpoflow.config import ConfigError, config_dict, config_hash, load_config
 from dpoflow.pipeline.tasks import beta_threads, set_threads, step_dirs
+from dpoflow.training import TrainingError
 
 
 def _add_common(parser: argparse.ArgumentParser, out: bool = True) -> None:
@@ -423,13 +424,18 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"dpoflow: {error}", file=sys.stderr)
         return 2
+    except TrainingError as error:  # stopped on purpose: a non-finite loss, or SIGTERM (checkpoint saved)
+        print(f"dpoflow {args.command}: {error}", file=sys.stderr)
+        return 143 if "SIGTERM" in str(error) else 1
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"dpoflow {args.command}: error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"\ndpoflow {args.command}: interrupted; finished steps are kept and reused when you start it again",
+    except KeyboardInterrupt as stop:
+        terminated = type(stop).__name__ == "Terminated"
+        print(f"\ndpoflow {args.command}: {'terminated (SIGTERM)' if terminated else 'interrupted'}; finished steps "
+              "are kept and reused, and training resumes from its last checkpoint, when you start it again",
               file=sys.stderr)
-        return 130
+        return 143 if terminated else 130
 
 
 if __name__ == "__main__":

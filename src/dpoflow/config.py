@@ -273,7 +273,16 @@ def load_config(path: str | Path | None = "params.yaml", overrides: list[str] | 
         path = Path(path)
         if path.exists():
             origin = str(path)
-            raw = yaml.safe_load(path.read_text()) or {}
+            try:
+                raw = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as error:
+                where = getattr(error, "problem_mark", None)
+                at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
+                raise ConfigError(f"{path} is not valid YAML{at}: {getattr(error, 'problem', None) or error}. A dpoflow "
+                                  "config is a YAML mapping of sections like params.yaml (`dpoflow config show` "
+                                  "prints one)") from None
+            except UnicodeDecodeError:
+                raise ConfigError(f"{path} is not a text file: a dpoflow config is YAML like params.yaml") from None
             if not isinstance(raw, dict):
                 raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
         elif str(path) != "params.yaml":

@@ -128,6 +128,33 @@ def is_main_process() -> bool:
 
 
 @contextmanager
+def exclusive(lock_file: Path, what: str):
+    """Hold an exclusive lock on `lock_file` (released when the process ends, even killed); a second
+    holder is refused at once with the first one's pid."""
+    import fcntl
+
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(lock_file, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        pid = handle.read().strip() or "?"
+        handle.close()
+        raise ManifestError(f"{what} is already running (pid {pid}): wait for it to finish, or use another "
+                            "output folder / run name") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+@contextmanager
 def building(step: str, out_dir, *, config, inputs: dict, verify_inputs: dict | None = None, resume: bool = False):
     """Build a step output atomically (see the module doc). `inputs` = role -> path; every one that
     is a step output is verified first (a path in `verify_inputs` with False may lack a manifest: a
@@ -140,25 +167,28 @@ def building(step: str, out_dir, *, config, inputs: dict, verify_inputs: dict | 
             verify(path, required=(verify_inputs or {}).get(role, True))
     key = step_key(step, config, inputs)
     work = out_dir.with_name(out_dir.name + ".partial")
-    resumable = False
-    if is_main_process():
+    if not is_main_process():  # the main process owns the folders (DDP ranks only write checkpoints)
+        yield work, (work / "checkpoints").is_dir()
+        return
+    with exclusive(out_dir.with_name(f".{out_dir.name}.lock"), f"step {step} writing {out_dir}"):
         record = work / BUILDING
         if resume and not work.exists() and (out_dir / "checkpoints").is_dir():
             out_dir.rename(work)
-        if work.exists():
+        resumable = False
+        if work.exists():  # an interrupted build: resumable with the same key, else started afresh
             same = resume or (record.exists() and json.loads(record.read_text()).get("key") == key)
             resumable = same and (work / "checkpoints").is_dir()
             if not same:
                 shutil.rmtree(work)
         work.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps({"step": step, "key": key}) + "\n")
-    else:
-        resumable = (work / "checkpoints").is_dir()
-    yield work, resumable
-    if not is_main_process():
-        return
-    (work / BUILDING).unlink(missing_ok=True)
-    write_manifest(work, step, key)
+        yield work, resumable
+        record.unlink(missing_ok=True)
+        write_manifest(work, step, key)
+        _move_into_place(work, out_dir)
+
+
+def _move_into_place(work: Path, out_dir: Path) -> None:
     replaced = set(os.listdir(out_dir)) if out_dir.is_dir() and not out_dir.is_symlink() else set()
     foreign = replaced - set(os.listdir(work)) - UNLISTED - UNLISTED_DIRS
     if foreign and not (out_dir / MANIFEST).exists():  # never delete what no step wrote

@@ -22,6 +22,7 @@ from dpoflow.config import ModelConfig, SftConfig
 from dpoflow.dpo.logprobs import IGNORE, encode_completions, pad_right
 from dpoflow.manifest import building
 from dpoflow.training import (
+    Guard,
     MetricsWriter,
     global_batch_indices,
     make_accelerator,
@@ -132,7 +133,10 @@ def _run_sft(cfg: SftConfig, model_cfg: ModelConfig, data_dir, out_dir, *, resum
     optimizer = make_optimizer(model.parameters(), cfg)
     scheduler = make_scheduler(optimizer, cfg)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    start = resume_step(accelerator, out_dir) if resume else 0
+    start = resume_step(accelerator, out_dir, log) if resume else 0
+    if start:
+        log(f"sft: resuming from step {start}")
+    guard = Guard(accelerator, out_dir, "sft")
     write = MetricsWriter(out_dir / "metrics.jsonl", accelerator.is_main_process, log_metrics, resume_from=start)
     world, rank = accelerator.num_processes, accelerator.process_index
     global_batch = cfg.per_device_batch_size * cfg.gradient_accumulation_steps * world
@@ -155,6 +159,7 @@ def _run_sft(cfg: SftConfig, model_cfg: ModelConfig, data_dir, out_dir, *, resum
                 accelerator.backward(loss)
             total += nll.item()
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        guard.check_finite(step + 1, torch.tensor(total), grad_norm, model.named_parameters())
         learning_rate = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -165,6 +170,8 @@ def _run_sft(cfg: SftConfig, model_cfg: ModelConfig, data_dir, out_dir, *, resum
             progress.set_postfix(loss=f"{loss_value:.3f}")
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
             save_checkpoint(accelerator, out_dir, step + 1)
+        guard.check_stop(step + 1)
+    guard.close()
 
     accelerator.wait_for_everyone()
     summary = {}

@@ -8,9 +8,12 @@ states. A resumed run therefore replays exactly the batches an uninterrupted run
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
+import signal
+import threading
 from pathlib import Path
 
 import torch
@@ -74,29 +77,115 @@ def micro_batches(indices: list[int], rank: int, world: int, per_device: int) ->
     return [share[i : i + per_device] for i in range(0, len(share), per_device)]
 
 
-def latest_checkpoint(out_dir: Path) -> Path | None:
+class TrainingError(RuntimeError):
+    """Training stopped on purpose: a non-finite loss or gradient, or a preemption (SIGTERM)."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _checkpoint_files(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): _sha256(p) for p in sorted(path.rglob("*")) if p.is_file() and p.name != STATE_FILE}
+
+
+def checkpoint_problem(path: Path) -> str:
+    """'' when the checkpoint is complete and every file matches the checksum saved with it."""
+    if not (path / STATE_FILE).exists():
+        return "incomplete (its save was interrupted)"
+    state = json.loads((path / STATE_FILE).read_text())
+    for name, expected in state.get("sha256", {}).items():
+        file = path / name
+        if not file.exists():
+            return f"{name} is missing"
+        if _sha256(file) != expected:
+            return f"{name} does not match its checksum (truncated or corrupted)"
+    return ""
+
+
+def latest_checkpoint(out_dir: Path, log=print) -> Path | None:
+    """The newest checkpoint that is complete and matches its checksums; a damaged newer one is
+    skipped, saying so."""
     checkpoints = sorted((out_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    complete = [p for p in checkpoints if (p / STATE_FILE).exists()]  # written last: a killed save is skipped
-    return complete[-1] if complete else None
+    for path in reversed(checkpoints):
+        problem = checkpoint_problem(path)
+        if not problem:
+            return path
+        log(f"checkpoint {path} is unusable: {problem}; trying the one before")
+    return None
 
 
 def save_checkpoint(accelerator, out_dir: Path, step: int, keep: int = 2) -> None:
     path = out_dir / "checkpoints" / f"step-{step}"
     accelerator.save_state(str(path))
-    if accelerator.is_main_process:
-        (path / STATE_FILE).write_text(json.dumps({"step": step}) + "\n")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:  # written last, with the checksums: a killed save is never used
+        (path / STATE_FILE).write_text(json.dumps({"step": step, "sha256": _checkpoint_files(path)}) + "\n")
         for old in sorted((out_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
-def resume_step(accelerator, out_dir: Path) -> int:
-    """Load the latest complete checkpoint into the prepared objects; return its step (0 if none)."""
-    checkpoint = latest_checkpoint(out_dir)
+def resume_step(accelerator, out_dir: Path, log=print) -> int:
+    """Load the latest sound checkpoint into the prepared objects; return its step (0 if none)."""
+    checkpoint = latest_checkpoint(out_dir, log)
     if checkpoint is None:
         return 0
     accelerator.load_state(str(checkpoint))
     return json.loads((checkpoint / STATE_FILE).read_text())["step"]
+
+
+class Guard:
+    """What a training loop checks after every optimizer step:
+    - SIGTERM (a preempted pod, `kill`, a terminated `dpoflow run`): the loop finishes its step, saves
+      a checkpoint and stops with TrainingError; started again, the step resumes from it;
+    - a non-finite loss or gradient: the loop stops at that step, naming the tensor and the last
+      good checkpoint (kept; nothing after it is saved)."""
+
+    def __init__(self, accelerator, out_dir: Path, name: str):
+        self.accelerator, self.out_dir, self.name, self.stop = accelerator, out_dir, name, False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._terminate)
+
+    def _terminate(self, signum, frame) -> None:
+        self.stop = True
+
+    def close(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+    def check_finite(self, step: int, loss: torch.Tensor, grad_norm, parameters) -> None:
+        """Before optimizer step `step` (1-based) is applied: its loss and gradients."""
+        if not math.isfinite(float(grad_norm)) or not bool(torch.isfinite(loss).all()):
+            if not bool(torch.isfinite(loss).all()):
+                what = f"the loss is {loss.flatten()[~torch.isfinite(loss.flatten())][0].item()}"
+            else:
+                bad = next((n for n, p in parameters if p.grad is not None and not torch.isfinite(p.grad).all()), "?")
+                what = f"the gradient norm is {float(grad_norm)} (first non-finite gradient: {bad})"
+            last = latest_checkpoint(self.out_dir, log=lambda _: None)
+            kept = f"the last good checkpoint {last} is kept" if last else (
+                f"no checkpoint was saved before it (set {self.name}.checkpoint_every)")
+            self.close()
+            raise TrainingError(f"{self.name}: step {step}: {what}; training stopped at this step and nothing after "
+                                f"it was saved; {kept}. Lower {self.name}.learning_rate or {self.name}.max_grad_norm, "
+                                "check the data, or use precision fp32; a start with other settings begins afresh")
+
+    def check_stop(self, step: int) -> None:
+        """After optimizer step `step` (1-based): stop here, checkpointed, if SIGTERM arrived."""
+        stop = torch.tensor(float(self.stop), device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:  # one preempted rank stops them all at the same step
+            stop = self.accelerator.reduce(stop, "max")
+        if stop.item():
+            save_checkpoint(self.accelerator, self.out_dir, step, keep=3)
+            self.close()
+            raise TrainingError(f"{self.name}: terminated (SIGTERM) after step {step}: checkpoint saved in "
+                                f"{self.out_dir / 'checkpoints' / f'step-{step}'}; start the same command again to "
+                                "resume from it")
 
 
 def write_summary(out_dir: Path, summary: dict, timing: dict) -> dict:

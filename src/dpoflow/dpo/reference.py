@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,10 +131,15 @@ def _run_reference(pairs_dir, model_dir, out_dir, *, max_length: int, truncation
     info = {"cache_key": key, "max_length": max_length, "truncation": truncation, "truncated_pairs": truncated,
             "pairs": {s: len(f) for s, f in frames.items()}, "model_dir": str(model_dir)}
     (out_dir / KEY_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    if cached is not None:
-        cached.mkdir(parents=True, exist_ok=True)
+    if cached is not None and not cached.exists():  # shared by concurrent runs: appears whole or not at all
+        staging = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")
+        staging.mkdir(parents=True, exist_ok=True)
         for name in (LOGPS_FILE, KEY_FILE):
-            shutil.copy2(out_dir / name, cached / name)
+            shutil.copy2(out_dir / name, staging / name)
+        try:
+            staging.rename(cached)
+        except OSError:  # another run put the same entry there first
+            shutil.rmtree(staging, ignore_errors=True)
     log(f"reference: computed log-probs of {sum(info['pairs'].values())} pairs, key {key}")
     return ReferenceResult(out_dir, key, reused=False)
 

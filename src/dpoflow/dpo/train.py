@@ -32,6 +32,7 @@ from dpoflow.dpo.losses import preference_loss, sft_loss
 from dpoflow.dpo.reference import cache_key, load_pair_frames, load_reference_logps
 from dpoflow.manifest import building
 from dpoflow.training import (
+    Guard,
     MetricsWriter,
     global_batch_indices,
     make_accelerator,
@@ -134,7 +135,7 @@ def _run_dpo(cfg: DpoConfig, pairs_dir, reference_model_dir, out_dir, *, referen
     reference = _reference_fn(cfg, reference_dir, expected_key, model_dir, scorer_module, accelerator.device)
     collate = collate_shared_prefix if cfg.prefix_sharing else collate_pairs
 
-    start = resume_step(accelerator, out_dir) if resume else 0
+    start = resume_step(accelerator, out_dir, log) if resume else 0
     if resume and start:
         log(f"dpo: resuming from step {start}")
     write = MetricsWriter(out_dir / "metrics.jsonl", accelerator.is_main_process, log_metrics, resume_from=start)
@@ -143,6 +144,7 @@ def _run_dpo(cfg: DpoConfig, pairs_dir, reference_model_dir, out_dir, *, referen
     progress = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="dpo",
                     disable=not accelerator.is_local_main_process)
     started, tokens, window = time.perf_counter(), 0, []
+    guard = Guard(accelerator, out_dir, "dpo")
     for step in progress:
         indices = global_batch_indices(len(pairs), global_batch, step, cfg.seed)
         micro = micro_batches(indices, rank, world, cfg.per_device_batch_size)
@@ -168,6 +170,8 @@ def _run_dpo(cfg: DpoConfig, pairs_dir, reference_model_dir, out_dir, *, referen
             per_example.append(torch.stack([losses.detach(), chosen_rewards, rejected_rewards,
                                             policy_chosen.detach(), policy_rejected.detach()], dim=1))
         grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), cfg.max_grad_norm)
+        guard.check_finite(step + 1, torch.cat([chunk[:, 0] for chunk in per_example]), grad_norm,
+                           scorer.named_parameters())
         learning_rate = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -190,6 +194,8 @@ def _run_dpo(cfg: DpoConfig, pairs_dir, reference_model_dir, out_dir, *, referen
             progress.set_postfix(loss=f"{loss:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
             save_checkpoint(accelerator, out_dir, step + 1)
+        guard.check_stop(step + 1)
+    guard.close()
 
     seconds = time.perf_counter() - started
     accelerator.wait_for_everyone()

@@ -88,16 +88,54 @@ def _first_error(log_path: Path) -> str:
     return found
 
 
+class Terminated(KeyboardInterrupt):
+    """`dpoflow run` got SIGTERM: its tasks are asked to stop too (training ones checkpoint first)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def _stop_tasks(grace_s: float = 120.0) -> None:
+    """SIGTERM every task process of this run and wait for them: a training task saves a checkpoint
+    at the end of its current step and exits; anything still alive after `grace_s` is killed."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        try:
+            child.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(children, timeout=grace_s)
+    for child in alive:
+        child.kill()
+
+
 def run_local(cfg: Config, log=print) -> dict:
-    """Run the pipeline on this machine; write and return outputs/<run>/summary.json."""
+    """Run the pipeline on this machine; write and return outputs/<run>/summary.json. One run of a
+    name at a time (a second is refused with the first one's pid); SIGTERM stops it cleanly."""
+    import signal
+
+    from dpoflow.manifest import exclusive
+
+    check_pipeline(cfg)
+    root = (Path(cfg.run.output_dir) / cfg.run.name).resolve()
+    with exclusive(root.parent / f".{cfg.run.name}.run.lock", f"run {cfg.run.name!r} in {root.parent}"):
+        previous = signal.signal(signal.SIGTERM, _terminate)
+        try:
+            return _run_local(cfg, root, log)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run_local(cfg: Config, root: Path, log) -> dict:
     from kfp import local
 
     from dpoflow.evaluation.report import write_frontier
     from dpoflow.pipeline.dag import build_pipeline
     from dpoflow.pipeline.tasks import beta_threads, pipeline_arguments, round_rel, round_run_name
 
-    check_pipeline(cfg)
-    root = (Path(cfg.run.output_dir) / cfg.run.name).resolve()
     root.mkdir(parents=True, exist_ok=True)
     (root / "config.json").write_text(json.dumps({"config_hash": config_hash(cfg), **config_dict(cfg)}, indent=2) + "\n")
     arguments = pipeline_arguments(cfg)
@@ -122,7 +160,9 @@ def run_local(cfg: Config, log=print) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "settings have no effect in the local runner", image notes
             pipeline(**arguments)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
+        if isinstance(stop, Terminated):
+            _stop_tasks()
         if tracking is not None and not os.environ.get("MLFLOW_RUN_ID"):
             tracking.end_run(parent, "KILLED")
         raise
