@@ -134,10 +134,14 @@ def _rows_from_records(records) -> Iterator[RawRow]:
 def read_table(path: Path) -> Iterator[RawRow]:
     import pandas as pd
 
-    if path.suffix == ".parquet":
-        frame = pd.read_parquet(path)
-    else:  # csv: keep every cell a string, so '' stays '' (and is reported as empty) instead of NaN
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    try:
+        if path.suffix == ".parquet":
+            frame = pd.read_parquet(path)
+        else:  # csv: keep every cell a string, so '' stays '' (and is reported as empty) instead of NaN
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        raise DataSourceError(f"{path}: cannot be read as {path.suffix[1:]} ({error}). It may be truncated or "
+                              "corrupted (an interrupted copy or download): copy or export it again") from error
     yield from _rows_from_records(frame.to_dict(orient="records"))
 
 
