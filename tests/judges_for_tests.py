@@ -4,3 +4,12 @@
 def longer(prompt: str, completion: str) -> float:
     """Prefers longer completions: a preference a tiny model learns in a few DPO steps."""
     return float(len(completion.split()))
+
+
+def leaky(prompt: str, completion: str) -> float:
+    """`longer`, but careless with a credential: prints the judge API key from the environment, as a
+    real judge client's debug output might (the redaction filter must keep it out of every record)."""
+    import os
+
+    print(f"judge: calling the API with key {os.environ.get('OPENAI_API_KEY')}")
+    return longer(prompt, completion)

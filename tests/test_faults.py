@@ -6,6 +6,7 @@ killed mid-run is tests/test_tracking.py::test_metrics_survive_a_tracking_server
 
 import errno
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -270,3 +271,52 @@ def tiny_sft(tmp_path_factory, demo_data):
             demo_data, out)
     return out
 
+
+
+# --- secrets --------------------------------------------------------------------------------------------
+
+SECRET = "sk-dpoflowtest0123456789abcdef"
+PASSWORD = "hunter2-dpoflow-pass"
+
+
+def test_a_credential_in_the_config_is_refused_without_echoing_it(tmp_path):
+    result = subprocess.run([str(BIN / "dpoflow"), "config", "show", "--set",
+                             f"eval.llm_judge.base_url=http://judge:{PASSWORD}@localhost:9/v1"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2 and "eval.llm_judge.base_url holds what looks like a credential" in result.stderr
+    assert PASSWORD not in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_secrets_in_the_environment_reach_no_record(tmp_path):
+    """A run whose judge prints the API key (a careless client) and whose MLflow password is set:
+    neither appears in MLflow (params, tags, registry tags, artifacts), the runner log, the terminal,
+    summary/config files, the reports or the compiled pipeline."""
+    from test_pipeline import MODEL, run_args
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "OPENAI_API_KEY": SECRET,
+           "MLFLOW_TRACKING_PASSWORD": PASSWORD, "PYTHONPATH": str(Path(__file__).parent)}
+    leaky = ["run.betas=[0.5]", "prefs.judge=callable:judges_for_tests:leaky",
+             "eval.judge=callable:judges_for_tests:leaky", "registry.min_win_rate=0.0"]
+    result = subprocess.run(run_args(tmp_path, *leaky), capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (tmp_path / "tiny" / "kfp.log").read_text()
+    assert "judge: calling the API with key ***" in log  # the judge did print it: masked
+    compiled = tmp_path / "compiled"
+    subprocess.run([str(BIN / "dpoflow"), "compile", "--root", str(compiled)], check=True, env=env, cwd=tmp_path,
+                   capture_output=True)
+    records = [result.stdout, result.stderr]
+    for path in [*(tmp_path / "tiny").rglob("*"), *(tmp_path / "mlartifacts").rglob("*"), *compiled.rglob("*")]:
+        if path.is_file() and path.suffix in (".json", ".jsonl", ".log", ".html", ".yaml",
+                                                                          ".txt", ".md"):
+            records.append(path.read_text(errors="replace"))
+    import mlflow
+
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    client = mlflow.MlflowClient()
+    for run in mlflow.search_runs(experiment_names=["dpoflow"], output_format="list"):
+        records += [json.dumps(run.data.params), json.dumps(run.data.tags)]
+    records += [json.dumps(v.tags) for v in client.search_model_versions(f"name = '{MODEL}'")]
+    assert len(records) > 20
+    for text in records:
+        assert SECRET not in text and PASSWORD not in text

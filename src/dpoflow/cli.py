@@ -14,6 +14,7 @@ from pathlib import Path
 
 from dpoflow.config import ConfigError, config_dict, config_hash, load_config
 from dpoflow.pipeline.tasks import beta_threads, set_threads, step_dirs
+from dpoflow.redact import redact
 from dpoflow.training import TrainingError
 
 
@@ -422,13 +423,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as error:
-        print(f"dpoflow: {error}", file=sys.stderr)
+        print(f"dpoflow: {redact(str(error))}", file=sys.stderr)
         return 2
     except TrainingError as error:  # stopped on purpose: a non-finite loss, or SIGTERM (checkpoint saved)
         print(f"dpoflow {args.command}: {error}", file=sys.stderr)
         return 143 if "SIGTERM" in str(error) else 1
     except (ValueError, FileNotFoundError, RuntimeError) as error:
-        print(f"dpoflow {args.command}: error: {error}", file=sys.stderr)
+        print(f"dpoflow {args.command}: error: {redact(str(error))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as stop:
         terminated = type(stop).__name__ == "Terminated"

@@ -197,6 +197,22 @@ class Config(_Strict):
     tracking: TrackingConfig = TrackingConfig()
     registry: RegistryConfig = RegistryConfig()
 
+    @model_validator(mode="after")
+    def _no_credentials(self):
+        """A config is written into MLflow params, logs, reports and the compiled pipeline: a
+        credential in it would leak. They come from the environment (Kubernetes Secrets on a cluster)."""
+        from dpoflow.redact import found_secrets, register_secret_env
+
+        register_secret_env(self.eval.llm_judge.api_key_env)
+        found = found_secrets(self.model_dump(mode="json"))
+        if found:
+            raise ValueError(f"{', '.join(found)} holds what looks like a credential (a URL password or an API token). "
+                             "The config is recorded in MLflow, logs and the compiled pipeline: pass credentials "
+                             "through environment variables instead (MLFLOW_TRACKING_USERNAME/PASSWORD, "
+                             "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, git/DVC credential helpers, the variable "
+                             "named by eval.llm_judge.api_key_env; on a cluster the pipeline maps them from Secrets)")
+        return self
+
 
 def check_pipeline(cfg: Config) -> None:
     """The step combinations `dpoflow run` can execute; each message says which keys to change."""
@@ -232,9 +248,13 @@ def _format_validation_error(error: ValidationError, origin: str) -> str:
         key = ".".join(str(part) for part in item["loc"])
         if item["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key (check the spelling; `dpoflow config show` lists valid keys)")
+        elif not item["loc"]:  # a rule over the whole config: the message names the keys
+            lines.append(f"  {item['msg']}")
         else:
             lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
-    return "\n".join(lines)
+    from dpoflow.redact import redact
+
+    return redact("\n".join(lines))
 
 
 def _parse_value(text: str) -> Any:

@@ -18,7 +18,10 @@ import os
 import re
 
 MASK = "***"
-SECRET_NAME = re.compile(r"(pass(word|wd)?|secret|token|api_?key|access_?key|private_?key|credential)", re.I)
+# a whole name component: TOKEN, AWS_SECRET_ACCESS_KEY, api_key — not `tokenizer` or `max_new_tokens`
+SECRET_NAME = re.compile(r"(^|[_.\-])(pass(word|wd)?|secret|token|api_?key|access_?key|private_?key|credentials?)"
+                         r"($|[_.\-])", re.I)
+NOT_A_VALUE = re.compile(r"_(env|path|file|dir)$", re.I)  # names of variables, files, folders: not secrets
 URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.\-]*://)(?P<user>[^/\s:@]*):(?P<password>[^/\s@]+)@", re.I)
 TOKEN_SHAPES = re.compile(r"\b(sk-[A-Za-z0-9_\-]{16,}|hf_[A-Za-z0-9]{20,}|AKIA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{30,})\b")
 _extra_names: set[str] = set()
@@ -31,7 +34,8 @@ def register_secret_env(*names: str) -> None:
 
 def _secret_values() -> list[str]:
     values = {value for name, value in os.environ.items()
-              if (SECRET_NAME.search(name) or name in _extra_names) and len(value) >= 6}
+              if ((SECRET_NAME.search(name) and not NOT_A_VALUE.search(name)) or name in _extra_names)
+              and len(value) >= 6}
     return sorted(values, key=len, reverse=True)  # longest first: a value containing another is masked whole
 
 
@@ -52,7 +56,7 @@ def redact_mapping(values: dict) -> dict:
         name = str(key).rsplit(".", 1)[-1]
         if isinstance(value, dict):
             clean[key] = redact_mapping(value)
-        elif SECRET_NAME.search(name) and not name.endswith("_env") and isinstance(value, str) and value:
+        elif SECRET_NAME.search(name) and not NOT_A_VALUE.search(name) and isinstance(value, str) and value:
             clean[key] = MASK
         elif isinstance(value, list):
             clean[key] = [redact(v) for v in value]

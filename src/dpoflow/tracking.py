@@ -15,6 +15,8 @@ import threading
 import time
 from pathlib import Path
 
+from dpoflow.redact import redact
+
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 # MLflow's REST client retries a failed request for minutes by default; a tracking server that is
 # down must not hold a step that long (metrics are buffered and retried by LiveMetrics instead)
@@ -103,7 +105,7 @@ def _log_params(c, run_id: str, params: dict) -> None:
     """Params as MLflow strings (lists and dicts as JSON), at most 100 per call as MLflow requires."""
     from mlflow.entities import Param
 
-    items = [Param(k, json.dumps(v) if isinstance(v, list | dict) else str(v)) for k, v in params.items()]
+    items = [Param(k, redact(json.dumps(v) if isinstance(v, list | dict) else str(v))) for k, v in params.items()]
     for start in range(0, len(items), 100):
         retrying(c.log_batch, run_id, params=items[start:start + 100])
 
@@ -129,7 +131,7 @@ def log_parent(run_id: str, *, params: dict, tags: dict, artifacts=()) -> None:
     from mlflow.entities import RunTag
 
     _log_params(c, run_id, {k: v for k, v in params.items() if k not in existing})  # a param cannot change
-    retrying(c.log_batch, run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    retrying(c.log_batch, run_id, tags=[RunTag(k, redact(str(v))) for k, v in tags.items()])
     for path in artifacts:
         if Path(path).exists():
             retrying(c.log_artifact, run_id, str(path))
@@ -158,7 +160,7 @@ def start_child_run(parent_id: str, name: str, *, params: dict, tags: dict) -> s
     c = client()
     parent = c.get_run(parent_id)
     run = retrying(c.create_run, parent.info.experiment_id, run_name=name,
-                   tags={"mlflow.parentRunId": parent_id, **{k: str(v) for k, v in tags.items()}})
+                   tags={"mlflow.parentRunId": parent_id, **{k: redact(str(v)) for k, v in tags.items()}})
     _log_params(c, run.info.run_id, params)
     return run.info.run_id
 
@@ -201,7 +203,7 @@ def log_artifacts(run_id: str, paths, artifact_path: str | None = None) -> None:
 def set_tags(run_id: str, tags: dict) -> None:
     from mlflow.entities import RunTag
 
-    retrying(client().log_batch, run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    retrying(client().log_batch, run_id, tags=[RunTag(k, redact(str(v))) for k, v in tags.items()])
 
 
 class LiveMetrics:
@@ -351,7 +353,7 @@ def delete_alias(name: str, alias: str) -> None:
 def set_version_tags(name: str, version: str, tags: dict) -> None:
     c = client()
     for key, value in tags.items():
-        retrying(c.set_model_version_tag, name, str(version), key, str(value))
+        retrying(c.set_model_version_tag, name, str(version), key, redact(str(value)))
 
 
 def pin_model_uri(uri: str) -> str:

@@ -78,8 +78,10 @@ def _table(metrics: dict) -> str:
 
 def _page(title: str, body: str) -> str:
     style = "body{font-family:sans-serif;margin:2em}td{padding:2px 12px;border-bottom:1px solid #ddd}"
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>" \
-           f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>\n"
+    from dpoflow.redact import redact
+
+    return redact(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+                  f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>\n")
 
 
 def write_report(path, metrics: dict, samples, training_metrics=None) -> Path:

@@ -38,6 +38,10 @@ def compile_all(root: Path = Path("."), image: str | None = None, config=None) -
         path = root / COMPONENTS_DIR / f"{name}.yaml"
         compiler.Compiler().compile(component, str(path))
         written.append(path)
+    from dpoflow.redact import redact
+
+    for path in written:  # the config refuses credentials; this catches anything else secret-shaped
+        path.write_text(redact(path.read_text()))
     return written
 
 

@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 from dpoflow.config import Config, check_pipeline, config_dict, config_hash
+from dpoflow.redact import redact, redact_mapping
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 STEP_LINE = re.compile(r"\[([\w .\-]+)\] (running|inputs unchanged, reusing)")
@@ -33,11 +34,12 @@ class _ProgressLog:
         self.ran, self.reused = [], []
 
     def write(self, text: str) -> int:
-        with self.lock:
-            self.file.write(text)
+        with self.lock:  # whole lines, secrets masked (a task that prints a credential leaks nothing)
             self.pending += text
             *lines, self.pending = self.pending.split("\n")
             for line in lines:
+                line = redact(line)
+                self.file.write(line + "\n")
                 self._line(ANSI.sub("", line))
         return len(text)
 
@@ -66,6 +68,8 @@ class _ProgressLog:
         return False
 
     def close(self) -> None:
+        if self.pending:
+            self.file.write(redact(self.pending))
         self.file.close()
 
 
@@ -137,7 +141,8 @@ def _run_local(cfg: Config, root: Path, log) -> dict:
     from dpoflow.pipeline.tasks import beta_threads, pipeline_arguments, round_rel, round_run_name
 
     root.mkdir(parents=True, exist_ok=True)
-    (root / "config.json").write_text(json.dumps({"config_hash": config_hash(cfg), **config_dict(cfg)}, indent=2) + "\n")
+    resolved = redact_mapping({"config_hash": config_hash(cfg), **config_dict(cfg)})
+    (root / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
     arguments = pipeline_arguments(cfg)
     parent, tracking = "", None
     if cfg.tracking.enabled:
@@ -197,7 +202,7 @@ def _run_local(cfg: Config, root: Path, log) -> dict:
         summary["mlflow_tracking_uri"] = os.environ["MLFLOW_TRACKING_URI"]
         if cfg.registry.enabled:
             summary["registry"] = registry_summary(cfg.registry.model_name, parent)
-    (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (root / "summary.json").write_text(json.dumps(redact_mapping(summary), indent=2) + "\n")
     if tracking is not None:
         tracking.log_artifacts(parent, [root / "summary.json", root / "frontier" / "frontier.html"])
         if not os.environ.get("MLFLOW_RUN_ID"):
