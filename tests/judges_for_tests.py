@@ -13,3 +13,11 @@ def leaky(prompt: str, completion: str) -> float:
 
     print(f"judge: calling the API with key {os.environ.get('OPENAI_API_KEY')}")
     return longer(prompt, completion)
+
+
+def broken(prompt: str, completion: str) -> float:
+    """Fails on the third item it sees (a judge bug)."""
+    broken.calls = getattr(broken, "calls", 0) + 1
+    if broken.calls == 3:
+        return 1 / 0
+    return 0.0

@@ -19,7 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import vouch
+from conftest import vouch, write_jsonl
 from dpoflow.config import DataConfig, DpoConfig, ModelConfig, SftConfig
 from dpoflow.data.sources import DataSourceError
 from dpoflow.data.step import run_data
@@ -320,3 +320,126 @@ def test_secrets_in_the_environment_reach_no_record(tmp_path):
     assert len(records) > 20
     for text in records:
         assert SECRET not in text and PASSWORD not in text
+
+
+# --- bad input: a clear error naming what and where, nothing lost ---------------------------------------
+
+BAD_ROWS = {  # one row per quarantine reason (data.kind=preferences)
+    "malformed_json": b'{"prompt": "a", "chosen": \n',
+    "undecodable_bytes": b'{"prompt": "caf\xe9", "chosen": "x", "rejected": "y"}\n',
+    "missing_field": {"prompt": "q1", "chosen": "good"},
+    "null_value": {"prompt": "q2", "chosen": None, "rejected": "bad"},
+    "wrong_type": {"prompt": "q3", "chosen": 5, "rejected": "bad"},
+    "empty_text": {"prompt": "q4", "chosen": "   ", "rejected": "bad"},
+    "unencodable_text": {"prompt": "q5", "chosen": "good \ud800", "rejected": "bad"},
+    "chosen_equals_rejected": {"prompt": "q6", "chosen": "same", "rejected": "same "},
+    "duplicate_pair": {"prompt": "q0", "chosen": "good 0", "rejected": "bad 0"},
+    "bad_role": {"chosen": [{"role": "wizard", "content": "hi"}], "rejected": [{"role": "user", "content": "x"}]},
+    "bad_role_order": {"prompt": [{"role": "assistant", "content": "hi"}], "chosen": [{"role": "user", "content": "a"}],
+                       "rejected": [{"role": "assistant", "content": "b"}]},
+    "no_common_prompt": {"chosen": "Human: one\n\nAssistant: a", "rejected": "Human: two\n\nAssistant: b"},
+    "prompt_too_long": {"prompt": "word " * 400, "chosen": "good", "rejected": "bad"},
+}
+
+
+def test_every_bad_row_reason_is_quarantined_with_its_row(tmp_path):
+    good = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(12)]
+    source = write_jsonl(tmp_path / "pairs.jsonl", [*good, *BAD_ROWS.values()])
+    result = run_data(DataConfig(kind="preferences", source=str(source), mode="quarantine", max_prompt_tokens=100),
+                      tmp_path / "data")
+    quarantined = [json.loads(line) for line in (tmp_path / "data" / "quarantine.jsonl").read_text().splitlines()]
+    assert sorted(q["reason"] for q in quarantined) == sorted(BAD_ROWS)
+    assert result.stats["rows_in"] == len(good) + len(BAD_ROWS) == result.stats["kept"] + len(quarantined)
+    for q in quarantined:  # each names its line and keeps what it held
+        assert q["row"] > len(good) and q["detail"] and ("raw_text" in q or "record" in q)
+    verify(tmp_path / "data")  # the quarantine file is part of the verified output
+
+
+def test_bad_models_configs_and_splits_are_named_with_the_fix(tmp_path, tiny_model_dir):
+    from dpoflow.config import ConfigError, load_config
+    from dpoflow.modeling import ModelLoadError, load_model, load_tokenizer
+
+    (tmp_path / "params.yaml").write_text("run: [unclosed\n  name: x: y\n")
+    with pytest.raises(ConfigError, match=r"params.yaml is not valid YAML \(line 2, column 7\)"):
+        load_config(tmp_path / "params.yaml")
+    empty = tmp_path / "no_weights"
+    empty.mkdir()
+    (empty / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    with pytest.raises(ModelLoadError, match="no model weights .* save_pretrained"):
+        load_model(str(empty))
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    torch.save({}, pickled / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="only pickle weights .* model.allow_pickle"):
+        load_model(str(pickled))
+    no_eos = tmp_path / "no_eos"
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    tokenizer.eos_token = None
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(no_eos)
+    with pytest.raises(ModelLoadError, match="has no eos_token: completions could never end"):
+        load_tokenizer(str(no_eos))
+    no_pad = tmp_path / "no_pad"
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(no_pad)
+    assert load_tokenizer(str(no_pad)).pad_token == tokenizer.eos_token  # padding is masked by length
+    with pytest.raises(Exception, match=r"the eval split has no prompts .* set data.eval_fraction above 0"):
+        run_data(DataConfig(demo={"n_reviews": 100}, eval_fraction=0.0), tmp_path / "d")
+
+
+def test_a_judge_that_raises_names_itself_the_item_and_the_fix(tmp_path, demo_data, tiny_sft):
+    from dpoflow.config import PrefsConfig
+    from dpoflow.evaluation.judges import JudgeError
+    from dpoflow.preferences import run_prefs
+
+    cfg = PrefsConfig(judge="callable:judges_for_tests:broken", max_prompts=4, max_eval_prompts=2, max_new_tokens=8)
+    with pytest.raises(JudgeError, match=r"judge callable:judges_for_tests:broken raised ZeroDivisionError: .* on item "
+                                         r"2 .* fix the judge"):
+        run_prefs(cfg, demo_data, tiny_sft / "model", tmp_path / "prefs")
+    assert not (tmp_path / "prefs").exists()
+
+
+UNICODE = ["Ein schöner Film, très émouvant — ¡qué bueno!", "Η ταινία ήταν υπέροχη και συγκινητική",
+           "Фильм был прекрасный и трогательный", "الفيلم كان رائعا ومؤثرا جدا", "הסרט היה נפלא ומרגש",
+           "फ़िल्म बहुत अच्छी और भावुक थी", "ภาพยนตร์เรื่องนี้ดีมากและซาบซึ้ง", "这部电影非常好看，很感人",
+           "この映画はとても良くて感動的でした", "이 영화는 정말 좋고 감동적이었어요", "Great film 🎬🍿 👩🏽‍🚀 ❤️‍🔥 10/10",
+           "Zalgo t̷e̷x̷t and <script>alert('x')</script> & \"quotes\""]
+
+
+def test_unicode_of_every_script_survives_data_training_and_the_report(tmp_path):
+    """Every script, RTL text, emoji with ZWJ and skin tones, combining marks and HTML-looking text: kept
+    by the data step, encoded and decoded exactly, trained on, sampled, judged and shown escaped."""
+    from dpoflow.config import EvalConfig, PrefsConfig
+    from dpoflow.evaluation.evaluate import run_eval
+    from dpoflow.preferences import run_prefs
+
+    rows = [{"text": f"{text} {i}"} for i in range(12) for text in UNICODE]
+    data = tmp_path / "data"
+    run_data(DataConfig(kind="sft", source=str(write_jsonl(tmp_path / "corpus.jsonl", rows)), eval_fraction=0.25,
+                        prompt_words=(2, 4)), data)
+    sft = tmp_path / "sft"
+    run_sft(SftConfig(max_steps=20, per_device_batch_size=8, max_length=64), ModelConfig(preset="tiny", vocab_size=600),
+            data, sft)
+    from dpoflow.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(str(sft / "model"))
+    for text in UNICODE:
+        assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+    judge = "callable:judges_for_tests:longer"
+    run_prefs(PrefsConfig(judge=judge, k=3, max_new_tokens=12, min_gap=0.0), data, sft / "model", tmp_path / "prefs")
+    run_reference(tmp_path / "prefs", sft / "model", tmp_path / "reference", max_length=64)
+    run_dpo(_dpo_cfg(max_steps=4, checkpoint_every=0), tmp_path / "prefs", sft / "model", tmp_path / "dpo",
+            reference_dir=tmp_path / "reference")
+    metrics = run_eval(EvalConfig(judge=judge, max_new_tokens=12), tmp_path / "dpo" / "model", sft / "model", data,
+                       tmp_path / "eval", beta=0.1, pairs_dir=tmp_path / "prefs", max_length=64)
+    assert metrics["n_prompts"] > 0
+    samples = pd.read_parquet(tmp_path / "eval" / "samples.parquet")
+    prompts = set(pd.read_parquet(data / "prompts_eval.parquet").prompt)
+    assert set(samples.prompt) <= prompts and any(not p.isascii() for p in samples.prompt)
+    report = (tmp_path / "eval" / "report.html").read_text(encoding="utf-8")
+    assert "<meta charset='utf-8'>" in report and "<script>alert" not in report
+    import html
+
+    assert sum(html.escape(p) in report for p in samples.prompt.head(5)) == min(5, len(samples))

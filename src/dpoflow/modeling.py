@@ -82,7 +82,8 @@ def _check_weights(path: Path, allow_pickle: bool) -> None:
             "if you trust the file, set model.allow_pickle: true."
         )
     if not safetensors and not pickles:
-        raise ModelLoadError(f"{path} has no model weights (*.safetensors)")
+        raise ModelLoadError(f"{path} has no model weights (*.safetensors): point the setting at a folder written by "
+                             "save_pretrained (config.json, model*.safetensors, tokenizer files)")
 
 
 def resolve_model_path(uri: str) -> str:
@@ -103,9 +104,18 @@ def resolve_model_path(uri: str) -> str:
 
 
 def load_tokenizer(uri: str):
+    """The tokenizer of a model folder. Completions end at its eos token, so one is required; a
+    missing pad token becomes the eos token (as TRL does: padding is masked by length, never by id)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_model_path(uri))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(uri))
+    if tokenizer.eos_token is None:
+        raise ModelLoadError(f"the tokenizer of {uri} has no eos_token: completions could never end. Set one and "
+                             "save it (tokenizer.eos_token = '</s>'; tokenizer.save_pretrained(folder)) or use the "
+                             "model's original tokenizer files")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def load_model(uri: str, *, allow_pickle: bool = False, trust_remote_code: bool = False, dtype=None):

@@ -19,6 +19,10 @@ from functools import lru_cache
 from dpoflow.config import LLMJudgeConfig
 
 
+class JudgeError(RuntimeError):
+    """A judge failed on an item; the message names the judge, the item and the fix."""
+
+
 class Judge:
     pairwise_only = False
 
@@ -43,7 +47,20 @@ class CallableJudge(Judge):
         self.name = target
 
     def score(self, prompts, completions):
-        return [float(self.function(p, c)) for p, c in zip(prompts, completions)]
+        scores = []
+        for item, (prompt, completion) in enumerate(zip(prompts, completions)):
+            try:
+                value = float(self.function(prompt, completion))
+            except Exception as error:
+                raise JudgeError(f"judge callable:{self.name} raised {type(error).__name__}: {error} on item {item} (prompt "
+                                 f"{prompt[:60]!r}, completion {completion[:60]!r}); nothing was judged or trained "
+                                 "on past it — fix the judge (it must return a number for any text) and start "
+                                 "again: finished steps are reused") from error
+            if value != value or value in (float("inf"), float("-inf")):
+                raise JudgeError(f"judge callable:{self.name} returned {value} on item {item} (prompt {prompt[:60]!r}): a "
+                                 "judge must return a finite number")
+            scores.append(value)
+        return scores
 
 
 class RewardModelJudge(Judge):
