@@ -2,7 +2,7 @@
 SIGKILL / SIGTERM to real processes, NaN in the loss, truncated checkpoints and Parquet files, a
 writer that hits a full disk, concurrent runs on one project — and each test asserts what the README's
 "Failure modes" table promises: what happens, and that nothing else is lost. (The MLflow server
-killed mid-run is tests/test_tracking.py::test_metrics_survive_a_tracking_server_restart, also marked.)"""
+killed mid-run is tests/test_tracking.py::test_live_metrics_and_a_server_restart_mid_run, also marked.)"""
 
 import errno
 import json
@@ -443,3 +443,31 @@ def test_unicode_of_every_script_survives_data_training_and_the_report(tmp_path)
     import html
 
     assert sum(html.escape(p) in report for p in samples.prompt.head(5)) == min(5, len(samples))
+
+
+@pytest.mark.slow
+def test_concurrent_runs_one_name_refused_other_names_both_finish(tmp_path):
+    """Two `dpoflow run` of one project at once: the same run name is refused with the first one's
+    pid; another name runs alongside, both logging into one sqlite MLflow store."""
+    from test_pipeline import env_for, run_args
+
+    fast = ["run.betas=[0.5]", "tracking.system_metrics=false"]
+    first = subprocess.Popen(run_args(tmp_path, *fast), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=tmp_path, env=env_for(tmp_path))
+    _wait_for(tmp_path / "tiny" / "kfp.log")
+    same = subprocess.run(run_args(tmp_path, *fast), capture_output=True, text=True, cwd=tmp_path, env=env_for(tmp_path))
+    assert same.returncode == 1 and f"run 'tiny' in {tmp_path} is already running (pid {first.pid})" in same.stderr
+    other = subprocess.run(run_args(tmp_path, *fast, "run.name=other"), capture_output=True, text=True, cwd=tmp_path,
+                           env=env_for(tmp_path))
+    out, err = first.communicate(timeout=600)
+    assert first.returncode == 0 and other.returncode == 0, err[-2000:] + other.stderr[-2000:]
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parents = {r.info.run_name: r.info.status for r in mlflow.search_runs(experiment_names=["dpoflow"],
+                                                                          output_format="list")
+               if "mlflow.parentRunId" not in r.data.tags}
+    assert parents == {"tiny": "FINISHED", "other": "FINISHED"}
+    for name in ("tiny", "other"):
+        assert json.loads((tmp_path / name / "summary.json").read_text())["results"]["beta-0.5"]["n_prompts"] == 24
+        verify(tmp_path / name / "dpo" / "beta-0.5")

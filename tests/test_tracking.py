@@ -77,6 +77,7 @@ def test_sqlite_locked_is_retried_with_backoff():
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_live_metrics_and_a_server_restart_mid_run(tmp_path, monkeypatch, tiny_model_dir, pairs_dir):
     from mlflow import MlflowClient
 
