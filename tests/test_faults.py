@@ -97,25 +97,32 @@ def test_sigkill_during_dpo_then_rerun_resumes_to_the_same_weights(tmp_path, pai
     verify(out)
 
 
-def test_sigkill_during_prefs_leaves_nothing_a_later_step_takes(tmp_path, demo_data, tiny_sft):
-    """A step without checkpoints, killed: its half-written output is never used; the rerun makes it whole."""
-    out = tmp_path / "prefs"
-    command = [str(BIN / "dpoflow"), "prefs", "--set", "prefs.max_prompts=400", "--set", "prefs.max_new_tokens=24",
-               "--set", "prefs.max_eval_prompts=8", "--data", str(demo_data), "--model", str(tiny_sft / "model"),
-               "--out", str(out)]
+@pytest.mark.parametrize("step", ["sft", "prefs", "eval"])
+def test_sigkill_during_a_step_leaves_nothing_a_later_step_takes(tmp_path, demo_data, tiny_sft, step):
+    """A step killed half-way: its half-written output is never used; the rerun makes it whole."""
+    out = tmp_path / step
+    args = {"sft": ["--set", "sft.max_steps=300", "--set", "model.preset=tiny", "--set", "model.vocab_size=400",
+                    "--set", "sft.checkpoint_every=0", "--data", str(demo_data)],
+            "prefs": ["--set", "prefs.max_prompts=400", "--set", "prefs.max_new_tokens=24", "--set",
+                      "prefs.max_eval_prompts=8", "--data", str(demo_data), "--model", str(tiny_sft / "model")],
+            "eval": ["--set", "eval.max_new_tokens=32", "--policy", str(tiny_sft / "model"), "--reference-model",
+                     str(tiny_sft / "model"), "--data", str(demo_data)]}[step]
+    command = [str(BIN / "dpoflow"), step, *args, "--out", str(out)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
-    _wait_for(out.with_name("prefs.partial"))
+    _wait_for(out.with_name(f"{step}.partial"))
     time.sleep(2.0)
+    assert process.poll() is None, "the step finished before it could be killed"
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not out.exists()
-    refused = subprocess.run([str(BIN / "dpoflow"), "reference", "--pairs", str(out.with_name("prefs.partial")),
-                              "--model", str(tiny_sft / "model"), "--out", str(tmp_path / "ref")],
-                             capture_output=True, text=True, cwd=tmp_path)
-    assert refused.returncode == 1 and "no MANIFEST.json" in refused.stderr
+    if step == "prefs":  # what a later step does with the half-written folder: refuse it
+        refused = subprocess.run([str(BIN / "dpoflow"), "reference", "--pairs", str(out.with_name("prefs.partial")),
+                                  "--model", str(tiny_sft / "model"), "--out", str(tmp_path / "ref")],
+                                 capture_output=True, text=True, cwd=tmp_path)
+        assert refused.returncode == 1 and "no MANIFEST.json" in refused.stderr
     assert subprocess.run(command, cwd=tmp_path, capture_output=True).returncode == 0
     manifest = verify(out)
-    assert {"train.parquet", "eval.parquet", "stats.json"} <= set(manifest["files"])
+    assert {"sft": "model/model.safetensors", "prefs": "train.parquet", "eval": "metrics.json"}[step] in manifest["files"]
 
 
 def test_sigterm_checkpoints_the_current_step_and_the_rerun_resumes(tmp_path, demo_data):

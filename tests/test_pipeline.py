@@ -110,30 +110,33 @@ def test_local_runner_end_to_end_gate_pass_then_fail(learned_run):
 
 @pytest.mark.slow
 def test_sigkill_half_way_then_rerun_gives_the_same_metrics(tmp_path):
-    """Killed (SIGKILL, no cleanup) while the β tasks run, `dpoflow run` started again redoes only what
-    did not finish and ends with the metrics of an uninterrupted run."""
+    """Killed (SIGKILL, no cleanup) while DPO trains, `dpoflow run` started again redoes only what did
+    not finish — DPO from its last checkpoint — and ends with the metrics of an uninterrupted run."""
+    settings = ["tracking.enabled=false", "registry.enabled=false", "dpo.checkpoint_every=2"]
     straight = tmp_path / "straight"
     straight.mkdir()
-    dpoflow_run(straight, "tracking.enabled=false", "registry.enabled=false")
+    dpoflow_run(straight, *settings)
     expected = json.loads((straight / "tiny" / "summary.json").read_text())["results"]
 
     killed = tmp_path / "killed"
     killed.mkdir()
-    process = subprocess.Popen(run_args(killed, "tracking.enabled=false", "registry.enabled=false"), cwd=killed,
-                               env=env_for(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = killed / "tiny" / ".steps" / "reference.json"
+    process = subprocess.Popen(run_args(killed, *settings), cwd=killed, env=env_for(killed),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = [killed / "tiny" / "dpo" / f"beta-{b}.partial" / "checkpoints" / "step-2" / "trainer_state.json"
+                   for b in (0.1, 0.5)]
     deadline = time.monotonic() + 300
-    while not marker.exists() and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.2)
-    assert marker.exists(), "the run never reached the β tasks"
-    time.sleep(2)  # the β tasks are running now
+    while not any(c.exists() for c in checkpoints) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    assert any(c.exists() for c in checkpoints), "the run never reached a DPO checkpoint"
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (killed / "tiny" / "summary.json").exists()
     time.sleep(1)  # the task processes die with it (PR_SET_PDEATHSIG)
+    log_before = len((killed / "tiny" / "kfp.log").read_text())
 
-    rerun = dpoflow_run(killed, "tracking.enabled=false", "registry.enabled=false")
+    rerun = dpoflow_run(killed, *settings)
     assert "reference: reused" in rerun.stdout and "sft: reused" in rerun.stdout
+    assert "dpo: resuming from step" in (killed / "tiny" / "kfp.log").read_text()[log_before:]
     assert json.loads((killed / "tiny" / "summary.json").read_text())["results"] == expected
 
 
