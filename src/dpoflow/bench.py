@@ -1,125 +1,233 @@
-"""`dpoflow bench`: DPO training throughput of dpoflow against TRL's DPOTrainer on the same model,
-data and batch (TRL is a dev dependency; the bench says so if it is missing).
+"""`dpoflow bench --against trl`: DPO training speed of dpoflow against TRL's DPOTrainer at equal math.
 
-Setting (default = the one in shared REFERENCE.md): a ~15M-parameter Llama built from a config,
-global batch 8 pairs, ~83-token prompts and ~83-token completions, fp32 on CPU. Each contender trains the
-same number of steps; the first step is warm-up and not timed. Reported: s/step and pairs/s.
+Every contender trains the same model (the `bench` preset, ~15M parameters, built from a config) on
+the same pairs with the same batch, optimizer (AdamW, constant lr, clipping 1.0), precision (fp32 on
+CPU) and thread count, each in its own process, contenders alternated. The dataset is exactly one
+batch, so every step of every contender sees the same pairs whatever its data order: the loss after
+the timed steps must then agree with TRL's (within 1e-4) — the speed is measured at equal math.
+
+Cases: standard (prompt ≈ 96 + completion ≈ 96 tokens), long_prompt (≈ 384 + 64) and length_mix
+(prompt and completion lengths drawn from a long-tailed log-normal, so padding matters).
+
+Per contender: s/step (first step is warm-up, not timed), pair-tokens/s, peak RSS of its process,
+MFU = useful FLOPs per step / s per step / the fp32 matmul peak measured in the same run. Useful
+FLOPs (the same count for every contender: the work DPO needs with a cached reference):
+    6 · N_body · T  +  6 · H · V · T_completion  +  12 · L · H · Σ_rows t_row²
+with N_body the non-embedding parameters, T the real (unpadded) tokens of the chosen and rejected
+sequences (each with its prompt), T_completion their completion tokens (only those need logits),
+L layers, H hidden size, V vocabulary, t_row each sequence's length (attention scores and mixing).
+Reference log-prob precomputation (dpoflow's cache, TRL's precompute_ref_log_probs) is not in the
+step time: both compute it once before training.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import random
+import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+CASES = {"standard": (96, 96), "long_prompt": (384, 64), "length_mix": None}
+# name -> (kind, settings); "dpoflow" is the default path (DpoConfig's defaults)
+CONTENDERS = {
+    "dpoflow": ("dpoflow", {}),
+    "dpoflow (cached, concatenated)": ("dpoflow", {"reference": "cached", "prefix_sharing": False}),
+    "dpoflow (cached, prefix sharing)": ("dpoflow", {"reference": "cached", "prefix_sharing": True}),
+    "dpoflow (live reference)": ("dpoflow", {"reference": "live"}),
+    "trl": ("trl", {"precompute_ref_log_probs": False}),
+    "trl (precompute_ref_log_probs)": ("trl", {"precompute_ref_log_probs": True}),
+}
+LEARNING_RATE = 1e-4
 
-def _synthetic_pairs(n: int, prompt_words: int, completion_words: int, seed: int = 0):
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """Best fp32 GEMM rate of this machine with the current thread count (GFLOP/s)."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - started)
+    return 2 * n ** 3 / best / 1e9
+
+
+def _lengths(case: str, batch: int, rng: random.Random) -> list[tuple[int, int]]:
+    if CASES[case] is not None:
+        return [CASES[case]] * batch
+    def draw(median, low, high):  # log-normal: most short, a long tail
+        return int(min(high, max(low, rng.lognormvariate(math.log(median), 0.8))))
+    return [(draw(48, 8, 320), draw(40, 4, 180)) for _ in range(batch)]
+
+
+def make_case(case: str, batch: int, work: Path, seed: int = 0) -> dict:
+    """The model, tokenizer and pairs of a case in `work`; returns its setting."""
     import pandas as pd
 
     from dpoflow.data.demo import generate_reviews
-
-    words = " ".join(generate_reviews(400, seed)).split()
-    rng = random.Random(seed)
-
-    def text(count):
-        start = rng.randrange(len(words) - count)
-        return " ".join(words[start:start + count])
-
-    return pd.DataFrame([{"prompt": text(prompt_words), "chosen": " " + text(completion_words),
-                          "rejected": " " + text(completion_words), "prompt_messages": ""} for _ in range(n)])
-
-
-def _time_dpoflow(model_dir, pairs_dir, steps, batch, max_length, reference, prefix_sharing) -> float:
-    from dpoflow.config import DpoConfig
-    from dpoflow.dpo.reference import run_reference
-    from dpoflow.dpo.train import run_dpo
-
-    work = Path(tempfile.mkdtemp(prefix="dpoflow-bench-"))
-    reference_dir = None
-    if reference == "cached":
-        reference_dir = work / "reference"
-        run_reference(pairs_dir, model_dir, reference_dir, max_length=max_length, log=lambda *_: None)
-    cfg = DpoConfig(max_steps=1, per_device_batch_size=batch, max_length=max_length, reference=reference,
-                    prefix_sharing=prefix_sharing, log_every=1000)
-    warm = run_dpo(cfg, pairs_dir, model_dir, work / "warm", reference_dir=reference_dir, log=lambda *_: None)
-    full = run_dpo(cfg.model_copy(update={"max_steps": steps + 1}), pairs_dir, model_dir, work / "run",
-                   reference_dir=reference_dir, log=lambda *_: None)
-    return (full["seconds"] - warm["seconds"]) / steps
-
-
-def _time_trl(model_dir, frame, steps, batch, max_length, precompute) -> float:
-    import datasets
-    import trl
-    from transformers import TrainerCallback
-
-    from dpoflow.modeling import load_model, load_tokenizer
-
-    class StepTimer(TrainerCallback):
-        times: list = []
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.times.append(time.perf_counter())
-
-    tokenizer = load_tokenizer(str(model_dir))
-    timer = StepTimer()
-    timer.times = []
-    args = trl.DPOConfig(output_dir=tempfile.mkdtemp(prefix="trl-bench-"), per_device_train_batch_size=batch,
-                         max_steps=steps + 1, learning_rate=5e-4, beta=0.1, logging_steps=1000, report_to=[],
-                         use_cpu=True, max_length=max_length, save_strategy="no", disable_tqdm=True,
-                         precompute_ref_log_probs=precompute,
-                         # TRL 1.16 defaults to bf16 autocast and gradient checkpointing even on CPU;
-                         # both contenders run fp32 without recomputation here
-                         bf16=False, gradient_checkpointing=False)
-    trainer = trl.DPOTrainer(model=load_model(str(model_dir)), ref_model=load_model(str(model_dir)), args=args,
-                             train_dataset=datasets.Dataset.from_pandas(frame[["prompt", "chosen", "rejected"]]),
-                             processing_class=tokenizer, callbacks=[timer])
-    trainer.train()
-    return (timer.times[-1] - timer.times[0]) / steps
-
-
-def run_bench(steps: int = 5, batch: int = 8, prompt_words: int = 70, completion_words: int = 70,
-              preset: str = "bench", out: str | None = None, log=print) -> dict:
-    import torch
-
     from dpoflow.dpo.logprobs import tokenize_pairs
+    from dpoflow.manifest import write_manifest
     from dpoflow.modeling import build_model, train_tokenizer
 
-    work = Path(tempfile.mkdtemp(prefix="dpoflow-bench-"))
-    frame = _synthetic_pairs(batch * (steps + 2), prompt_words, completion_words)
-    tokenizer = train_tokenizer(frame.prompt.tolist() + frame.chosen.tolist(), vocab_size=2000)
-    model = build_model(tokenizer, preset)
+    reviews = generate_reviews(2000, seed)
+    tokenizer = train_tokenizer(reviews, vocab_size=2000)
+    stream = tokenizer(" ".join(reviews), add_special_tokens=False)["input_ids"]
+    rng = random.Random(seed)
+
+    def text(tokens: int) -> str:
+        start = rng.randrange(len(stream) - tokens)
+        return tokenizer.decode(stream[start:start + tokens])
+
+    rows = [{"prompt": text(p), "chosen": " " + text(c), "rejected": " " + text(max(2, c + rng.randint(-4, 4))),
+             "prompt_messages": ""} for p, c in _lengths(case, batch, rng)]
+    frame = pd.DataFrame(rows)
+    (work / "pairs").mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(work / "pairs" / "train.parquet")
+    write_manifest(work / "pairs", "bench pairs", case)
+    model = build_model(tokenizer, "bench")
     model.save_pretrained(work / "model")
     tokenizer.save_pretrained(work / "model")
-    (work / "pairs").mkdir()
-    frame.to_parquet(work / "pairs" / "train.parquet")
-    pairs = tokenize_pairs(frame, tokenizer, 1024)
-    setting = {
-        "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-        "batch_pairs": batch, "timed_steps": steps, "torch_threads": torch.get_num_threads(),
-        "prompt_tokens": round(sum(map(len, pairs.prompt_ids)) / len(pairs), 1),
-        "completion_tokens": round(sum(map(len, pairs.chosen_ids)) / len(pairs), 1),
-    }
-    max_length = 512
-    results = {}
-    model, pairs = work / "model", work / "pairs"
-    for name, fn in [
-        ("dpoflow (cached reference)", lambda: _time_dpoflow(model, pairs, steps, batch, max_length, "cached", False)),
-        ("dpoflow (cached reference, prefix sharing)",
-         lambda: _time_dpoflow(model, pairs, steps, batch, max_length, "cached", True)),
-        ("dpoflow (live reference)", lambda: _time_dpoflow(model, pairs, steps, batch, max_length, "live", False)),
-        ("trl DPOTrainer", lambda: _time_trl(work / "model", frame, steps, batch, max_length, False)),
-        ("trl DPOTrainer (precompute_ref_log_probs)", lambda: _time_trl(work / "model", frame, steps, batch, max_length, True)),
-    ]:
-        try:
-            seconds = fn()
-        except ImportError as error:
-            log(f"{name}: skipped ({error})")
-            continue
-        results[name] = {"s_per_step": round(seconds, 3), "pairs_per_s": round(batch / seconds, 2)}
-        log(f"{name:45s} {seconds:7.3f} s/step  {batch / seconds:6.2f} pairs/s")
-    report = {"setting": setting, "results": results}
+    pairs = tokenize_pairs(frame, tokenizer, 100_000)
+    config = model.config
+    body = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
+    rows_len = [len(p) + len(c) for p, cs in zip(pairs.prompt_ids, zip(pairs.chosen_ids, pairs.rejected_ids))
+                for c in cs]
+    completion = sum(len(c) + len(r) for c, r in zip(pairs.chosen_ids, pairs.rejected_ids))
+    flops = (6 * body * sum(rows_len) + 6 * config.hidden_size * config.vocab_size * completion
+             + 12 * config.num_hidden_layers * config.hidden_size * sum(t * t for t in rows_len))
+    return {"case": case, "pairs": batch, "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+            "prompt_tokens_mean": round(sum(map(len, pairs.prompt_ids)) / batch, 1),
+            "completion_tokens_mean": round(completion / (2 * batch), 1), "pair_tokens": sum(rows_len),
+            "longest_sequence": max(rows_len), "useful_gflop_per_step": round(flops / 1e9, 2)}
+
+
+# ---- one contender, in its own process ----------------------------------------------------------
+
+def _worker(kind: str, settings: dict, work: Path, steps: int, batch: int, max_length: int) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    times, losses = [], []
+    if kind == "dpoflow":
+        from dpoflow.config import DpoConfig
+        from dpoflow.dpo.train import run_dpo
+
+        cfg = DpoConfig(**{"max_steps": steps + 1, "per_device_batch_size": batch, "max_length": max_length,
+                           "learning_rate": LEARNING_RATE, "warmup_steps": 0, "scheduler": "constant",
+                           "log_every": 1, "checkpoint_every": 0, **settings})
+
+        def on_step(step, metrics):
+            times.append(time.perf_counter())
+            losses.append(metrics["loss"])
+
+        run_dpo(cfg, work / "pairs", work / "model", work / f"out-{os.getpid()}", log_metrics=on_step,
+                reference_dir=work / "reference" if cfg.reference == "cached" else None, log=lambda *_: None)
+    else:
+        import datasets
+        import pandas as pd
+        import trl
+        from transformers import TrainerCallback
+
+        from dpoflow.modeling import load_model, load_tokenizer
+
+        class Timer(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                times.append(time.perf_counter())
+
+        frame = pd.read_parquet(work / "pairs" / "train.parquet")[["prompt", "chosen", "rejected"]]
+        args = trl.DPOConfig(output_dir=str(work / f"trl-{os.getpid()}"), per_device_train_batch_size=batch,
+                             max_steps=steps + 1, learning_rate=LEARNING_RATE, lr_scheduler_type="constant",
+                             warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0, optim="adamw_torch", beta=0.1,
+                             logging_steps=1, report_to=[], use_cpu=True, max_length=max_length, save_strategy="no",
+                             disable_tqdm=True, bf16=False, gradient_checkpointing=False, seed=0, **settings)
+        trainer = trl.DPOTrainer(model=load_model(str(work / "model")), ref_model=load_model(str(work / "model")),
+                                 args=args, train_dataset=datasets.Dataset.from_pandas(frame),
+                                 processing_class=load_tokenizer(str(work / "model")), callbacks=[Timer()])
+        trainer.train()
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    seconds = (times[-1] - times[0]) / steps
+    return {"s_per_step": seconds, "loss": losses[-1], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _run_contender(name: str, work: Path, steps: int, batch: int, max_length: int) -> dict:
+    kind, settings = CONTENDERS[name]
+    command = [sys.executable, "-m", "dpoflow.bench", kind, json.dumps(settings), str(work), str(steps), str(batch),
+               str(max_length)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"bench contender {name!r} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ---- the whole bench ----------------------------------------------------------------------------
+
+def run_bench(steps: int = 5, batch: int = 8, cases=tuple(CASES), contenders=tuple(CONTENDERS), repeats: int = 2,
+              out: str | None = None, log=print) -> dict:
+    import torch
+
+    from dpoflow.dpo.reference import run_reference
+
+    peak = matmul_peak_gflops()
+    log(f"fp32 matmul peak: {peak:.1f} GFLOP/s with {torch.get_num_threads()} threads")
+    report: dict = {"matmul_peak_gflops": round(peak, 1), "threads": torch.get_num_threads(), "steps": steps,
+                    "repeats": repeats, "learning_rate": LEARNING_RATE, "cases": {}}
+    for case in cases:
+        work = Path(tempfile.mkdtemp(prefix=f"dpoflow-bench-{case}-"))
+        setting = make_case(case, batch, work)
+        max_length = setting["longest_sequence"] + 8
+        run_reference(work / "pairs", work / "model", work / "reference", max_length=max_length, log=lambda *_: None)
+        runs: dict[str, list[dict]] = {name: [] for name in contenders}
+        for _ in range(repeats):  # alternated: a slow moment of the machine hits every contender alike
+            for name in contenders:
+                runs[name].append(_run_contender(name, work, steps, batch, max_length))
+        results = {}
+        for name, attempts in runs.items():
+            best = min(attempts, key=lambda r: r["s_per_step"])
+            results[name] = {"s_per_step": round(best["s_per_step"], 4),
+                             "pair_tokens_per_s": round(setting["pair_tokens"] / best["s_per_step"], 1),
+                             "peak_rss_mb": round(max(r["peak_rss_mb"] for r in attempts), 1),
+                             "mfu": round(setting["useful_gflop_per_step"] / best["s_per_step"] / peak, 4),
+                             "loss_after_timed_steps": best["loss"]}
+            log(f"{case:12s} {name:34s} {best['s_per_step']:7.3f} s/step  {results[name]['pair_tokens_per_s']:8.1f} "
+                f"pair-tokens/s  MFU {results[name]['mfu']:.1%}  RSS {results[name]['peak_rss_mb']:.0f} MB  "
+                f"loss {best['loss']:.6f}")
+        report["cases"][case] = {"setting": setting, "results": results}
+        if "trl" in results:
+            for result in results.values():
+                result["loss_diff_vs_trl"] = abs(result["loss_after_timed_steps"] - results["trl"]["loss_after_timed_steps"])
+    report.update(_headline(report))
     if out:
         Path(out).write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _headline(report: dict) -> dict:
+    """The figures issue targets are stated in: dpoflow's default path against TRL."""
+    def ratio(case, a, b, key="s_per_step"):
+        results = report["cases"].get(case, {}).get("results", {})
+        if a in results and b in results:
+            return round(results[a][key] / results[b][key], 3)
+        return None
+
+    standard = report["cases"].get("standard", {}).get("results", {})
+    return {"speedup_vs_trl": ratio("standard", "trl", "dpoflow"),
+            "speedup_vs_trl_precompute": ratio("standard", "trl (precompute_ref_log_probs)", "dpoflow"),
+            "rss_ratio_vs_trl": ratio("standard", "dpoflow", "trl", "peak_rss_mb"),
+            "mfu": standard.get("dpoflow", {}).get("mfu"),
+            "speedup_vs_trl_length_mix": ratio("length_mix", "trl", "dpoflow"),
+            "speedup_vs_trl_long_prompt": ratio("long_prompt", "trl", "dpoflow"),
+            "loss_equal_to_trl_within_1e-4": all(r.get("loss_diff_vs_trl", 0) <= 1e-4
+                                                for c in report["cases"].values() for r in c["results"].values())}
+
+
+if __name__ == "__main__":  # one contender: python -m dpoflow.bench <kind> <settings> <work> <steps> <batch> <max_length>
+    kind, settings, work, steps, batch, max_length = sys.argv[1:7]
+    print(json.dumps(_worker(kind, json.loads(settings), Path(work), int(steps), int(batch), int(max_length))))

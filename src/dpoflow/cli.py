@@ -194,9 +194,11 @@ def cmd_frontier(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from dpoflow.bench import run_bench
+    from dpoflow.bench import CASES, CONTENDERS, run_bench
 
-    run_bench(steps=args.steps, batch=args.batch, preset=args.preset, out=args.out)
+    contenders = [name for name in CONTENDERS if args.against == "trl" or not name.startswith("trl")]
+    run_bench(steps=args.steps, batch=args.batch, cases=args.case or list(CASES), contenders=contenders,
+              repeats=args.repeats, out=args.json)
     return 0
 
 
@@ -340,10 +342,14 @@ def build_parser() -> argparse.ArgumentParser:
     frontier.set_defaults(func=cmd_frontier)
 
     bench = sub.add_parser("bench", help="DPO throughput: dpoflow vs TRL DPOTrainer on the same model and data")
+    bench.add_argument("--against", choices=["trl", "none"], default="trl",
+                       help="time TRL's DPOTrainer (live and precomputed reference) too (default)")
     bench.add_argument("--steps", type=int, default=5, help="timed steps per contender (after 1 warm-up)")
     bench.add_argument("--batch", type=int, default=8, help="pairs per step")
-    bench.add_argument("--preset", default="bench", help="model size preset (bench ~15M params)")
-    bench.add_argument("--out", help="write the results as JSON here")
+    bench.add_argument("--case", action="append", choices=["standard", "long_prompt", "length_mix"],
+                       help="repeatable; default: all three")
+    bench.add_argument("--repeats", type=int, default=2, help="alternated runs per contender (the best is kept)")
+    bench.add_argument("--json", help="write the results as JSON here")
     bench.set_defaults(func=cmd_bench)
 
     register = sub.add_parser("register", help="register a trained policy in MLflow (alias candidate)",

@@ -1,0 +1,26 @@
+"""`dpoflow bench --against trl` on a tiny size: it works and measures at equal math (the speed
+figures themselves are benchmarks, never asserted in tests)."""
+
+import json
+
+import pytest
+
+pytest.importorskip("trl")
+
+
+@pytest.mark.slow
+def test_bench_against_trl_reports_the_headline_keys_at_equal_loss(tmp_path):
+    from dpoflow.bench import run_bench
+
+    report = run_bench(steps=2, batch=2, cases=["standard"], contenders=["dpoflow", "trl"], repeats=1,
+                       out=str(tmp_path / "bench.json"), log=lambda *_: None)
+    assert json.loads((tmp_path / "bench.json").read_text()) == report
+    results = report["cases"]["standard"]["results"]
+    assert results["trl"]["loss_diff_vs_trl"] == 0.0
+    assert results["dpoflow"]["loss_diff_vs_trl"] <= 1e-4  # the same math: same loss after the timed steps
+    assert abs(results["dpoflow"]["loss_after_timed_steps"] - 0.6931) > 1e-3  # training moved it off ln 2
+    assert report["speedup_vs_trl"] == pytest.approx(results["trl"]["s_per_step"] / results["dpoflow"]["s_per_step"],
+                                                     rel=1e-2)
+    assert 0 < report["mfu"] < 1 and report["rss_ratio_vs_trl"] > 0 and report["loss_equal_to_trl_within_1e-4"]
+    setting = report["cases"]["standard"]["setting"]
+    assert 90 <= setting["prompt_tokens_mean"] <= 100 and setting["useful_gflop_per_step"] > 0
