@@ -248,7 +248,8 @@ def test_resume_after_sigkill_is_exact(tmp_path, pairs_dir, tiny_model_dir, refe
     process = subprocess.Popen([*base, "--out", str(killed), *settings], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, cwd=tmp_path)
     deadline = time.time() + 120
-    while time.time() < deadline and not (killed / "checkpoints" / "step-10" / "trainer_state.json").exists():
+    while time.time() < deadline and not (killed.with_name(killed.name + ".partial") / "checkpoints" / "step-10" /
+                                                     "trainer_state.json").exists():
         time.sleep(0.01)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()

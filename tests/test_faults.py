@@ -392,8 +392,18 @@ def test_bad_models_configs_and_splits_are_named_with_the_fix(tmp_path, tiny_mod
     tokenizer.pad_token = None
     tokenizer.save_pretrained(no_pad)
     assert load_tokenizer(str(no_pad)).pad_token == tokenizer.eos_token  # padding is masked by length
-    with pytest.raises(Exception, match=r"the eval split has no prompts .* set data.eval_fraction above 0"):
-        run_data(DataConfig(demo={"n_reviews": 100}, eval_fraction=0.0), tmp_path / "d")
+    from dpoflow.config import Config, check_pipeline
+
+    with pytest.raises(ConfigError, match=r"data.eval_fraction=0 holds out no prompts.* set data.eval_fraction above 0"):
+        check_pipeline(Config.model_validate({"data": {"eval_fraction": 0.0}}))
+    from dpoflow.config import EvalConfig
+    from dpoflow.evaluation.evaluate import run_eval
+
+    data = tmp_path / "d"
+    run_data(DataConfig(demo={"n_reviews": 100}, eval_fraction=0.0), data)  # a data step alone may hold none out
+    with pytest.raises(ValueError, match="holds no held-out prompts, so there is nothing to evaluate on"):
+        run_eval(EvalConfig(judge="callable:judges_for_tests:longer"), tiny_model_dir, tiny_model_dir, data,
+                 tmp_path / "e", beta=0.1)
 
 
 def test_a_judge_that_raises_names_itself_the_item_and_the_fix(tmp_path, demo_data, tiny_sft):

@@ -311,7 +311,7 @@ def test_ctrl_c_ends_with_one_line_and_the_run_resumes(tmp_path):
     os.killpg(process.pid, signal.SIGINT)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130, err[-2000:]
-    assert "interrupted; finished steps are kept and reused when you start it again" in err
+    assert "interrupted; finished steps are kept and reused, and training resumes from its last checkpoint" in err
     assert "Traceback" not in err
     from mlflow import MlflowClient
 

@@ -233,6 +233,9 @@ def check_pipeline(cfg: Config) -> None:
             problems.append(f"{section}.judge is 'demo' (VADER sentiment, the demo's ground truth) but the data is "
                             f"your own: choose the judge explicitly: {section}.judge=callable:<module>:<function>, "
                             f"reward_model:<dir or models:/...> or llm (see configs/examples/)")
+    if cfg.data.eval_fraction == 0:
+        problems.append("data.eval_fraction=0 holds out no prompts, but every run is evaluated on held-out prompts: "
+                        "set data.eval_fraction above 0 (e.g. 0.1)")
     if cfg.run.rounds > 1 and not cfg.prefs.enabled:
         problems.append("run.rounds > 1 samples new pairs each round: it needs prefs.enabled=true and a prompt or "
                         "SFT corpus (data.kind prompts or sft) and a prefs.judge")

@@ -232,11 +232,4 @@ def _run_data(cfg: DataConfig, out_dir: Path, seed: int) -> DataResult:
     }
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     (out_dir / "dataset.json").write_text(json.dumps(dataset, indent=2) + "\n")
-    for split in ("train", "eval"):  # every later step needs both: fail here, not in a torch.cat three steps on
-        if len(frames[f"prompts_{split}"]) == 0:
-            held_out = f"data.eval_fraction={cfg.eval_fraction}"
-            fix = ("set data.eval_fraction above 0 (e.g. 0.1): evaluation and the held-out pairs need prompts"
-                   if split == "eval" else "lower data.eval_fraction (e.g. 0.1)")
-            raise DataValidationError(f"{info.source}: the {split} split has no prompts ({len(kept)} rows kept, "
-                                      f"{held_out}): {fix}. Split statistics: {out_dir / 'stats.json'}")
     return DataResult(out_dir=out_dir, stats=stats, dataset=dataset)

@@ -68,6 +68,8 @@ def cache_key(frames: dict, model_dir: Path, max_length: int, truncation: str) -
 def compute_logps(model, tokenizer, frame, max_length: int, truncation: str, batch_size: int = 16):
     """((N, 4) [chosen logps, rejected logps, chosen lengths, rejected lengths], truncated count)."""
     pairs = tokenize_pairs(frame, tokenizer, max_length, truncation)
+    if len(pairs) == 0:  # an empty split (e.g. no held-out pairs): nothing to score
+        return torch.zeros((0, 4), dtype=torch.float64), 0
     chosen, chosen_counts = score_sequences(model, pairs.prompt_ids, pairs.chosen_ids, tokenizer.pad_token_id, batch_size)
     rejected, rejected_counts = score_sequences(model, pairs.prompt_ids, pairs.rejected_ids, tokenizer.pad_token_id,
                                                 batch_size)

@@ -51,6 +51,10 @@ def _run_eval(cfg: EvalConfig, policy_dir, reference_model_dir, data_dir, out_di
     out_dir.mkdir(parents=True, exist_ok=True)
     prompts_frame = pd.read_parquet(Path(data_dir) / "prompts_eval.parquet").head(cfg.max_prompts)
     prompts = prompts_frame.prompt.tolist()
+    if not prompts:
+        raise ValueError(f"{Path(data_dir) / 'prompts_eval.parquet'} holds no held-out prompts, so there is nothing to "
+                         "evaluate on: raise data.eval_fraction (the split is by a hash of each prompt, so a handful "
+                         "of rows may hold out none) or bring more data")
     tokenizer = load_tokenizer(str(reference_model_dir))
     policy, reference = load_model(str(policy_dir)), load_model(str(reference_model_dir))
     prompt_ids = [tokenize_prompt(tokenizer, p, m) for p, m in zip(prompts, prompts_frame.prompt_messages)]
