@@ -181,10 +181,12 @@ def test_two_processes_gloo_equal_one(tmp_path, pairs_dir, tiny_model_dir, refer
 
 
 def test_cached_reference_equals_live_and_prefix_sharing_equals_concat(tmp_path, pairs_dir, tiny_model_dir, reference_dir):
-    run_dpo(_cfg(), pairs_dir, tiny_model_dir, tmp_path / "cached", reference_dir=reference_dir)
-    run_dpo(_cfg(reference="live"), pairs_dir, tiny_model_dir, tmp_path / "live")
+    concat = {"prefix_sharing": False}
+    run_dpo(_cfg(**concat), pairs_dir, tiny_model_dir, tmp_path / "cached", reference_dir=reference_dir)
+    run_dpo(_cfg(reference="live", **concat), pairs_dir, tiny_model_dir, tmp_path / "live")
     run_dpo(_cfg(prefix_sharing=True), pairs_dir, tiny_model_dir, tmp_path / "shared", reference_dir=reference_dir)
-    for other in ("live", "shared"):
+    run_dpo(_cfg(reference="live", prefix_sharing=True), pairs_dir, tiny_model_dir, tmp_path / "live-shared")
+    for other in ("live", "shared", "live-shared"):
         for a, b in zip(_metrics(tmp_path / "cached"), _metrics(tmp_path / other)):
             assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), other
         _assert_same_weights(tmp_path / "cached", tmp_path / other, atol=1e-4)

@@ -117,7 +117,8 @@ class DpoConfig(OptimConfig):
     reference: Literal["cached", "live", "lora_disabled"] = Field(
         "cached", description="cached log-probs (default), a live frozen copy, or the LoRA base (adapters off)"
     )
-    prefix_sharing: bool = Field(False, description="encode the prompt once for chosen and rejected")
+    prefix_sharing: bool = Field(True, description="encode the prompt once for chosen and rejected (fastest: "
+                                 "see bench/README.md); false = the concatenated chosen+rejected forward")
     reference_update: Literal["fixed", "previous"] = Field(
         "fixed", description="run.rounds > 1: the reference of round r is the fixed one, or round r-1's policy")
     lora: LoraConfig = LoraConfig()

@@ -37,8 +37,9 @@ class ManifestError(RuntimeError):
     """A step output is incomplete or changed after its step wrote it."""
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
@@ -84,16 +85,16 @@ def manifest_digest(path: Path) -> str:
     if manifest is not None:
         return hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
     if path.is_file():
-        return _sha256(path)[:16]
+        return file_digest(path)[:16]
     if path.is_dir():
-        return hashlib.sha256(json.dumps({str(p.relative_to(path)): _sha256(p) for p in listed_files(path)}
+        return hashlib.sha256(json.dumps({str(p.relative_to(path)): file_digest(p) for p in listed_files(path)}
                                          ).encode()).hexdigest()[:16]
     return "absent"
 
 
 def write_manifest(folder: Path, step: str, key: str) -> dict:
     manifest = {"step": step, "key": key,
-                "files": {str(p.relative_to(folder)): _sha256(p) for p in listed_files(folder)}}
+                "files": {str(p.relative_to(folder)): file_digest(p) for p in listed_files(folder)}}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest
 
@@ -116,7 +117,7 @@ def verify(path, *, required: bool = True) -> dict | None:
         if not file.is_file():
             raise ManifestError(f"{file} is missing: step {manifest['step']!r} wrote it (see {manifest_path}). "
                                 "Run that step again, or restore the file")
-        if _sha256(file) != expected:
+        if file_digest(file) != expected:
             raise ManifestError(f"{file} changed after step {manifest['step']!r} wrote it (sha256 differs from "
                                 f"{manifest_path}): edited in place, truncated or corrupted. Run that step again "
                                 "(delete the folder first, or `dpoflow run` rebuilds it), or restore the file")

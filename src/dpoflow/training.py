@@ -8,7 +8,6 @@ states. A resumed run therefore replays exactly the batches an uninterrupted run
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 from dpoflow.config import OptimConfig
+from dpoflow.manifest import file_digest
 
 STATE_FILE = "trainer_state.json"
 
@@ -81,16 +81,8 @@ class TrainingError(RuntimeError):
     """Training stopped on purpose: a non-finite loss or gradient, or a preemption (SIGTERM)."""
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _checkpoint_files(path: Path) -> dict[str, str]:
-    return {str(p.relative_to(path)): _sha256(p) for p in sorted(path.rglob("*")) if p.is_file() and p.name != STATE_FILE}
+    return {str(p.relative_to(path)): file_digest(p) for p in sorted(path.rglob("*")) if p.is_file() and p.name != STATE_FILE}
 
 
 def checkpoint_problem(path: Path) -> str:
@@ -102,7 +94,7 @@ def checkpoint_problem(path: Path) -> str:
         file = path / name
         if not file.exists():
             return f"{name} is missing"
-        if _sha256(file) != expected:
+        if file_digest(file) != expected:
             return f"{name} does not match its checksum (truncated or corrupted)"
     return ""
 

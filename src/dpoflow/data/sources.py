@@ -57,11 +57,9 @@ def _clean(value):
 
 
 def file_md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from dpoflow.manifest import file_digest
+
+    return file_digest(path, "md5")
 
 
 def tree_md5(path: Path) -> str:
