@@ -31,6 +31,7 @@ from dpoflow.training import (
     micro_batches,
     resume_step,
     save_checkpoint,
+    sigterm_restored,
     write_summary,
 )
 
@@ -101,7 +102,7 @@ def run_sft(cfg: SftConfig, model_cfg: ModelConfig, data_dir, out_dir, *, resume
     model_settings = model_cfg.model_dump(mode="json", exclude={"policy_init"})  # DPO's business, not SFT's
     with building("sft", out_dir, config=[cfg, model_settings], inputs={"data": data_dir,
                   "base": model_cfg.base if model_cfg.base and Path(model_cfg.base).exists() else None},
-                  verify_inputs={"base": False}, resume=resume) as (work, resumable):
+                  verify_inputs={"base": False}, resume=resume) as (work, resumable), sigterm_restored():
         return _run_sft(cfg, model_cfg, data_dir, work, resume=resumable, log_metrics=log_metrics, log=log)
 
 
@@ -171,7 +172,6 @@ def _run_sft(cfg: SftConfig, model_cfg: ModelConfig, data_dir, out_dir, *, resum
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
             save_checkpoint(accelerator, out_dir, step + 1)
         guard.check_stop(step + 1)
-    guard.close()
 
     accelerator.wait_for_everyone()
     summary = {}

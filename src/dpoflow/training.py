@@ -13,6 +13,7 @@ import math
 import shutil
 import signal
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -131,6 +132,17 @@ def resume_step(accelerator, out_dir: Path, log=print) -> int:
     return json.loads((checkpoint / STATE_FILE).read_text())["step"]
 
 
+@contextmanager
+def sigterm_restored():
+    """Whatever a training loop does to SIGTERM (see Guard) is undone when it ends, even by an error."""
+    previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 class Guard:
     """What a training loop checks after every optimizer step:
     - SIGTERM (a preempted pod, `kill`, a terminated `dpoflow run`): the loop finishes its step, saves
@@ -140,16 +152,11 @@ class Guard:
 
     def __init__(self, accelerator, out_dir: Path, name: str):
         self.accelerator, self.out_dir, self.name, self.stop = accelerator, out_dir, name, False
-        self.previous = None
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, self._terminate)
+        if threading.current_thread() is threading.main_thread():  # undone by sigterm_restored()
+            signal.signal(signal.SIGTERM, self._terminate)
 
     def _terminate(self, signum, frame) -> None:
         self.stop = True
-
-    def close(self) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
 
     def check_finite(self, step: int, loss: torch.Tensor, grad_norm, parameters) -> None:
         """Before optimizer step `step` (1-based) is applied: its loss and gradients."""
@@ -162,7 +169,6 @@ class Guard:
             last = latest_checkpoint(self.out_dir, log=lambda _: None)
             kept = f"the last good checkpoint {last} is kept" if last else (
                 f"no checkpoint was saved before it (set {self.name}.checkpoint_every)")
-            self.close()
             raise TrainingError(f"{self.name}: step {step}: {what}; training stopped at this step and nothing after "
                                 f"it was saved; {kept}. Lower {self.name}.learning_rate or {self.name}.max_grad_norm, "
                                 "check the data, or use precision fp32; a start with other settings begins afresh")
@@ -174,7 +180,6 @@ class Guard:
             stop = self.accelerator.reduce(stop, "max")
         if stop.item():
             save_checkpoint(self.accelerator, self.out_dir, step, keep=3)
-            self.close()
             raise TrainingError(f"{self.name}: terminated (SIGTERM) after step {step}: checkpoint saved in "
                                 f"{self.out_dir / 'checkpoints' / f'step-{step}'}; start the same command again to "
                                 "resume from it")

@@ -41,6 +41,7 @@ from dpoflow.training import (
     micro_batches,
     resume_step,
     save_checkpoint,
+    sigterm_restored,
     write_summary,
 )
 
@@ -91,7 +92,8 @@ def run_dpo(cfg: DpoConfig, pairs_dir, reference_model_dir, out_dir, *, referenc
     inputs = {"pairs": pairs_dir, "reference_model": reference_model_dir, "init": init_model_dir,
               "reference": reference_dir if cfg.reference == "cached" else None}
     with building("dpo", out_dir, config=cfg, inputs=inputs,
-                  verify_inputs={"reference_model": False, "init": False}, resume=resume) as (work, resumable):
+                  verify_inputs={"reference_model": False, "init": False}, resume=resume) as (work, resumable), \
+            sigterm_restored():
         return _run_dpo(cfg, pairs_dir, reference_model_dir, work, reference_dir=reference_dir, resume=resumable,
                         init_model_dir=init_model_dir, log_metrics=log_metrics, log=log)
 
@@ -195,7 +197,6 @@ def _run_dpo(cfg: DpoConfig, pairs_dir, reference_model_dir, out_dir, *, referen
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
             save_checkpoint(accelerator, out_dir, step + 1)
         guard.check_stop(step + 1)
-    guard.close()
 
     seconds = time.perf_counter() - started
     accelerator.wait_for_everyone()
