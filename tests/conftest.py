@@ -62,6 +62,23 @@ def pairs_dir(tmp_path_factory):
     return vouch(path)
 
 
+def weights(out: Path) -> dict:
+    """A step output's model weights (out/model/model.safetensors)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(out) / "model" / "model.safetensors"))
+
+
+def assert_same_weights(a: Path, b: Path, atol: float) -> None:
+    """Two step outputs hold the same model: the same tensors, each within `atol`."""
+    import torch
+
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=atol, rtol=0, msg=name)
+
+
 def vouch(folder):
     """A hand-made step folder, vouched for like a finished step's (steps refuse folders without one)."""
     from dpoflow.manifest import write_manifest

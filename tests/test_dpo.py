@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import vouch
+from conftest import assert_same_weights, vouch, weights
 from dpoflow.config import DpoConfig
 from dpoflow.dpo.logprobs import IGNORE, SequenceLogProbs, TruncationError, collate_pairs, collate_shared_prefix, tokenize_pairs
 from dpoflow.dpo.losses import preference_loss, sft_loss
@@ -129,16 +129,6 @@ def _metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def _weights(out):
-    return load_file(str(out / "model" / "model.safetensors"))
-
-
-def _assert_same_weights(a, b, atol):
-    wa, wb = _weights(a), _weights(b)
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], atol=atol, rtol=0, msg=name)
-
 
 def test_step_one_loss_is_ln2_and_metric_names(tmp_path, pairs_dir, tiny_model_dir, reference_dir):
     run_dpo(_cfg(max_steps=3), pairs_dir, tiny_model_dir, tmp_path / "out", reference_dir=reference_dir)
@@ -159,7 +149,7 @@ def test_gradient_accumulation_invariance(tmp_path, pairs_dir, tiny_model_dir, r
     run_dpo(_cfg(learning_rate=1e-3), pairs_dir, tiny_model_dir, tmp_path / "b8", reference_dir=reference_dir)
     run_dpo(_cfg(learning_rate=1e-3, per_device_batch_size=4, gradient_accumulation_steps=2), pairs_dir, tiny_model_dir,
             tmp_path / "b4x2", reference_dir=reference_dir)
-    _assert_same_weights(tmp_path / "b8", tmp_path / "b4x2", atol=1e-5)
+    assert_same_weights(tmp_path / "b8", tmp_path / "b4x2", atol=1e-5)
     for a, b in zip(_metrics(tmp_path / "b8"), _metrics(tmp_path / "b4x2")):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
 
@@ -175,7 +165,7 @@ def test_two_processes_gloo_equal_one(tmp_path, pairs_dir, tiny_model_dir, refer
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "train_summary.json").read_text())["processes"] == 2
-    _assert_same_weights(tmp_path / "one", tmp_path / "two", atol=1e-5)
+    assert_same_weights(tmp_path / "one", tmp_path / "two", atol=1e-5)
     for a, b in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / "two")):
         assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-5)
 
@@ -189,7 +179,7 @@ def test_cached_reference_equals_live_and_prefix_sharing_equals_concat(tmp_path,
     for other in ("live", "shared", "live-shared"):
         for a, b in zip(_metrics(tmp_path / "cached"), _metrics(tmp_path / other)):
             assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), other
-        _assert_same_weights(tmp_path / "cached", tmp_path / other, atol=1e-4)
+        assert_same_weights(tmp_path / "cached", tmp_path / other, atol=1e-4)
 
 
 def test_reference_cache_reuse_and_mismatch(tmp_path, pairs_dir, tiny_model_dir):
@@ -218,7 +208,7 @@ def test_lora_reference_is_base_and_only_adapters_change(tmp_path, pairs_dir, ti
     assert adapter and all("lora_" in name for name in adapter)
     assert any(v.abs().sum() > 0 for name, v in adapter.items() if "lora_B" in name)  # B starts at 0: it trained
     base = load_file(str(tiny_model_dir / "model.safetensors"))
-    merged = _weights(tmp_path / "lora")
+    merged = weights(tmp_path / "lora")
     changed = {name for name in base if not torch.equal(base[name], merged[name])}
     assert changed and all(("q_proj" in n or "v_proj" in n) for n in changed)  # only LoRA-targeted weights moved
 
@@ -262,7 +252,7 @@ def test_resume_after_sigkill_is_exact(tmp_path, pairs_dir, tiny_model_dir, refe
     assert json.loads((killed / "timing.json").read_text())["resumed_from"] >= 10
     # the results record is byte-identical to the uninterrupted run's
     assert (killed / "train_summary.json").read_text() == (tmp_path / "full" / "train_summary.json").read_text()
-    _assert_same_weights(tmp_path / "full", killed, atol=1e-6)
+    assert_same_weights(tmp_path / "full", killed, atol=1e-6)
     assert [m["step"] for m in _metrics(killed)] == list(range(1, 61))
 
 
@@ -294,9 +284,9 @@ def test_bf16_mixed_precision_path_runs_on_cpu(tmp_path, pairs_dir, tiny_model_d
     metrics = _metrics(tmp_path)
     assert abs(metrics[0]["loss"] - math.log(2)) < 0.02
     assert all(math.isfinite(m["loss"]) for m in metrics) and metrics[-1]["rewards/margins"] > 0
-    assert _weights(tmp_path)["model.embed_tokens.weight"].dtype == torch.float32  # master weights stay fp32
+    assert weights(tmp_path)["model.embed_tokens.weight"].dtype == torch.float32  # master weights stay fp32
 
 
-def test_reference_cache_needs_local_weights(tmp_path, pairs_dir):
+def test_reference_cache_needs_localweights(tmp_path, pairs_dir):
     with pytest.raises(ReferenceCacheError, match="not a local folder with \\*.safetensors weights"):
         run_reference(pairs_dir, tmp_path / "nowhere", tmp_path / "out", max_length=64)

@@ -17,9 +17,8 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
-from conftest import vouch, write_jsonl
+from conftest import assert_same_weights, vouch, write_jsonl
 from dpoflow.config import DataConfig, DpoConfig, ModelConfig, SftConfig
 from dpoflow.data.sources import DataSourceError
 from dpoflow.data.step import run_data
@@ -51,12 +50,6 @@ def straight(tmp_path_factory, pairs_dir, tiny_model_dir, reference_dir):
     out = tmp_path_factory.mktemp("faults") / "straight"
     run_dpo(_dpo_cfg(), pairs_dir, tiny_model_dir, out, reference_dir=reference_dir)
     return out
-
-
-def _same_weights(a: Path, b: Path, atol=1e-6):
-    wa, wb = load_file(str(a / "model" / "model.safetensors")), load_file(str(b / "model" / "model.safetensors"))
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], atol=atol, rtol=0, msg=name)
 
 
 def _wait_for(path: Path, timeout=120.0):
@@ -93,7 +86,7 @@ def test_sigkill_during_dpo_then_rerun_resumes_to_the_same_weights(tmp_path, pai
     assert resumed_from >= 8
     expected = tmp_path / "expected"
     run_dpo(_dpo_cfg(max_steps=40, checkpoint_every=4), pairs_dir, tiny_model_dir, expected, reference_dir=reference_dir)
-    _same_weights(out, expected)
+    assert_same_weights(out, expected, atol=1e-6)
     verify(out)
 
 
@@ -149,7 +142,7 @@ def test_sigterm_checkpoints_the_current_step_and_the_rerun_resumes(tmp_path, de
     assert rerun.returncode == 0 and f"sft: resuming from step {step}" in rerun.stdout
     expected = tmp_path / "expected"
     run_sft(SftConfig(**sft), ModelConfig(preset="tiny", vocab_size=400), demo_data, expected)
-    _same_weights(out, expected)
+    assert_same_weights(out, expected, atol=1e-6)
 
 
 # --- numbers and files that go bad --------------------------------------------------------------------
@@ -182,7 +175,7 @@ def test_nan_loss_stops_at_that_step_and_keeps_the_last_good_checkpoint(tmp_path
     said = []
     run_dpo(_dpo_cfg(), pairs_dir, tiny_model_dir, out, reference_dir=reference_dir, log=said.append)
     assert "dpo: resuming from step 4" in said
-    _same_weights(out, straight)
+    assert_same_weights(out, straight, atol=1e-6)
 
 
 def test_truncated_checkpoint_is_detected_and_the_previous_one_used(tmp_path, monkeypatch, pairs_dir, tiny_model_dir,
@@ -200,7 +193,7 @@ def test_truncated_checkpoint_is_detected_and_the_previous_one_used(tmp_path, mo
     run_dpo(_dpo_cfg(), pairs_dir, tiny_model_dir, out, reference_dir=reference_dir, log=said.append)
     assert any("step-6 is unusable" in line and "does not match its checksum" in line for line in said)
     assert "dpo: resuming from step 4" in said
-    _same_weights(out, straight)
+    assert_same_weights(out, straight, atol=1e-6)
 
 
 def test_truncated_parquet_is_refused_naming_the_file(tmp_path, pairs_dir, tiny_model_dir, reference_dir):

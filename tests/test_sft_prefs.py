@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import assert_same_weights
 from dpoflow.config import DataConfig, ModelConfig, PrefsConfig, SftConfig
 from dpoflow.data.step import run_data
 from dpoflow.dpo.logprobs import IGNORE
@@ -100,7 +101,6 @@ def test_models_uri_through_sqlite_mlflow(demo, tmp_path, monkeypatch):
 def test_sft_resume_from_checkpoint_is_exact(demo, tmp_path):
     import shutil
 
-    from safetensors.torch import load_file
 
     root, _ = demo
     base = ModelConfig(base=str(root / "sft" / "base"))
@@ -111,10 +111,7 @@ def test_sft_resume_from_checkpoint_is_exact(demo, tmp_path):
     # a run that stopped at step 4: only its checkpoint exists, then --resume finishes it
     shutil.copytree(tmp_path / "full" / "checkpoints" / "step-4", tmp_path / "resumed" / "checkpoints" / "step-4")
     run_sft(cfg, base, root / "data", tmp_path / "resumed", resume=True)
-    full = load_file(str(tmp_path / "full" / "model" / "model.safetensors"))
-    resumed = load_file(str(tmp_path / "resumed" / "model" / "model.safetensors"))
-    for name in full:
-        torch.testing.assert_close(full[name], resumed[name], atol=1e-6, rtol=0)
+    assert_same_weights(tmp_path / "full", tmp_path / "resumed", atol=1e-6)
     steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert steps[0] == 5  # steps 1-4 were not re-run
 
@@ -127,7 +124,6 @@ def test_sft_two_processes_equal_one(demo, tmp_path):
     import sys
     from pathlib import Path
 
-    from safetensors.torch import load_file
 
     root, _ = demo
     settings = dict(max_steps=4, per_device_batch_size=8, learning_rate=1e-3, max_length=64, seed=2, warmup_steps=0,
@@ -140,10 +136,7 @@ def test_sft_two_processes_equal_one(demo, tmp_path):
     command += [f"--set=sft.{k}={v}" for k, v in overrides.items()]
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    one = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
-    two = load_file(str(tmp_path / "two" / "model" / "model.safetensors"))
-    for name in one:
-        torch.testing.assert_close(one[name], two[name], atol=1e-5, rtol=0, msg=name)
+    assert_same_weights(tmp_path / "one", tmp_path / "two", atol=1e-5)
     losses = [[json.loads(line)["loss"] for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()
                if "loss" in json.loads(line)] for d in ("one", "two")]
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)

@@ -341,12 +341,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(frontier)
     frontier.set_defaults(func=cmd_frontier)
 
+    from dpoflow.bench import CASES  # stdlib-only at import: cheap for the parser
+
     bench = sub.add_parser("bench", help="DPO throughput: dpoflow vs TRL DPOTrainer on the same model and data")
     bench.add_argument("--against", choices=["trl", "none"], default="trl",
                        help="time TRL's DPOTrainer (live and precomputed reference) too (default)")
     bench.add_argument("--steps", type=int, default=5, help="timed steps per contender (after 1 warm-up)")
     bench.add_argument("--batch", type=int, default=8, help="pairs per step")
-    bench.add_argument("--case", action="append", choices=["standard", "long_prompt", "length_mix"],
+    bench.add_argument("--case", action="append", choices=list(CASES),
                        help="repeatable; default: all three")
     bench.add_argument("--repeats", type=int, default=2, help="alternated runs per contender (the best is kept)")
     bench.add_argument("--json", help="write the results as JSON here")

@@ -68,15 +68,7 @@ def redact_mapping(values: dict) -> dict:
 def found_secrets(values: dict) -> list[str]:
     """Dotted keys of `values` whose value redact_mapping would change: what a compiled pipeline
     must not carry (the caller says which to move into a Secret)."""
-    flat_old, flat_new = _flatten(values), _flatten(redact_mapping(values))
+    from dpoflow.config import flatten
+
+    flat_old, flat_new = flatten(values), flatten(redact_mapping(values))
     return [key for key in flat_old if flat_old[key] != flat_new[key]]
-
-
-def _flatten(values: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
