@@ -245,7 +245,8 @@ def test_disk_full_keeps_the_previous_output_whole(tmp_path, monkeypatch):
 def test_second_writer_of_a_step_folder_is_refused_with_the_first_ones_pid(tmp_path, pairs_dir, tiny_model_dir,
                                                                         reference_dir):
     out = tmp_path / "out"
-    command = _dpo_command(tmp_path, out, pairs_dir, tiny_model_dir, reference_dir, max_steps=60, checkpoint_every=0)
+    # 2000 steps (~15 s): the first writer must still hold the folder once the second has started (~5 s of imports)
+    command = _dpo_command(tmp_path, out, pairs_dir, tiny_model_dir, reference_dir, max_steps=2000, checkpoint_every=0)
     first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_for(out.with_name("out.partial") / "metrics.jsonl")
     second = subprocess.run(command, capture_output=True, text=True)
