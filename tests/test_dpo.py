@@ -91,10 +91,46 @@ def test_batch_layout_and_masking(tiny_model_dir):
     torch.testing.assert_close(sums, expected, atol=1e-5, rtol=0)
     assert counts.tolist() == [len(c) for c in pairs.chosen_ids + pairs.rejected_ids]
 
+    for pack in (False, True):
+        layout = collate_shared_prefix(pairs, [0, 1], tokenizer.pad_token_id, pack=pack)
+        with torch.no_grad():
+            shared, shared_counts = SequenceLogProbs(model)(layout)
+        torch.testing.assert_close(shared, sums, atol=1e-5, rtol=0)
+        assert shared_counts.tolist() == counts.tolist()
+
+
+def test_packing_fills_rows_and_scores_like_unpacked(tiny_model_dir):
+    import pandas as pd
+
+    from dpoflow.dpo.logprobs import pack_rows, score_sequences
+
+    assert pack_rows([5, 3, 2, 4, 1]) == [[0], [3, 4], [1, 2]]  # first-fit decreasing, rows <= the longest
+    assert pack_rows([2, 2, 2], capacity=4) == [[0, 1], [2]]
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    words = "the film was great fun and a bit long but never dull".split()
+    frame = pd.DataFrame({"prompt": [" ".join(words[: 1 + i % 7]) for i in range(12)],
+                          "chosen": [" " + " ".join(words[i % 5: i % 5 + 1 + i % 4]) for i in range(12)],
+                          "rejected": [" " + " ".join(words[: 1 + (3 * i) % 6]) for i in range(12)]})
+    pairs = tokenize_pairs(frame, tokenizer, 64)
+    model = load_model(str(tiny_model_dir)).eval()
+    packed = collate_shared_prefix(pairs, range(12), tokenizer.pad_token_id)
+    width = packed["input_ids"].shape[1]
+    assert width == max(len(p) + len(c) + len(r) for p, c, r in zip(pairs.prompt_ids, pairs.chosen_ids, pairs.rejected_ids))
+    assert packed["input_ids"].shape[0] < 12
+    padding = (packed["input_ids"] == tokenizer.pad_token_id).float().mean().item()
+    unpacked = collate_shared_prefix(pairs, range(12), tokenizer.pad_token_id, pack=False)
+    assert padding < (unpacked["input_ids"] == tokenizer.pad_token_id).float().mean().item()
     with torch.no_grad():
-        shared, shared_counts = SequenceLogProbs(model)(collate_shared_prefix(pairs, [0, 1], tokenizer.pad_token_id))
-    torch.testing.assert_close(shared, sums, atol=1e-5, rtol=0)
-    assert shared_counts.tolist() == counts.tolist()
+        a, a_counts = SequenceLogProbs(model)(packed)
+        b, b_counts = SequenceLogProbs(model)(unpacked)
+        c, c_counts = SequenceLogProbs(model)(collate_pairs(pairs, range(12), tokenizer.pad_token_id))
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    torch.testing.assert_close(a, c, atol=1e-5, rtol=0)
+    assert a_counts.tolist() == b_counts.tolist() == c_counts.tolist()
+    # single completions (evaluation's KL, the reference of generated samples) go through the same layout
+    sums, counts = score_sequences(model, pairs.prompt_ids, pairs.rejected_ids, tokenizer.pad_token_id, batch_size=5)
+    torch.testing.assert_close(sums, c[12:], atol=1e-5, rtol=0)
+    assert counts.tolist() == c_counts[12:].tolist()
 
 
 def test_truncation_counted_and_errors(tiny_model_dir):
@@ -176,7 +212,8 @@ def test_cached_reference_equals_live_and_prefix_sharing_equals_concat(tmp_path,
     run_dpo(_cfg(reference="live", **concat), pairs_dir, tiny_model_dir, tmp_path / "live")
     run_dpo(_cfg(prefix_sharing=True), pairs_dir, tiny_model_dir, tmp_path / "shared", reference_dir=reference_dir)
     run_dpo(_cfg(reference="live", prefix_sharing=True), pairs_dir, tiny_model_dir, tmp_path / "live-shared")
-    for other in ("live", "shared", "live-shared"):
+    run_dpo(_cfg(packing=False), pairs_dir, tiny_model_dir, tmp_path / "unpacked", reference_dir=reference_dir)
+    for other in ("live", "shared", "live-shared", "unpacked"):
         for a, b in zip(_metrics(tmp_path / "cached"), _metrics(tmp_path / other)):
             assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), other
         assert_same_weights(tmp_path / "cached", tmp_path / other, atol=1e-4)

@@ -39,7 +39,7 @@ CASES = {"standard": (96, 96), "long_prompt": (384, 64), "length_mix": None}
 CONTENDERS = {
     "dpoflow": ("dpoflow", {}),
     "dpoflow (cached, concatenated)": ("dpoflow", {"reference": "cached", "prefix_sharing": False}),
-    "dpoflow (cached, prefix sharing)": ("dpoflow", {"reference": "cached", "prefix_sharing": True}),
+    "dpoflow (prefix sharing, one pair per row)": ("dpoflow", {"prefix_sharing": True, "packing": False}),
     "dpoflow (live reference)": ("dpoflow", {"reference": "live"}),
     "trl": ("trl", {"precompute_ref_log_probs": False}),
     "trl (precompute_ref_log_probs)": ("trl", {"precompute_ref_log_probs": True}),

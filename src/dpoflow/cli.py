@@ -196,7 +196,7 @@ def cmd_frontier(args) -> int:
 def cmd_bench(args) -> int:
     from dpoflow.bench import CASES, CONTENDERS, run_bench
 
-    contenders = [name for name in CONTENDERS if args.against == "trl" or not name.startswith("trl")]
+    contenders = [name for name in args.contender or CONTENDERS if args.against == "trl" or not name.startswith("trl")]
     run_bench(steps=args.steps, batch=args.batch, cases=args.case or list(CASES), contenders=contenders,
               repeats=args.repeats, out=args.json)
     return 0
@@ -341,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(frontier)
     frontier.set_defaults(func=cmd_frontier)
 
-    from dpoflow.bench import CASES  # stdlib-only at import: cheap for the parser
+    from dpoflow.bench import CASES, CONTENDERS  # stdlib-only at import: cheap for the parser
 
     bench = sub.add_parser("bench", help="DPO throughput: dpoflow vs TRL DPOTrainer on the same model and data")
     bench.add_argument("--against", choices=["trl", "none"], default="trl",
@@ -350,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", type=int, default=8, help="pairs per step")
     bench.add_argument("--case", action="append", choices=list(CASES),
                        help="repeatable; default: all three")
+    bench.add_argument("--contender", action="append", choices=list(CONTENDERS), help="repeatable; default: all")
     bench.add_argument("--repeats", type=int, default=2, help="alternated runs per contender (the best is kept)")
     bench.add_argument("--json", help="write the results as JSON here")
     bench.set_defaults(func=cmd_bench)

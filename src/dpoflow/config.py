@@ -119,6 +119,8 @@ class DpoConfig(OptimConfig):
     )
     prefix_sharing: bool = Field(True, description="encode the prompt once for chosen and rejected (fastest: "
                                  "see bench/README.md); false = the concatenated chosen+rejected forward")
+    packing: bool = Field(True, description="prefix sharing: pack several pairs into each row behind a block "
+                          "attention mask (no padding between them; same math); false = one pair per row")
     reference_update: Literal["fixed", "previous"] = Field(
         "fixed", description="run.rounds > 1: the reference of round r is the fixed one, or round r-1's policy")
     lora: LoraConfig = LoraConfig()

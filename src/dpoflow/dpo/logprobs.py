@@ -143,61 +143,98 @@ def pad_right(sequences: list[list[int]], labels: list[list[int]], pad_token_id:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_tensor}
 
 
-def collate_shared_prefix(pairs: TokenizedPairs, indices, pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Prefix sharing: one row per pair = [prompt, chosen, rejected], the prompt encoded once.
+def pack_rows(lengths: list[int], capacity: int | None = None) -> list[list[int]]:
+    """First-fit decreasing: group items (by index) into rows of at most `capacity` tokens (default:
+    the longest item, so a row is never wider than the widest unpacked row would be). Deterministic."""
+    capacity = capacity or max(lengths)
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for item in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for row, free in enumerate(room):
+            if lengths[item] <= free:
+                rows[row].append(item)
+                room[row] -= lengths[item]
+                break
+        else:
+            rows.append([item])
+            room.append(capacity - lengths[item])
+    return rows
 
-    A block attention mask keeps chosen and rejected apart (rejected tokens see the prompt and earlier
-    rejected tokens, never chosen tokens), and rejected positions restart right after the prompt, so
-    each completion sees exactly what it sees in the concatenated layout. `labels` marks chosen
-    tokens in `chosen_labels` and rejected tokens in `rejected_labels`.
+
+def collate_shared_prefix(pairs: TokenizedPairs, indices, pad_token_id: int, pack: bool = True) -> dict[str, torch.Tensor]:
+    """Prefix sharing: each pair is one segment [prompt, chosen, rejected], the prompt encoded once;
+    with `pack`, several segments share a row (first-fit decreasing into rows as wide as the longest
+    segment), so rows carry almost no padding.
+
+    A block attention mask keeps segments apart and, inside one, chosen and rejected apart (rejected
+    tokens see their prompt and earlier rejected tokens, never chosen tokens); positions restart at
+    every segment and rejected positions restart right after the prompt, so each completion sees
+    exactly what it sees in the concatenated layout. What is scored is listed token by token:
+    `score_rows`/`score_positions` = where the predecessor's hidden state is, `score_targets` = the
+    token, `score_index` = the output slot (chosen of pair j -> j, rejected -> B + j).
     """
-    rows = [(pairs.prompt_ids[i], pairs.chosen_ids[i], pairs.rejected_ids[i]) for i in indices]
-    width = max(len(p) + len(c) + len(r) for p, c, r in rows)
-    batch = len(rows)
-    input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
-    position_ids = torch.zeros((batch, width), dtype=torch.long)
-    chosen_labels = torch.full((batch, width), IGNORE, dtype=torch.long)
-    rejected_labels = torch.full((batch, width), IGNORE, dtype=torch.long)
-    allowed = torch.zeros((batch, width, width), dtype=torch.bool)
+    segments = [(pairs.prompt_ids[i], pairs.chosen_ids[i], pairs.rejected_ids[i]) for i in indices]
+    lengths = [len(p) + len(c) + len(r) for p, c, r in segments]
+    rows = pack_rows(lengths) if pack else [[j] for j in range(len(segments))]
+    width = max(sum(lengths[j] for j in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    allowed = torch.zeros((len(rows), width, width), dtype=torch.bool)
     causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
-    for row, (prompt, chosen, rejected) in enumerate(rows):
-        p, c, r = len(prompt), len(chosen), len(rejected)
-        input_ids[row, : p + c + r] = torch.tensor(prompt + chosen + rejected)
-        position_ids[row, : p + c] = torch.arange(p + c)
-        position_ids[row, p + c : p + c + r] = torch.arange(p, p + r)
-        block = torch.zeros(width, width, dtype=torch.bool)
-        block[: p + c, : p + c] = True
-        block[p + c : p + c + r, :p] = True
-        block[p + c : p + c + r, p + c : p + c + r] = True
-        allowed[row] = causal & block
-        allowed[row, p + c + r :, 0] = True  # padding rows attend somewhere (avoids NaN), never scored
-        # labels sit at the position of the token they score; the first rejected token is predicted
-        # from the last prompt token, which is not the previous position in this packed row
-        chosen_labels[row, p : p + c] = torch.tensor(chosen)
-        rejected_labels[row, p + c : p + c + r] = torch.tensor(rejected)
+    score = {"rows": [], "positions": [], "targets": [], "index": []}
+
+    def scored(row, predecessors, targets, slot):
+        score["rows"] += [row] * len(targets)
+        score["positions"] += predecessors[:len(targets)]  # an empty completion scores nothing
+        score["targets"] += targets
+        score["index"] += [slot] * len(targets)
+
+    for row, members in enumerate(rows):
+        at = 0
+        for j in members:
+            prompt, chosen, rejected = segments[j]
+            p, c, r = len(prompt), len(chosen), len(rejected)
+            input_ids[row, at:at + p + c + r] = torch.tensor(prompt + chosen + rejected)
+            position_ids[row, at:at + p + c] = torch.arange(p + c)
+            position_ids[row, at + p + c:at + p + c + r] = torch.arange(p, p + r)
+            allowed[row, at:at + p + c, at:at + p + c] = causal[:p + c, :p + c]
+            allowed[row, at + p + c:at + p + c + r, at:at + p] = True
+            allowed[row, at + p + c:at + p + c + r, at + p + c:at + p + c + r] = causal[:r, :r]
+            # the first token of each completion is predicted from the last prompt token
+            scored(row, list(range(at + p - 1, at + p + c - 1)), chosen, j)
+            scored(row, [at + p - 1] + list(range(at + p + c, at + p + c + r - 1)), rejected, len(segments) + j)
+            at += p + c + r
+        allowed[row, at:, at:] = causal[:width - at, :width - at]  # padding attends to itself (no NaN), never scored
     return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": allowed,
-            "chosen_labels": chosen_labels, "rejected_labels": rejected_labels,
-            "prompt_lengths": torch.tensor([len(p) for p, _, _ in rows])}
+            **{f"score_{key}": torch.tensor(value, dtype=torch.long) for key, value in score.items()},
+            "num_sequences": torch.tensor(2 * len(segments))}
 
 
 @torch.no_grad()
-def score_sequences(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_token_id: int,
-                    batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs (fp32) and token counts of already-tokenized completions given their prompts."""
+def score_pairs(model, pairs: TokenizedPairs, pad_token_id: int, batch_size: int = 32):
+    """Summed log-probs (fp32) and token counts of every pair's chosen and rejected completion, each
+    (N, 2): the packed prefix-sharing layout, so a batch costs its real tokens, not its padding."""
     scorer = SequenceLogProbs(model).eval()
     device = next(model.parameters()).device
     sums, counts = [], []
     from tqdm.auto import tqdm
 
-    for start in tqdm(range(0, len(prompt_ids), batch_size), desc="score", unit="batch", leave=False,
-                      disable=len(prompt_ids) <= batch_size):
-        rows = range(start, min(start + batch_size, len(prompt_ids)))
-        batch = pad_right([prompt_ids[i] + completion_ids[i] for i in rows],
-                          [[IGNORE] * len(prompt_ids[i]) + completion_ids[i] for i in rows], pad_token_id)
+    for start in tqdm(range(0, len(pairs), batch_size), desc="score", unit="batch", leave=False,
+                      disable=len(pairs) <= batch_size):
+        indices = range(start, min(start + batch_size, len(pairs)))
+        batch = collate_shared_prefix(pairs, indices, pad_token_id)
         batch_sums, batch_counts = scorer({k: v.to(device) for k, v in batch.items()})
-        sums.append(batch_sums.cpu())
-        counts.append(batch_counts.cpu())
+        sums.append(batch_sums.view(2, -1).T.cpu())
+        counts.append(batch_counts.view(2, -1).T.cpu())
     return torch.cat(sums), torch.cat(counts)
+
+
+def score_sequences(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_token_id: int,
+                    batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs (fp32) and token counts of already-tokenized completions given their prompts."""
+    pairs = TokenizedPairs(prompt_ids, completion_ids, [[] for _ in prompt_ids], 0)
+    sums, counts = score_pairs(model, pairs, pad_token_id, batch_size)
+    return sums[:, 0], counts[:, 0]
 
 
 def _token_logps(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor) -> torch.Tensor:
@@ -219,7 +256,7 @@ class SequenceLogProbs(nn.Module):
                        use_cache=False).last_hidden_state
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        if "chosen_labels" in batch:
+        if "score_index" in batch:
             return self._forward_shared_prefix(batch)
         attention_mask = batch["attention_mask"]
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -233,19 +270,10 @@ class SequenceLogProbs(nn.Module):
         return sums, counts
 
     def _forward_shared_prefix(self, batch):
-        mask = batch["attention_mask"][:, None, :, :]  # (B, 1, T, T) boolean: True = may attend
+        mask = batch["attention_mask"][:, None, :, :]  # (rows, 1, T, T) boolean: True = may attend
         hidden = self._hidden(batch["input_ids"], mask, batch["position_ids"])
-        lm_head = self.model.get_output_embeddings()
-        results = []
-        for key in ("chosen_labels", "rejected_labels"):
-            labels = batch[key]
-            rows, positions = (labels != IGNORE).nonzero(as_tuple=True)
-            # predecessor of each scored token: the previous position, except the first completion
-            # token, which is predicted from the last prompt token
-            starts = (labels != IGNORE).int().argmax(-1)  # first scored position of each row
-            previous = torch.where(positions == starts[rows], batch["prompt_lengths"][rows] - 1, positions - 1)
-            token_logps = _token_logps(hidden[rows, previous], lm_head, labels[rows, positions])
-            sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, rows, token_logps)
-            results.append((sums, (labels != IGNORE).sum(-1)))
-        (chosen, chosen_counts), (rejected, rejected_counts) = results
-        return torch.cat([chosen, rejected]), torch.cat([chosen_counts, rejected_counts])
+        token_logps = _token_logps(hidden[batch["score_rows"], batch["score_positions"]],
+                                   self.model.get_output_embeddings(), batch["score_targets"])
+        slots, n = batch["score_index"], int(batch["num_sequences"])
+        sums = torch.zeros(n, dtype=torch.float32, device=hidden.device).index_add(0, slots, token_logps)
+        return sums, torch.bincount(slots, minlength=n)

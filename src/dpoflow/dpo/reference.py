@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from dpoflow.dpo.logprobs import score_sequences, tokenize_pairs
+from dpoflow.dpo.logprobs import score_pairs, tokenize_pairs
 
 LOGPS_FILE = "reference_logps.parquet"
 KEY_FILE = "reference.json"
@@ -70,10 +70,8 @@ def compute_logps(model, tokenizer, frame, max_length: int, truncation: str, bat
     pairs = tokenize_pairs(frame, tokenizer, max_length, truncation)
     if len(pairs) == 0:  # an empty split (e.g. no held-out pairs): nothing to score
         return torch.zeros((0, 4), dtype=torch.float64), 0
-    chosen, chosen_counts = score_sequences(model, pairs.prompt_ids, pairs.chosen_ids, tokenizer.pad_token_id, batch_size)
-    rejected, rejected_counts = score_sequences(model, pairs.prompt_ids, pairs.rejected_ids, tokenizer.pad_token_id,
-                                                batch_size)
-    values = torch.stack([chosen, rejected, chosen_counts.float(), rejected_counts.float()], dim=1)
+    sums, counts = score_pairs(model, pairs, tokenizer.pad_token_id, batch_size)
+    values = torch.cat([sums, counts.float()], dim=1)
     return values.double(), pairs.truncated
 
 

@@ -3,7 +3,7 @@
     run_dpo(cfg, pairs_dir, reference_model_dir, out_dir, reference_dir=None, resume=False) -> summary
 
 Setup chooses, once: the reference strategy (cached log-probs | live frozen copy | the LoRA base with
-adapters disabled), the batch layout (concatenated | shared prefix) and the precision. The loop then
+adapters disabled), the batch layout (concatenated | shared prefix, packed rows) and the precision. The loop then
 runs the same lines for every choice:
 
     for each optimizer step:
@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -135,7 +136,7 @@ def _run_dpo(cfg: DpoConfig, pairs_dir, reference_model_dir, out_dir, *, referen
     scorer, optimizer, scheduler = accelerator.prepare(scorer, optimizer, scheduler)
     scorer_module = accelerator.unwrap_model(scorer)
     reference = _reference_fn(cfg, reference_dir, expected_key, model_dir, scorer_module, accelerator.device)
-    collate = collate_shared_prefix if cfg.prefix_sharing else collate_pairs
+    collate = partial(collate_shared_prefix, pack=cfg.packing) if cfg.prefix_sharing else collate_pairs
 
     start = resume_step(accelerator, out_dir, log) if resume else 0
     if resume and start:
