@@ -99,6 +99,17 @@ def test_batch_layout_and_masking(tiny_model_dir):
         assert shared_counts.tolist() == counts.tolist()
 
 
+def test_split_by_tokens_balances_parts():
+    from dpoflow.dpo.train import split_by_tokens
+
+    lengths = [50, 10, 40, 30, 20, 60]
+    assert split_by_tokens(list(range(6)), lengths, 0) == split_by_tokens(list(range(6)), lengths, 210) == [list(range(6))]
+    parts = split_by_tokens(list(range(6)), lengths, 100)  # 210 tokens -> 3 parts of 70
+    assert sorted(i for part in parts for i in part) == list(range(6))
+    assert [sum(lengths[i] for i in part) for part in parts] == [70, 70, 70]
+    assert split_by_tokens([0, 1], lengths, 5) == [[0], [1]]  # never more parts than pairs
+
+
 def test_packing_fills_rows_and_scores_like_unpacked(tiny_model_dir):
     import pandas as pd
 
@@ -213,7 +224,11 @@ def test_cached_reference_equals_live_and_prefix_sharing_equals_concat(tmp_path,
     run_dpo(_cfg(prefix_sharing=True), pairs_dir, tiny_model_dir, tmp_path / "shared", reference_dir=reference_dir)
     run_dpo(_cfg(reference="live", prefix_sharing=True), pairs_dir, tiny_model_dir, tmp_path / "live-shared")
     run_dpo(_cfg(packing=False), pairs_dir, tiny_model_dir, tmp_path / "unpacked", reference_dir=reference_dir)
-    for other in ("live", "shared", "live-shared", "unpacked"):
+    # every micro-batch cut into parts of <= 40 tokens (3+ forwards each): the same update
+    run_dpo(_cfg(max_forward_tokens=40), pairs_dir, tiny_model_dir, tmp_path / "parts", reference_dir=reference_dir)
+    run_dpo(_cfg(max_forward_tokens=40, prefix_sharing=False), pairs_dir, tiny_model_dir, tmp_path / "parts-concat",
+            reference_dir=reference_dir)
+    for other in ("live", "shared", "live-shared", "unpacked", "parts", "parts-concat"):
         for a, b in zip(_metrics(tmp_path / "cached"), _metrics(tmp_path / other)):
             assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), other
         assert_same_weights(tmp_path / "cached", tmp_path / other, atol=1e-4)

@@ -40,6 +40,7 @@ CONTENDERS = {
     "dpoflow": ("dpoflow", {}),
     "dpoflow (cached, concatenated)": ("dpoflow", {"reference": "cached", "prefix_sharing": False}),
     "dpoflow (prefix sharing, one pair per row)": ("dpoflow", {"prefix_sharing": True, "packing": False}),
+    "dpoflow (one forward per step)": ("dpoflow", {"max_forward_tokens": 0}),
     "dpoflow (live reference)": ("dpoflow", {"reference": "live"}),
     "trl": ("trl", {"precompute_ref_log_probs": False}),
     "trl (precompute_ref_log_probs)": ("trl", {"precompute_ref_log_probs": True}),

@@ -46,6 +46,12 @@ class TokenizedPairs:
     def __len__(self) -> int:
         return len(self.prompt_ids)
 
+    def forward_tokens(self, shared_prefix: bool) -> list[int]:
+        """Tokens each pair puts through the model: prompt once (shared prefix) or twice (concatenated)."""
+        twice = 0 if shared_prefix else 1
+        return [(1 + twice) * len(p) + len(c) + len(r) for p, c, r in
+                zip(self.prompt_ids, self.chosen_ids, self.rejected_ids)]
+
 
 def tokenize_prompt(tokenizer, prompt: str, prompt_messages: str = "") -> list[int]:
     """Prompt tokens: the chat template of `prompt_messages` (with the generation prompt) when the

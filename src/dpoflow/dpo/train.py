@@ -8,9 +8,9 @@ runs the same lines for every choice:
 
     for each optimizer step:
         global batch of size per_device x grad_accum x processes (seeded order, see training.py)
-        for each of this rank's micro-batches:
+        for each of this rank's micro-batches, in parts of at most dpo.max_forward_tokens:
             policy log-probs (one forward over chosen+rejected) -> reference log-probs -> loss
-            backward (gradient sync only on the last micro-batch)
+            backward (gradient sync only on the last part of the last micro-batch)
         clip, step, schedule; gather every example's rewards across ranks; log TRL's metric names
 
 Loss scaling: each micro-batch contributes mean(losses)/grad_accum and DDP averages over ranks, so
@@ -20,6 +20,7 @@ the update is the mean over the global batch whatever the split (tested to 1e-5)
 from __future__ import annotations
 
 import json
+import math
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -81,6 +82,21 @@ def _reference_fn(cfg: DpoConfig, reference_dir, expected_key, model_dir, scorer
     return adapters_off
 
 
+def split_by_tokens(indices: list[int], lengths: list[int], budget: int) -> list[list[int]]:
+    """A micro-batch cut into ceil(tokens / budget) parts of about equal tokens (longest first into the
+    lightest part); budget 0 = one part. Same update either way: the loss is summed over the parts."""
+    total = sum(lengths[i] for i in indices)
+    if not budget or total <= budget:
+        return [list(indices)]
+    parts: list[list[int]] = [[] for _ in range(min(len(indices), math.ceil(total / budget)))]
+    load = [0] * len(parts)
+    for i in sorted(indices, key=lambda i: -lengths[i]):
+        lightest = load.index(min(load))
+        parts[lightest].append(i)
+        load[lightest] += lengths[i]
+    return parts
+
+
 def run_dpo(cfg: DpoConfig, pairs_dir, reference_model_dir, out_dir, *, reference_dir=None, resume: bool = False,
             init_model_dir=None, log_metrics=None, log=print) -> dict:
     """DPO into out_dir, built atomically (manifest.py): inputs are verified against their manifests;
@@ -137,6 +153,7 @@ def _run_dpo(cfg: DpoConfig, pairs_dir, reference_model_dir, out_dir, *, referen
     scorer_module = accelerator.unwrap_model(scorer)
     reference = _reference_fn(cfg, reference_dir, expected_key, model_dir, scorer_module, accelerator.device)
     collate = partial(collate_shared_prefix, pack=cfg.packing) if cfg.prefix_sharing else collate_pairs
+    lengths = pairs.forward_tokens(cfg.prefix_sharing)
 
     start = resume_step(accelerator, out_dir, log) if resume else 0
     if resume and start:
@@ -153,25 +170,29 @@ def _run_dpo(cfg: DpoConfig, pairs_dir, reference_model_dir, out_dir, *, referen
         micro = micro_batches(indices, rank, world, cfg.per_device_batch_size)
         per_example = []
         for position, batch_indices in enumerate(micro):
-            batch = {k: v.to(accelerator.device) for k, v in
-                     collate(pairs, batch_indices, tokenizer.pad_token_id).items()}
-            tokens += int((batch["input_ids"] != tokenizer.pad_token_id).sum())
-            sync = nullcontext() if position == len(micro) - 1 else accelerator.no_sync(scorer)
-            with sync, accelerator.autocast():
-                sums, counts = scorer(batch)
-                size = len(batch_indices)
-                policy_chosen, policy_rejected = sums[:size], sums[size:]
-                ref_chosen, ref_rejected = reference(batch_indices, batch)
-                losses, chosen_rewards, rejected_rewards = preference_loss(
-                    policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=cfg.beta,
-                    loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
-                    chosen_lengths=counts[:size], rejected_lengths=counts[size:],
-                )
-                if cfg.rpo_alpha:
-                    losses = losses + cfg.rpo_alpha * sft_loss(policy_chosen, counts[:size])
-                accelerator.backward(losses.mean() / len(micro))
-            per_example.append(torch.stack([losses.detach(), chosen_rewards, rejected_rewards,
-                                            policy_chosen.detach(), policy_rejected.detach()], dim=1))
+            parts = split_by_tokens(batch_indices, lengths, cfg.max_forward_tokens)
+            for part, part_indices in enumerate(parts):
+                batch = {k: v.to(accelerator.device) for k, v in
+                         collate(pairs, part_indices, tokenizer.pad_token_id).items()}
+                tokens += int((batch["input_ids"] != tokenizer.pad_token_id).sum())
+                last = position == len(micro) - 1 and part == len(parts) - 1
+                sync = nullcontext() if last else accelerator.no_sync(scorer)
+                with sync, accelerator.autocast():
+                    sums, counts = scorer(batch)
+                    size = len(part_indices)
+                    policy_chosen, policy_rejected = sums[:size], sums[size:]
+                    ref_chosen, ref_rejected = reference(part_indices, batch)
+                    losses, chosen_rewards, rejected_rewards = preference_loss(
+                        policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=cfg.beta,
+                        loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
+                        chosen_lengths=counts[:size], rejected_lengths=counts[size:],
+                    )
+                    if cfg.rpo_alpha:
+                        losses = losses + cfg.rpo_alpha * sft_loss(policy_chosen, counts[:size])
+                    # the micro-batch's mean loss, whatever the parts: the same update as one forward
+                    accelerator.backward(losses.sum() / (len(batch_indices) * len(micro)))
+                per_example.append(torch.stack([losses.detach(), chosen_rewards, rejected_rewards,
+                                                policy_chosen.detach(), policy_rejected.detach()], dim=1))
         grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), cfg.max_grad_norm)
         guard.check_finite(step + 1, torch.cat([chunk[:, 0] for chunk in per_example]), grad_norm,
                            scorer.named_parameters())
