@@ -57,6 +57,30 @@ def test_conversational_sft_masks_non_assistant_tokens(demo):
     assert tokenizer.decode([i for i, lab in zip(ids, labels) if lab != IGNORE]) == " was fun.<|eos|>"
 
 
+def test_packed_sft_loss_equals_the_padded_full_logits_loss(demo):
+    from dpoflow.dpo.logprobs import SequenceLogProbs, pad_right
+    from dpoflow.sft import _token_nll, collate
+
+    root, _ = demo
+    tokenizer = load_tokenizer(str(root / "sft" / "model"))
+    model = load_model(str(root / "sft" / "model")).eval()
+    rows = pd.read_parquet(root / "data" / "train.parquet").fillna("").to_dict(orient="records")[:24]
+    examples = [encode_example(tokenizer, row, 96) for row in rows]
+    packed = collate(examples, range(24), tokenizer.pad_token_id)
+    assert packed["input_ids"].shape[0] < 24  # several examples per row
+    padded = pad_right([ids for ids, _ in examples], [labels for _, labels in examples], tokenizer.pad_token_id)
+    with torch.no_grad():
+        nll, count = _token_nll(SequenceLogProbs(model), packed)
+        unpacked, _ = _token_nll(SequenceLogProbs(model), collate(examples, range(24), tokenizer.pad_token_id, pack=False))
+        logits = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits[:, :-1]
+        labels = padded["labels"][:, 1:]
+        expected = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                     ignore_index=IGNORE, reduction="sum")
+    assert count.item() == (labels != IGNORE).sum().item()
+    assert nll.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert unpacked.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_pairs_respect_min_gap_and_are_deterministic(demo):
     root, _ = demo
     cfg = PrefsConfig(k=4, min_gap=0.2, max_new_tokens=24, max_prompts=40, max_eval_prompts=10)

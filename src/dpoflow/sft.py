@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from dpoflow.config import ModelConfig, SftConfig
-from dpoflow.dpo.logprobs import IGNORE, encode_completions, pad_right
+from dpoflow.dpo.logprobs import IGNORE, SequenceLogProbs, collate_packed, encode_completions
 from dpoflow.manifest import building
 from dpoflow.training import (
     Guard,
@@ -53,17 +53,16 @@ def encode_example(tokenizer, row: dict, max_length: int) -> tuple[list[int], li
     return ids[:max_length], labels[:max_length]
 
 
-def collate(examples, indices, pad_token_id: int) -> dict[str, torch.Tensor]:
-    return pad_right([examples[i][0] for i in indices], [examples[i][1] for i in indices], pad_token_id)
+def collate(examples, indices, pad_token_id: int, pack: bool = True) -> dict[str, torch.Tensor]:
+    """Packed rows, no padding between examples (`collate_packed`); the loss is the same either way."""
+    return collate_packed([examples[i][0] for i in indices], [examples[i][1] for i in indices], pad_token_id, pack)
 
 
-def _token_nll(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed NLL and token count of the labelled tokens of a batch."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
-    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                            ignore_index=IGNORE, reduction="sum")
-    return nll, (labels != IGNORE).sum()
+def _token_nll(scorer: SequenceLogProbs, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed NLL and token count of the labelled tokens of a batch: the lm_head and an fp32
+    log-softmax only where a labelled token is predicted."""
+    sums, counts = scorer(batch)
+    return -sums.sum(), counts.sum()
 
 
 @torch.no_grad()
@@ -74,7 +73,7 @@ def evaluate_nll(model, examples, pad_token_id: int, batch_size: int = 32) -> fl
     device = next(model.parameters()).device
     for start in range(0, len(examples), batch_size):
         batch = collate(examples, range(start, min(start + batch_size, len(examples))), pad_token_id)
-        nll, n = _token_nll(model, {k: v.to(device) for k, v in batch.items()})
+        nll, n = _token_nll(SequenceLogProbs(model), {k: v.to(device) for k, v in batch.items()})
         total, count = total + nll.item(), count + n.item()
     model.train()
     return total / max(count, 1)
@@ -133,7 +132,8 @@ def _run_sft(cfg: SftConfig, model_cfg: ModelConfig, data_dir, out_dir, *, resum
     torch.manual_seed(cfg.seed)
     optimizer = make_optimizer(model.parameters(), cfg)
     scheduler = make_scheduler(optimizer, cfg)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # the wrapper is what accelerate prepares, so DDP's hooks see the forward that computes the loss
+    scorer, optimizer, scheduler = accelerator.prepare(SequenceLogProbs(model), optimizer, scheduler)
     start = resume_step(accelerator, out_dir, log) if resume else 0
     if start:
         log(f"sft: resuming from step {start}")
@@ -150,17 +150,18 @@ def _run_sft(cfg: SftConfig, model_cfg: ModelConfig, data_dir, out_dir, *, resum
         batches = [{k: v.to(accelerator.device) for k, v in collate(train, m, tokenizer.pad_token_id).items()}
                    for m in micro]
         # normalise by the tokens of the whole global batch, so accumulation does not change the loss
-        tokens = accelerator.reduce(sum((b["labels"][:, 1:] != IGNORE).sum() for b in batches), "sum")
+        tokens = accelerator.reduce(torch.tensor(sum(b["score_targets"].numel() for b in batches),
+                                                 device=accelerator.device), "sum")
         total = 0.0
         for position, batch in enumerate(batches):
-            sync = accelerator.no_sync(model) if position < len(batches) - 1 else nullcontext()
+            sync = accelerator.no_sync(scorer) if position < len(batches) - 1 else nullcontext()
             with sync, accelerator.autocast():
-                nll, _ = _token_nll(model, batch)
+                nll, _ = _token_nll(scorer, batch)
                 loss = nll * world / tokens
                 accelerator.backward(loss)
             total += nll.item()
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        guard.check_finite(step + 1, torch.tensor(total), grad_norm, model.named_parameters())
+        grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), cfg.max_grad_norm)
+        guard.check_finite(step + 1, torch.tensor(total), grad_norm, scorer.named_parameters())
         learning_rate = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -176,7 +177,7 @@ def _run_sft(cfg: SftConfig, model_cfg: ModelConfig, data_dir, out_dir, *, resum
     accelerator.wait_for_everyone()
     summary = {}
     if accelerator.is_main_process:
-        final = accelerator.unwrap_model(model)
+        final = accelerator.unwrap_model(scorer).model
         final_nll = evaluate_nll(final, held_out, tokenizer.pad_token_id)
         final.save_pretrained(out_dir / "model", safe_serialization=True)
         tokenizer.save_pretrained(out_dir / "model")

@@ -167,6 +167,39 @@ def pack_rows(lengths: list[int], capacity: int | None = None) -> list[list[int]
     return rows
 
 
+def collate_packed(sequences: list[list[int]], labels: list[list[int]], pad_token_id: int,
+                   pack: bool = True) -> dict[str, torch.Tensor]:
+    """Sequences (SFT) in rows with no padding between them: several per row (first-fit decreasing,
+    rows as wide as the longest) behind a block-diagonal causal mask, positions restarting at each;
+    `pack=False` = one per row. Scored tokens (label != -100, never a sequence's first) are listed as
+    for `collate_shared_prefix`; `score_index` = the sequence."""
+    lengths = [len(s) for s in sequences]
+    rows = pack_rows(lengths) if pack else [[j] for j in range(len(sequences))]
+    width = max(sum(lengths[j] for j in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    allowed = torch.zeros((len(rows), width, width), dtype=torch.bool)
+    causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
+    score = {"rows": [], "positions": [], "targets": [], "index": []}
+    for row, members in enumerate(rows):
+        at = 0
+        for j in members:
+            n = lengths[j]
+            input_ids[row, at:at + n] = torch.tensor(sequences[j])
+            position_ids[row, at:at + n] = torch.arange(n)
+            allowed[row, at:at + n, at:at + n] = causal[:n, :n]
+            scored = [t for t in range(1, n) if labels[j][t] != IGNORE]  # token t from position t - 1
+            score["rows"] += [row] * len(scored)
+            score["positions"] += [at + t - 1 for t in scored]
+            score["targets"] += [labels[j][t] for t in scored]
+            score["index"] += [j] * len(scored)
+            at += n
+        allowed[row, at:, at:] = causal[:width - at, :width - at]
+    return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": allowed,
+            **{f"score_{key}": torch.tensor(value, dtype=torch.long) for key, value in score.items()},
+            "num_sequences": torch.tensor(len(sequences))}
+
+
 def collate_shared_prefix(pairs: TokenizedPairs, indices, pad_token_id: int, pack: bool = True) -> dict[str, torch.Tensor]:
     """Prefix sharing: each pair is one segment [prompt, chosen, rejected], the prompt encoded once;
     with `pack`, several segments share a row (first-fit decreasing into rows as wide as the longest
