@@ -45,6 +45,10 @@ CONTENDERS = {
     "trl": ("trl", {"precompute_ref_log_probs": False}),
     "trl (precompute_ref_log_probs)": ("trl", {"precompute_ref_log_probs": True}),
 }
+SFT_CONTENDERS = {
+    "dpoflow sft": ("sft-dpoflow", {}),
+    "trl SFTTrainer": ("sft-trl", {}),
+}
 LEARNING_RATE = 1e-6  # small enough that the loss after the timed steps is still informative (≈ 0.6)
 
 
@@ -112,6 +116,72 @@ def make_case(case: str, batch: int, work: Path, seed: int = 0) -> dict:
             "longest_sequence": max(p + max(c, r) for p, c, r in lengths), "useful_gflop_per_step": round(flops / 1e9, 2)}
 
 
+def make_sft_case(batch: int, work: Path, max_length: int, preset: str = "bench", seed: int = 0) -> dict:
+    """The demo SFT corpus (prompt = a review's opening, completion = the rest), one batch of it, and
+    the bench model + tokenizer in `work`; returns its setting."""
+    import pandas as pd
+
+    from dpoflow.config import DataConfig
+    from dpoflow.data.step import run_data
+    from dpoflow.manifest import write_manifest
+    from dpoflow.modeling import build_model, load_tokenizer, train_tokenizer
+    from dpoflow.sft import encode_example
+
+    run_data(DataConfig(demo={"n_reviews": 4 * batch + 200, "seed": seed}), work / "corpus")
+    rows = pd.read_parquet(work / "corpus" / "train.parquet")
+    tokenizer = train_tokenizer((rows["prompt"] + rows["completion"]).tolist(), vocab_size=2000)
+    build_model(tokenizer, preset).save_pretrained(work / "model")
+    tokenizer.save_pretrained(work / "model")
+    (work / "sft-data").mkdir(parents=True, exist_ok=True)
+    rows.iloc[:batch].to_parquet(work / "sft-data" / "train.parquet")
+    rows.iloc[batch:batch + 8].to_parquet(work / "sft-data" / "eval.parquet")
+    write_manifest(work / "sft-data", "bench sft corpus", "sft")
+    tokenizer = load_tokenizer(str(work / "model"))
+    examples = [encode_example(tokenizer, row, max_length) for row in rows.iloc[:batch].fillna("").to_dict("records")]
+    lengths = [len(ids) for ids, _ in examples]
+    labelled = sum(sum(1 for label in labels[1:] if label != -100) for _, labels in examples)
+    config = build_model(tokenizer, preset).config
+    body = _body_parameters(config)
+    flops = (6 * body * sum(lengths) + 6 * config.hidden_size * config.vocab_size * labelled
+             + 6 * config.num_hidden_layers * config.hidden_size * sum(n * n for n in lengths))
+    return {"case": "sft_demo_corpus", "model_preset": preset, "examples": batch, "tokens": sum(lengths), "labelled_tokens": labelled,
+            "longest_sequence": max(lengths), "padding_if_padded": round(1 - sum(lengths) / (batch * max(lengths)), 3),
+            "useful_gflop_per_step": round(flops / 1e9, 2)}
+
+
+def _body_parameters(config) -> int:
+    """Non-embedding parameters of a Llama config (what the 6·N rule counts)."""
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv = h * config.num_key_value_heads // config.num_attention_heads
+    return layers * (2 * h * h + 2 * h * kv + 3 * h * i + 2 * h) + h
+
+
+def run_sft_bench(steps: int = 5, batch: int = 32, repeats: int = 2, peak: float | None = None, preset: str = "bench",
+                  log=print) -> dict:
+    """dpoflow's SFT (packed rows) against TRL's SFTTrainer (padded batch) on one batch of the demo corpus."""
+    work = Path(tempfile.mkdtemp(prefix="dpoflow-bench-sft-"))
+    max_length = 128
+    setting = make_sft_case(batch, work, max_length, preset)
+    runs: dict[str, list[dict]] = {name: [] for name in SFT_CONTENDERS}
+    for _ in range(repeats):
+        for name in SFT_CONTENDERS:
+            runs[name].append(_run_contender(name, work, steps, batch, max_length))
+    results = {}
+    for name, attempts in runs.items():
+        best = min(attempts, key=lambda r: r["s_per_step"])
+        results[name] = {"s_per_step": round(best["s_per_step"], 4),
+                         "tokens_per_s": round(setting["tokens"] / best["s_per_step"], 1),
+                         "peak_rss_mb": round(max(r["peak_rss_mb"] for r in attempts), 1),
+                         "mfu": round(setting["useful_gflop_per_step"] / best["s_per_step"] / peak, 4) if peak else None,
+                         "loss_after_timed_steps": best["loss"]}
+        log(f"sft          {name:34s} {best['s_per_step']:7.3f} s/step  {results[name]['tokens_per_s']:8.1f} tokens/s  "
+            f"RSS {results[name]['peak_rss_mb']:.0f} MB  loss {best['loss']:.6f}")
+    trl_result, ours = results["trl SFTTrainer"], results["dpoflow sft"]
+    return {"setting": setting, "results": results,
+            "sft_speedup_vs_trl": round(trl_result["s_per_step"] / ours["s_per_step"], 3),
+            "sft_loss_diff_vs_trl": abs(trl_result["loss_after_timed_steps"] - ours["loss_after_timed_steps"])}
+
+
 # ---- one contender, in its own process ----------------------------------------------------------
 
 def _worker(kind: str, settings: dict, work: Path, steps: int, batch: int, max_length: int) -> dict:
@@ -119,7 +189,9 @@ def _worker(kind: str, settings: dict, work: Path, steps: int, batch: int, max_l
 
     torch.manual_seed(0)
     times, losses = [], []
-    if kind == "dpoflow":
+    if kind.startswith("sft"):
+        times, losses = _sft_worker(kind, settings, work, steps, batch, max_length)
+    elif kind == "dpoflow":
         from dpoflow.config import DpoConfig
         from dpoflow.dpo.train import run_dpo
 
@@ -160,8 +232,52 @@ def _worker(kind: str, settings: dict, work: Path, steps: int, batch: int, max_l
     return {"s_per_step": seconds, "loss": losses[-1], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def _sft_worker(kind: str, settings: dict, work: Path, steps: int, batch: int, max_length: int):
+    """SFT on the one-batch demo corpus: dpoflow's `run_sft` or TRL's SFTTrainer (prompt-completion
+    rows, loss on completion tokens + EOS, mean over the batch's tokens on both sides)."""
+    times, losses = [], []
+
+    def on_step(step, metrics):
+        if "loss" in metrics:
+            times.append(time.perf_counter())
+            losses.append(metrics["loss"])
+
+    if kind == "sft-dpoflow":
+        from dpoflow.config import ModelConfig, SftConfig
+        from dpoflow.sft import run_sft
+
+        cfg = SftConfig(**{"max_steps": steps + 1, "per_device_batch_size": batch, "max_length": max_length,
+                           "learning_rate": LEARNING_RATE, "warmup_steps": 0, "scheduler": "constant",
+                           "log_every": 1, "checkpoint_every": 0, **settings})
+        run_sft(cfg, ModelConfig(base=str(work / "model")), work / "sft-data", work / f"sft-{os.getpid()}",
+                log_metrics=on_step, log=lambda *_: None)
+        return times, losses
+    import datasets
+    import pandas as pd
+    import trl
+    from transformers import TrainerCallback
+
+    from dpoflow.modeling import load_model, load_tokenizer
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            times.append(time.perf_counter())
+
+    frame = pd.read_parquet(work / "sft-data" / "train.parquet")[["prompt", "completion"]]
+    args = trl.SFTConfig(output_dir=str(work / f"trl-sft-{os.getpid()}"), per_device_train_batch_size=batch,
+                         max_steps=steps + 1, learning_rate=LEARNING_RATE, lr_scheduler_type="constant",
+                         warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0, optim="adamw_torch", logging_steps=1,
+                         report_to=[], use_cpu=True, max_length=max_length, save_strategy="no", disable_tqdm=True,
+                         bf16=False, gradient_checkpointing=False, seed=0, packing=False, **settings)
+    trainer = trl.SFTTrainer(model=load_model(str(work / "model")), args=args,
+                             train_dataset=datasets.Dataset.from_pandas(frame),
+                             processing_class=load_tokenizer(str(work / "model")), callbacks=[Timer()])
+    trainer.train()
+    return times, [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
 def _run_contender(name: str, work: Path, steps: int, batch: int, max_length: int) -> dict:
-    kind, settings = CONTENDERS[name]
+    kind, settings = {**CONTENDERS, **SFT_CONTENDERS}[name]
     command = [sys.executable, "-m", "dpoflow.bench", kind, json.dumps(settings), str(work), str(steps), str(batch),
                str(max_length)]
     done = subprocess.run(command, capture_output=True, text=True)

@@ -169,12 +169,14 @@ def pack_rows(lengths: list[int], capacity: int | None = None) -> list[list[int]
 
 def collate_packed(sequences: list[list[int]], labels: list[list[int]], pad_token_id: int,
                    pack: bool = True) -> dict[str, torch.Tensor]:
-    """Sequences (SFT) in rows with no padding between them: several per row (first-fit decreasing,
-    rows as wide as the longest) behind a block-diagonal causal mask, positions restarting at each;
+    """Sequences (SFT) in rows with no padding between them: several per row (first-fit decreasing
+    into rows of max(longest, 3 x mean) tokens: wide enough to fill, narrow enough that the dense
+    attention over a row stays cheap) behind a block-diagonal causal mask, positions restarting at each;
     `pack=False` = one per row. Scored tokens (label != -100, never a sequence's first) are listed as
     for `collate_shared_prefix`; `score_index` = the sequence."""
     lengths = [len(s) for s in sequences]
-    rows = pack_rows(lengths) if pack else [[j] for j in range(len(sequences))]
+    capacity = max(max(lengths), 3 * sum(lengths) // len(lengths))
+    rows = pack_rows(lengths, capacity) if pack else [[j] for j in range(len(sequences))]
     width = max(sum(lengths[j] for j in row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
