@@ -13,7 +13,7 @@ def test_bench_against_trl_reports_the_headline_keys_at_equal_loss(tmp_path):
     from dpoflow.bench import run_bench
 
     report = run_bench(steps=2, batch=2, cases=["standard"], contenders=["dpoflow", "trl"], repeats=1,
-                       out=str(tmp_path / "bench.json"), log=lambda *_: None)
+                       out=str(tmp_path / "bench.json"), sft_presets=("small",), generate_prompts=8, log=lambda *_: None)
     assert json.loads((tmp_path / "bench.json").read_text()) == report
     results = report["cases"]["standard"]["results"]
     assert results["trl"]["loss_diff_vs_trl"] == 0.0
@@ -24,3 +24,10 @@ def test_bench_against_trl_reports_the_headline_keys_at_equal_loss(tmp_path):
     assert 0 < report["mfu"] < 1 and report["rss_ratio_vs_trl"] > 0 and report["loss_equal_to_trl_within_1e-4"]
     setting = report["cases"]["standard"]["setting"]
     assert 90 <= setting["prompt_tokens_mean"] <= 100 and setting["useful_gflop_per_step"] > 0
+    # SFT: the same loss as TRL's SFTTrainer on the same batch; generation: both ways sampled tokens
+    sft = report["sft_small_model"]
+    assert sft["sft_loss_diff_vs_trl"] <= 1e-4 and abs(sft["results"]["dpoflow sft"]["loss_after_timed_steps"]) > 1
+    assert report["sft_speedup_vs_trl_small_model"] == sft["sft_speedup_vs_trl"] > 0
+    generation = report["generation"]["results"]
+    assert all(result["generated_tokens"] > 8 for result in generation.values())
+    assert report["generation_speedup_vs_plain_loop"] > 0

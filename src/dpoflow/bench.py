@@ -182,6 +182,63 @@ def run_sft_bench(steps: int = 5, batch: int = 32, repeats: int = 2, peak: float
             "sft_loss_diff_vs_trl": abs(trl_result["loss_after_timed_steps"] - ours["loss_after_timed_steps"])}
 
 
+def run_generation_bench(prompts: int = 256, samples: int = 4, max_new_tokens: int = 48, repeats: int = 2,
+                         log=print) -> dict:
+    """Sampling as the prefs and eval steps do it (`generate_ids`: length-sorted batches with a KV
+    cache, a batch ends when every row has hit EOS) against a plain loop of `model.generate` over the
+    same prompts one at a time, k samples each, same settings. The model: the demo's `small` preset
+    after a short SFT on the demo corpus, so completions end on EOS at realistic lengths."""
+    import pandas as pd
+    import torch
+
+    from dpoflow.config import ModelConfig, SftConfig
+    from dpoflow.dpo.logprobs import tokenize_prompt
+    from dpoflow.modeling import generate_ids, load_model, load_tokenizer
+    from dpoflow.sft import run_sft
+
+    work = Path(tempfile.mkdtemp(prefix="dpoflow-bench-generate-"))
+    make_sft_case(800, work, 128, preset="small")
+    run_sft(SftConfig(max_steps=150, per_device_batch_size=32, learning_rate=3e-3, warmup_steps=10, log_every=50),
+            ModelConfig(base=str(work / "model")), work / "corpus", work / "sft", log=lambda *_: None)
+    model, tokenizer = load_model(str(work / "sft" / "model")).eval(), load_tokenizer(str(work / "sft" / "model"))
+    texts = pd.read_parquet(work / "corpus" / "eval.parquet")["prompt"].tolist()
+    encoded = [tokenize_prompt(tokenizer, text) for text in (texts * (prompts // len(texts) + 1))[:prompts]]
+
+    def plain_loop():
+        out = []
+        for i, ids in enumerate(encoded):
+            torch.manual_seed(i)
+            with torch.no_grad():
+                rows = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                      do_sample=True, top_k=0, max_new_tokens=max_new_tokens,
+                                      num_return_sequences=samples, pad_token_id=tokenizer.pad_token_id,
+                                      eos_token_id=tokenizer.eos_token_id)
+            out.append([row[len(ids):] for row in rows.tolist()])
+        return out
+
+    contenders = {"dpoflow generate_ids": lambda: generate_ids(model, tokenizer, encoded, num_samples=samples,
+                                                              max_new_tokens=max_new_tokens),
+                  "plain model.generate loop": plain_loop}
+    best: dict[str, dict] = {}
+    eos = tokenizer.eos_token_id
+    for _ in range(repeats):
+        for name, generate in contenders.items():
+            started = time.perf_counter()
+            completions = generate()
+            seconds = time.perf_counter() - started
+            tokens = sum(len(row[:row.index(eos) + 1] if eos in row else row) for rows in completions for row in rows)
+            if name not in best or seconds < best[name]["seconds"]:
+                best[name] = {"seconds": round(seconds, 3), "generated_tokens": tokens,
+                              "tokens_per_s": round(tokens / seconds, 1)}
+    for name, result in best.items():
+        log(f"generate     {name:34s} {result['seconds']:7.2f} s  {result['tokens_per_s']:8.1f} tokens/s  "
+            f"({result['generated_tokens']} tokens)")
+    return {"setting": {"prompts": prompts, "samples_per_prompt": samples, "max_new_tokens": max_new_tokens,
+                        "model_preset": "small"}, "results": best,
+            "generation_speedup_vs_plain_loop": round(best["dpoflow generate_ids"]["tokens_per_s"]
+                                                      / best["plain model.generate loop"]["tokens_per_s"], 2)}
+
+
 # ---- one contender, in its own process ----------------------------------------------------------
 
 def _worker(kind: str, settings: dict, work: Path, steps: int, batch: int, max_length: int) -> dict:
@@ -288,8 +345,12 @@ def _run_contender(name: str, work: Path, steps: int, batch: int, max_length: in
 
 # ---- the whole bench ----------------------------------------------------------------------------
 
+SUITES = ("dpo", "sft", "generate")
+
+
 def run_bench(steps: int = 5, batch: int = 8, cases=tuple(CASES), contenders=tuple(CONTENDERS), repeats: int = 2,
-              out: str | None = None, log=print) -> dict:
+              out: str | None = None, suites=SUITES, sft_presets=("bench", "small"), generate_prompts: int = 256,
+              log=print) -> dict:
     import torch
 
     from dpoflow.dpo.reference import run_reference
@@ -298,7 +359,7 @@ def run_bench(steps: int = 5, batch: int = 8, cases=tuple(CASES), contenders=tup
     log(f"fp32 matmul peak: {peak:.1f} GFLOP/s with {torch.get_num_threads()} threads")
     report: dict = {"matmul_peak_gflops": round(peak, 1), "threads": torch.get_num_threads(), "steps": steps,
                     "repeats": repeats, "learning_rate": LEARNING_RATE, "cases": {}}
-    for case in cases:
+    for case in cases if "dpo" in suites else ():
         work = Path(tempfile.mkdtemp(prefix=f"dpoflow-bench-{case}-"))
         setting = make_case(case, batch, work)
         max_length = setting["longest_sequence"] + 8
@@ -323,6 +384,14 @@ def run_bench(steps: int = 5, batch: int = 8, cases=tuple(CASES), contenders=tup
             for result in results.values():
                 result["loss_diff_vs_trl"] = abs(result["loss_after_timed_steps"] - results["trl"]["loss_after_timed_steps"])
     report.update(_headline(report))
+    if "sft" in suites:
+        for preset in sft_presets:
+            sft = run_sft_bench(max(steps, 2), repeats=repeats, peak=peak, preset=preset, log=log)
+            report[f"sft_{preset}_model"] = sft
+            report[f"sft_speedup_vs_trl{'' if preset == 'bench' else '_' + preset + '_model'}"] = sft["sft_speedup_vs_trl"]
+    if "generate" in suites:
+        report["generation"] = run_generation_bench(prompts=generate_prompts, repeats=repeats, log=log)
+        report["generation_speedup_vs_plain_loop"] = report["generation"]["generation_speedup_vs_plain_loop"]
     if out:
         Path(out).write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -194,11 +194,11 @@ def cmd_frontier(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from dpoflow.bench import CASES, CONTENDERS, run_bench
+    from dpoflow.bench import CASES, CONTENDERS, SUITES, run_bench
 
     contenders = [name for name in args.contender or CONTENDERS if args.against == "trl" or not name.startswith("trl")]
     run_bench(steps=args.steps, batch=args.batch, cases=args.case or list(CASES), contenders=contenders,
-              repeats=args.repeats, out=args.json)
+              repeats=args.repeats, out=args.json, suites=args.suite or SUITES)
     return 0
 
 
@@ -341,9 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(frontier)
     frontier.set_defaults(func=cmd_frontier)
 
-    from dpoflow.bench import CASES, CONTENDERS  # stdlib-only at import: cheap for the parser
+    from dpoflow.bench import CASES, CONTENDERS, SUITES  # stdlib-only at import: cheap for the parser
 
-    bench = sub.add_parser("bench", help="DPO throughput: dpoflow vs TRL DPOTrainer on the same model and data")
+    bench = sub.add_parser("bench", help="throughput: DPO vs TRL DPOTrainer, SFT vs SFTTrainer, generation")
     bench.add_argument("--against", choices=["trl", "none"], default="trl",
                        help="time TRL's DPOTrainer (live and precomputed reference) too (default)")
     bench.add_argument("--steps", type=int, default=5, help="timed steps per contender (after 1 warm-up)")
@@ -351,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--case", action="append", choices=list(CASES),
                        help="repeatable; default: all three")
     bench.add_argument("--contender", action="append", choices=list(CONTENDERS), help="repeatable; default: all")
+    bench.add_argument("--suite", action="append", choices=list(SUITES),
+                       help="repeatable; default: all (dpo: the DPO cases; sft: vs SFTTrainer; generate: sampling)")
     bench.add_argument("--repeats", type=int, default=2, help="alternated runs per contender (the best is kept)")
     bench.add_argument("--json", help="write the results as JSON here")
     bench.set_defaults(func=cmd_bench)

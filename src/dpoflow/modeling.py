@@ -137,18 +137,21 @@ def load_model(uri: str, *, allow_pickle: bool = False, trust_remote_code: bool 
 def generate_ids(model, tokenizer, prompt_ids: list[list[int]], *, num_samples: int = 1, temperature: float = 1.0,
                  top_p: float = 1.0, max_new_tokens: int = 48, seed: int = 0, batch_size: int = 64) -> list[list[list[int]]]:
     """k sampled completions (token ids, up to and including EOS) per prompt: batched `generate` with
-    KV cache and left padding; greedy at temperature 0. Each batch reseeds from (seed, batch start),
+    KV cache and left padding, prompts in length-sorted batches (little padding); a batch stops when
+    every row has ended (EOS); greedy at temperature 0. Each batch reseeds from (seed, batch start),
     so results do not depend on what ran before."""
     import torch
 
     model.eval()
     device = next(model.parameters()).device
-    results: list[list[list[int]]] = []
+    order = sorted(range(len(prompt_ids)), key=lambda i: (len(prompt_ids[i]), i))
+    results: list[list[list[int]]] = [[] for _ in prompt_ids]
     from tqdm.auto import tqdm
 
-    for start in tqdm(range(0, len(prompt_ids), batch_size), desc="generate", unit="batch", leave=False,
-                      disable=len(prompt_ids) <= batch_size):
-        chunk = prompt_ids[start:start + batch_size]
+    for start in tqdm(range(0, len(order), batch_size), desc="generate", unit="batch", leave=False,
+                      disable=len(order) <= batch_size):
+        members = order[start:start + batch_size]
+        chunk = [prompt_ids[i] for i in members]
         width = max(len(ids) for ids in chunk)
         input_ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
@@ -162,12 +165,15 @@ def generate_ids(model, tokenizer, prompt_ids: list[list[int]], *, num_samples: 
                                     max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                                     top_k=0, **sampling)
-        completions = []
-        for row in output[:, width:].tolist():  # cut at the first EOS (kept); the rest is padding
-            end = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
-            completions.append(row[:end])
-        results += [completions[i * num_samples:(i + 1) * num_samples] for i in range(len(chunk))]
+        completions = [_until_eos(row, tokenizer.eos_token_id) for row in output[:, width:].tolist()]
+        for position, i in enumerate(members):
+            results[i] = completions[position * num_samples:(position + 1) * num_samples]
     return results
+
+
+def _until_eos(row: list[int], eos: int) -> list[int]:
+    """A generated row cut after its first EOS (kept); the rest is padding."""
+    return row[:row.index(eos) + 1] if eos in row else row
 
 
 def sample_completions(model, tokenizer, prompts: list[str], *, prompt_messages: list[str] | None = None,
