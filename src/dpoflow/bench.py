@@ -144,7 +144,8 @@ def make_sft_case(batch: int, work: Path, max_length: int, preset: str = "bench"
     body = _body_parameters(config)
     flops = (6 * body * sum(lengths) + 6 * config.hidden_size * config.vocab_size * labelled
              + 6 * config.num_hidden_layers * config.hidden_size * sum(n * n for n in lengths))
-    return {"case": "sft_demo_corpus", "model_preset": preset, "examples": batch, "tokens": sum(lengths), "labelled_tokens": labelled,
+    return {"case": "sft_demo_corpus", "model_preset": preset, "examples": batch, "tokens": sum(lengths),
+            "labelled_tokens": labelled,
             "longest_sequence": max(lengths), "padding_if_padded": round(1 - sum(lengths) / (batch * max(lengths)), 3),
             "useful_gflop_per_step": round(flops / 1e9, 2)}
 
