@@ -14,7 +14,11 @@ Batch layout of `collate_pairs` (B pairs -> 2B rows, chosen rows first, then rej
                     [-100, 8, 2]]   # prompt and padding are -100
     attention_mask [[1, 1, 1], [1, 1, 1]]
 
-`SequenceLogProbs` wraps the causal LM so one forward returns per-row summed log-probs. It runs the
+The default layout (`collate_shared_prefix`) puts each pair as one segment [prompt, chosen, rejected]
+and packs several segments into a row behind a block mask; `collate_packed` does the same for SFT
+sequences. Both list the scored tokens explicitly (row, predecessor position, target, output slot).
+
+`SequenceLogProbs` wraps the causal LM so one forward returns per-sequence summed log-probs. It runs the
 decoder, then the lm_head ONLY at positions whose next token is a completion token, and takes the
 log-softmax in fp32: full-vocabulary logits for prompt positions are never built. Wrapping (rather
 than calling submodules from the loop) keeps DDP/FSDP hooks on the module that accelerate prepares.
