@@ -52,16 +52,24 @@ SFT_CONTENDERS = {
 LEARNING_RATE = 1e-6  # small enough that the loss after the timed steps is still informative (≈ 0.6)
 
 
-def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """Best fp32 GEMM rate of this machine with the current thread count (GFLOP/s)."""
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5, precision: str = "fp32") -> float:
+    """Best GEMM rate of this machine (GFLOP/s): fp32 2048² on CPU with the current thread count;
+    on a GPU 8192² in the bench's precision."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    cuda = torch.cuda.is_available()
+    n = 8192 if cuda else n
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = (torch.randn(n, n, dtype=dtype, device="cuda" if cuda else "cpu") for _ in range(2))
     a @ b
     best = float("inf")
     for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
         started = time.perf_counter()
         a @ b
+        if cuda:
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - started)
     return 2 * n ** 3 / best / 1e9
 
@@ -74,8 +82,10 @@ def _lengths(case: str, batch: int, rng: random.Random) -> list[tuple[int, int]]
     return [(draw(48, 8, 320), draw(40, 4, 180)) for _ in range(batch)]
 
 
-def make_case(case: str, batch: int, work: Path, seed: int = 0) -> dict:
-    """The model, tokenizer and pairs of a case in `work`; returns its setting."""
+def make_case(case: str, batch: int, work: Path, seed: int = 0, lengths: tuple[int, int] | None = None,
+              model: dict | None = None) -> dict:
+    """The model (the `bench` preset, or Llama sizes `model`), tokenizer and pairs of a case in
+    `work`; `lengths` = (prompt, completion) tokens instead of the case's; returns its setting."""
     import pandas as pd
 
     from dpoflow.data.demo import generate_reviews
@@ -92,18 +102,19 @@ def make_case(case: str, batch: int, work: Path, seed: int = 0) -> dict:
         start = rng.randrange(len(stream) - tokens)
         return tokenizer.decode(stream[start:start + tokens])
 
+    drawn = [lengths] * batch if lengths else _lengths(case, batch, rng)
     rows = [{"prompt": text(p), "chosen": " " + text(c), "rejected": " " + text(max(2, c + rng.randint(-4, 4))),
-             "prompt_messages": ""} for p, c in _lengths(case, batch, rng)]
+             "prompt_messages": ""} for p, c in drawn]
     frame = pd.DataFrame(rows)
     (work / "pairs").mkdir(parents=True, exist_ok=True)
     frame.to_parquet(work / "pairs" / "train.parquet")
     write_manifest(work / "pairs", "bench pairs", case)
-    model = build_model(tokenizer, "bench")
+    model = build_model(tokenizer, "bench", overrides=model)
     model.save_pretrained(work / "model")
     tokenizer.save_pretrained(work / "model")
     pairs = tokenize_pairs(frame, tokenizer, 100_000)
     config = model.config
-    body = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
+    body = _body_parameters(config)
     lengths = [(len(p), len(c), len(r)) for p, c, r in zip(pairs.prompt_ids, pairs.chosen_ids, pairs.rejected_ids)]
     tokens = sum(p + c + r for p, c, r in lengths)
     completion = sum(c + r for _, c, r in lengths)
@@ -276,18 +287,20 @@ def _worker(kind: str, settings: dict, work: Path, steps: int, batch: int, max_l
                 times.append(time.perf_counter())
 
         frame = pd.read_parquet(work / "pairs" / "train.parquet")[["prompt", "chosen", "rejected"]]
-        args = trl.DPOConfig(output_dir=str(work / f"trl-{os.getpid()}"), per_device_train_batch_size=batch,
-                             max_steps=steps + 1, learning_rate=LEARNING_RATE, lr_scheduler_type="constant",
-                             warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0, optim="adamw_torch", beta=0.1,
-                             logging_steps=1, report_to=[], use_cpu=True, max_length=max_length, save_strategy="no",
-                             disable_tqdm=True, bf16=False, gradient_checkpointing=False, seed=0, **settings)
+        args = trl.DPOConfig(**{"output_dir": str(work / f"trl-{os.getpid()}"), "per_device_train_batch_size": batch,
+                                "max_steps": steps + 1, "learning_rate": LEARNING_RATE, "lr_scheduler_type": "constant",
+                                "warmup_steps": 0, "max_grad_norm": 1.0, "weight_decay": 0.0, "optim": "adamw_torch",
+                                "beta": 0.1, "logging_steps": 1, "report_to": [], "use_cpu": True,
+                                "max_length": max_length, "save_strategy": "no", "disable_tqdm": True, "bf16": False,
+                                "gradient_checkpointing": False, "seed": 0, **settings})
         trainer = trl.DPOTrainer(model=load_model(str(work / "model")), ref_model=load_model(str(work / "model")),
                                  args=args, train_dataset=datasets.Dataset.from_pandas(frame),
                                  processing_class=load_tokenizer(str(work / "model")), callbacks=[Timer()])
         trainer.train()
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     seconds = (times[-1] - times[0]) / steps
-    return {"s_per_step": seconds, "loss": losses[-1], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"s_per_step": seconds, "loss": losses[-1], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if torch.cuda.is_available() else None}
 
 
 def _sft_worker(kind: str, settings: dict, work: Path, steps: int, batch: int, max_length: int):
@@ -334,8 +347,11 @@ def _sft_worker(kind: str, settings: dict, work: Path, steps: int, batch: int, m
     return times, [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
-def _run_contender(name: str, work: Path, steps: int, batch: int, max_length: int) -> dict:
+def _run_contender(name: str, work: Path, steps: int, batch: int, max_length: int, precision: str = "fp32") -> dict:
     kind, settings = {**CONTENDERS, **SFT_CONTENDERS}[name]
+    if precision != "fp32" or _cuda():  # the same precision on both sides; TRL off its CPU default
+        extra = {"precision": precision} if kind == "dpoflow" else {"bf16": precision == "bf16", "use_cpu": False}
+        settings = {**settings, **extra}
     command = [sys.executable, "-m", "dpoflow.bench", kind, json.dumps(settings), str(work), str(steps), str(batch),
                str(max_length)]
     done = subprocess.run(command, capture_output=True, text=True)
@@ -346,35 +362,44 @@ def _run_contender(name: str, work: Path, steps: int, batch: int, max_length: in
 
 # ---- the whole bench ----------------------------------------------------------------------------
 
-SUITES = ("dpo", "sft", "generate")
+SUITES = ("dpo", "sft", "generate")  # and "scaling" (~15 min on 2 cores) when asked for
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def run_bench(steps: int = 5, batch: int = 8, cases=tuple(CASES), contenders=tuple(CONTENDERS), repeats: int = 2,
               out: str | None = None, suites=SUITES, sft_presets=("bench", "small"), generate_prompts: int = 256,
-              log=print) -> dict:
+              precision: str = "fp32", model: str | None = None, log=print) -> dict:
     import torch
 
     from dpoflow.dpo.reference import run_reference
 
-    peak = matmul_peak_gflops()
-    log(f"fp32 matmul peak: {peak:.1f} GFLOP/s with {torch.get_num_threads()} threads")
-    report: dict = {"matmul_peak_gflops": round(peak, 1), "threads": torch.get_num_threads(), "steps": steps,
-                    "repeats": repeats, "learning_rate": LEARNING_RATE, "cases": {}}
+    peak = matmul_peak_gflops(precision=precision)
+    device = torch.cuda.get_device_name() if _cuda() else f"cpu, {torch.get_num_threads()} threads"
+    log(f"{precision} matmul peak: {peak:.1f} GFLOP/s on {device}")
+    report: dict = {"matmul_peak_gflops": round(peak, 1), "device": device, "precision": precision,
+                    "threads": torch.get_num_threads(), "steps": steps, "repeats": repeats,
+                    "learning_rate": LEARNING_RATE, "model": model or "bench", "cases": {}}
     for case in cases if "dpo" in suites else ():
         work = Path(tempfile.mkdtemp(prefix=f"dpoflow-bench-{case}-"))
-        setting = make_case(case, batch, work)
+        setting = make_case(case, batch, work, model=_scaling_model(model) if model else None)
         max_length = setting["longest_sequence"] + 8
         run_reference(work / "pairs", work / "model", work / "reference", max_length=max_length, log=lambda *_: None)
         runs: dict[str, list[dict]] = {name: [] for name in contenders}
         for _ in range(repeats):  # alternated: a slow moment of the machine hits every contender alike
             for name in contenders:
-                runs[name].append(_run_contender(name, work, steps, batch, max_length))
+                runs[name].append(_run_contender(name, work, steps, batch, max_length, precision))
         results = {}
         for name, attempts in runs.items():
             best = min(attempts, key=lambda r: r["s_per_step"])
             results[name] = {"s_per_step": round(best["s_per_step"], 4),
                              "pair_tokens_per_s": round(setting["pair_tokens"] / best["s_per_step"], 1),
                              "peak_rss_mb": round(max(r["peak_rss_mb"] for r in attempts), 1),
+                             **({"peak_gpu_mb": round(best["peak_gpu_mb"], 1)} if best.get("peak_gpu_mb") else {}),
                              "mfu": round(setting["useful_gflop_per_step"] / best["s_per_step"] / peak, 4),
                              "loss_after_timed_steps": best["loss"]}
             log(f"{case:12s} {name:34s} {best['s_per_step']:7.3f} s/step  {results[name]['pair_tokens_per_s']:8.1f} "
@@ -390,6 +415,8 @@ def run_bench(steps: int = 5, batch: int = 8, cases=tuple(CASES), contenders=tup
             sft = run_sft_bench(max(steps, 2), repeats=repeats, peak=peak, preset=preset, log=log)
             report[f"sft_{preset}_model"] = sft
             report[f"sft_speedup_vs_trl{'' if preset == 'bench' else '_' + preset + '_model'}"] = sft["sft_speedup_vs_trl"]
+    if "scaling" in suites:  # writes scaling.json / .md / .png beside the JSON report (default: bench/)
+        report["scaling"] = run_scaling(str(Path(out).parent) if out else "bench", log=log)
     if "generate" in suites:
         report["generation"] = run_generation_bench(prompts=generate_prompts, repeats=repeats, log=log)
         report["generation_speedup_vs_plain_loop"] = report["generation"]["generation_speedup_vs_plain_loop"]
@@ -415,6 +442,103 @@ def _headline(report: dict) -> dict:
             "speedup_vs_trl_long_prompt": ratio("long_prompt", "trl", "dpoflow"),
             "loss_equal_to_trl_within_1e-4": all(r.get("loss_diff_vs_trl", 0) <= 1e-4
                                                 for c in report["cases"].values() for r in c["results"].values())}
+
+
+# ---- scaling: how cost grows with sequence length and model size --------------------------------
+
+# Llama shapes from ~17M to ~120M parameters (vocabulary 2000; non-embedding parameters dominate)
+SCALING_MODELS = {
+    "17M": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=10, num_attention_heads=6,
+                num_key_value_heads=6),
+    "35M": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=10, num_attention_heads=8,
+                num_key_value_heads=8),
+    "70M": dict(hidden_size=640, intermediate_size=1728, num_hidden_layers=13, num_attention_heads=10,
+                num_key_value_heads=10),
+    "120M": dict(hidden_size=896, intermediate_size=2432, num_hidden_layers=12, num_attention_heads=14,
+                 num_key_value_heads=14),
+}
+SCALING_LENGTHS = (256, 512, 1024, 2048)
+
+
+def _scaling_model(size: str) -> dict:
+    return {**SCALING_MODELS[size], "max_position_embeddings": 4096}
+SCALING_CONTENDERS = ("dpoflow", "trl")
+
+
+def run_scaling(out_dir: str = "bench", steps: int = 2, batch: int = 4, lengths=SCALING_LENGTHS,
+                sizes=tuple(SCALING_MODELS), size_length: int = 512, log=print) -> dict:
+    """dpoflow's default path and TRL's DPOTrainer as the sequence (prompt + completion, half each)
+    doubles from 256 to 2048 tokens on the 17M model, and as the model grows from 17M to 120M
+    parameters at 512 tokens: s/step and peak RSS, a table (scaling.md), a plot (scaling.png) and
+    the JSON (scaling.json) in `out_dir`."""
+    from dpoflow.dpo.reference import run_reference
+
+    points = [(sizes[0], length) for length in lengths] + [(size, size_length) for size in sizes[1:]]
+    rows = []
+    for size, length in points:
+        work = Path(tempfile.mkdtemp(prefix=f"dpoflow-scaling-{size}-{length}-"))
+        setting = make_case("standard", batch, work, lengths=(length // 2, length // 2), model=_scaling_model(size))
+        max_length = setting["longest_sequence"] + 8
+        run_reference(work / "pairs", work / "model", work / "reference", max_length=max_length, log=lambda *_: None)
+        row = {"model": size, "parameters_m": setting["parameters_m"], "sequence_tokens": length, "pairs": batch}
+        for name in SCALING_CONTENDERS:
+            result = _run_contender(name, work, steps, batch, max_length)
+            row[name] = {"s_per_step": round(result["s_per_step"], 3), "peak_rss_mb": round(result["peak_rss_mb"])}
+        row["speedup_vs_trl"] = round(row["trl"]["s_per_step"] / row["dpoflow"]["s_per_step"], 2)
+        row["rss_ratio_vs_trl"] = round(row["dpoflow"]["peak_rss_mb"] / row["trl"]["peak_rss_mb"], 2)
+        log(f"scaling {size:>5s} {length:5d} tokens: dpoflow {row['dpoflow']['s_per_step']:7.3f} s/step "
+            f"{row['dpoflow']['peak_rss_mb']:6d} MB | TRL {row['trl']['s_per_step']:7.3f} s/step "
+            f"{row['trl']['peak_rss_mb']:6d} MB | {row['speedup_vs_trl']}x")
+        rows.append(row)
+    import torch
+
+    device = torch.cuda.get_device_name() if _cuda() else f"{torch.get_num_threads()} CPU threads"
+    report = {"steps": steps, "pairs": batch, "device": device, "rows": rows}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scaling.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "scaling.md").write_text(_scaling_table(rows))
+    _scaling_plot(rows, out / "scaling.png", device)
+    return report
+
+
+def _scaling_table(rows: list[dict]) -> str:
+    lines = ["| model | params | tokens/sequence | dpoflow s/step | TRL s/step | speedup | dpoflow RSS MB | TRL RSS MB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['model']} | {row['parameters_m']}M | {row['sequence_tokens']} | {row['dpoflow']['s_per_step']} | "
+                     f"{row['trl']['s_per_step']} | {row['speedup_vs_trl']}x | {row['dpoflow']['peak_rss_mb']} | "
+                     f"{row['trl']['peak_rss_mb']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _scaling_plot(rows: list[dict], path: Path, device: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_length = [r for r in rows if r["model"] == rows[0]["model"]]
+    by_size = [r for r in rows if r["sequence_tokens"] == rows[-1]["sequence_tokens"]]
+    figure, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for column, (group, key, label) in enumerate([
+            (by_length, "sequence_tokens", f"tokens per sequence ({rows[0]['model']} model)"),
+            (by_size, "parameters_m", f"parameters, millions ({rows[-1]['sequence_tokens']} tokens)")]):
+        x = [r[key] for r in group]
+        for name, style in (("dpoflow", "o-"), ("trl", "s--")):
+            axes[0][column].plot(x, [r[name]["s_per_step"] for r in group], style, label=name)
+            axes[1][column].plot(x, [r[name]["peak_rss_mb"] for r in group], style, label=name)
+        for axis, what in ((axes[0][column], "s / step"), (axes[1][column], "peak RSS (MB)")):
+            axis.set_xscale("log", base=2)
+            axis.set_yscale("log")
+            axis.set_xlabel(label)
+            axis.set_ylabel(what)
+            axis.grid(True, which="both", alpha=0.3)
+            axis.legend()
+    figure.suptitle(f"DPO step cost, dpoflow (default path) vs TRL DPOTrainer, fp32, {device}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 if __name__ == "__main__":  # one contender: python -m dpoflow.bench <kind> <settings> <work> <steps> <batch> <max_length>

@@ -198,7 +198,8 @@ def cmd_bench(args) -> int:
 
     contenders = [name for name in args.contender or CONTENDERS if args.against == "trl" or not name.startswith("trl")]
     run_bench(steps=args.steps, batch=args.batch, cases=args.case or list(CASES), contenders=contenders,
-              repeats=args.repeats, out=args.json, suites=args.suite or SUITES)
+              repeats=args.repeats, out=args.json, suites=args.suite or SUITES, precision=args.precision,
+              model=args.model)
     return 0
 
 
@@ -341,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(frontier)
     frontier.set_defaults(func=cmd_frontier)
 
-    from dpoflow.bench import CASES, CONTENDERS, SUITES  # stdlib-only at import: cheap for the parser
+    from dpoflow.bench import CASES, CONTENDERS, SCALING_MODELS, SUITES  # stdlib-only at import: cheap for the parser
 
     bench = sub.add_parser("bench", help="throughput: DPO vs TRL DPOTrainer, SFT vs SFTTrainer, generation")
     bench.add_argument("--against", choices=["trl", "none"], default="trl",
@@ -351,8 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--case", action="append", choices=list(CASES),
                        help="repeatable; default: all three")
     bench.add_argument("--contender", action="append", choices=list(CONTENDERS), help="repeatable; default: all")
-    bench.add_argument("--suite", action="append", choices=list(SUITES),
-                       help="repeatable; default: all (dpo: the DPO cases; sft: vs SFTTrainer; generate: sampling)")
+    bench.add_argument("--suite", action="append", choices=[*SUITES, "scaling"],
+                       help="repeatable; default: dpo, sft, generate (dpo: the DPO cases; sft: vs SFTTrainer; "
+                       "generate: sampling; scaling: length 256-2048 and model 17M-120M, table + plot in bench/)")
+    bench.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="both sides (bf16: on a GPU)")
+    bench.add_argument("--model", choices=list(SCALING_MODELS), help="DPO cases on this size instead of the 14.5M one")
     bench.add_argument("--repeats", type=int, default=2, help="alternated runs per contender (the best is kept)")
     bench.add_argument("--json", help="write the results as JSON here")
     bench.set_defaults(func=cmd_bench)

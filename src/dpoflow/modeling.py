@@ -58,8 +58,9 @@ def train_tokenizer(texts, vocab_size: int = 2000):
     return wrapped
 
 
-def build_model(tokenizer, preset: str = "small", seed: int = 0):
-    """A freshly initialised Llama-style causal LM sized by `preset`, tied to the tokenizer's vocab."""
+def build_model(tokenizer, preset: str = "small", seed: int = 0, overrides: dict | None = None):
+    """A freshly initialised Llama-style causal LM sized by `preset` (or `overrides` of it), tied to
+    the tokenizer's vocab."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -67,7 +68,7 @@ def build_model(tokenizer, preset: str = "small", seed: int = 0):
         raise ModelLoadError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
     config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         tie_word_embeddings=True, **PRESETS[preset])
+                         tie_word_embeddings=True, **{**PRESETS[preset], **(overrides or {})})
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
 
