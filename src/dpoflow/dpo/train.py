@@ -8,7 +8,7 @@ runs the same lines for every choice:
 
     for each optimizer step:
         global batch of size per_device x grad_accum x processes (seeded order, see training.py)
-        for each of this rank's micro-batches, in parts of at most dpo.max_forward_tokens:
+        for each of this rank's micro-batches, in parts of at most dpo.max_forward_tokens (CPU):
             policy log-probs (one forward over chosen+rejected) -> reference log-probs -> loss
             backward (gradient sync only on the last part of the last micro-batch)
         clip, step, schedule; gather every example's rewards across ranks; log TRL's metric names
@@ -154,6 +154,9 @@ def _run_dpo(cfg: DpoConfig, pairs_dir, reference_model_dir, out_dir, *, referen
     reference = _reference_fn(cfg, reference_dir, expected_key, model_dir, scorer_module, accelerator.device)
     collate = partial(collate_shared_prefix, pack=cfg.packing) if cfg.prefix_sharing else collate_pairs
     lengths = pairs.forward_tokens(cfg.prefix_sharing)
+    budget = cfg.max_forward_tokens
+    if budget is None:  # auto (bench/README.md): parts save memory at no cost on CPU, cost launches on a GPU
+        budget = 0 if accelerator.device.type == "cuda" else 2048
 
     start = resume_step(accelerator, out_dir, log) if resume else 0
     if resume and start:
@@ -170,7 +173,7 @@ def _run_dpo(cfg: DpoConfig, pairs_dir, reference_model_dir, out_dir, *, referen
         micro = micro_batches(indices, rank, world, cfg.per_device_batch_size)
         per_example = []
         for position, batch_indices in enumerate(micro):
-            parts = split_by_tokens(batch_indices, lengths, cfg.max_forward_tokens)
+            parts = split_by_tokens(batch_indices, lengths, budget)
             for part, part_indices in enumerate(parts):
                 batch = {k: v.to(accelerator.device) for k, v in
                          collate(pairs, part_indices, tokenizer.pad_token_id).items()}
