@@ -71,9 +71,15 @@ def _dpo_command(tmp_path, out, pairs_dir, model_dir, reference_dir, **settings)
 def test_sigkill_during_dpo_then_rerun_resumes_to_the_same_weights(tmp_path, pairs_dir, tiny_model_dir, reference_dir,
                                                                    straight):
     out = tmp_path / "out"
-    command = _dpo_command(tmp_path, out, pairs_dir, tiny_model_dir, reference_dir, max_steps=40, checkpoint_every=4)
+    # 400 steps (a few seconds): a tiny model's step takes milliseconds, and only the newest
+    # checkpoints are kept, so the kill must land while some checkpoint >= step 8 is on disk
+    command = _dpo_command(tmp_path, out, pairs_dir, tiny_model_dir, reference_dir, max_steps=400, checkpoint_every=4)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _wait_for(out.with_name("out.partial") / "checkpoints" / "step-8" / "trainer_state.json")
+    checkpoints = out.with_name("out.partial") / "checkpoints"
+    deadline = time.time() + 120
+    while not any(int(p.parent.name.split("-")[1]) >= 8 for p in checkpoints.glob("step-*/trainer_state.json")):
+        assert time.time() < deadline and process.poll() is None, "no checkpoint >= step 8 appeared before the end"
+        time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not out.exists()  # nothing half-written is visible: no later step can take it
@@ -85,7 +91,7 @@ def test_sigkill_during_dpo_then_rerun_resumes_to_the_same_weights(tmp_path, pai
     resumed_from = int(rerun.stdout.split("resuming from step ")[1].split()[0])
     assert resumed_from >= 8
     expected = tmp_path / "expected"
-    run_dpo(_dpo_cfg(max_steps=40, checkpoint_every=4), pairs_dir, tiny_model_dir, expected, reference_dir=reference_dir)
+    run_dpo(_dpo_cfg(max_steps=400, checkpoint_every=4), pairs_dir, tiny_model_dir, expected, reference_dir=reference_dir)
     assert_same_weights(out, expected, atol=1e-6)
     verify(out)
 
