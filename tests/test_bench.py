@@ -31,3 +31,17 @@ def test_bench_against_trl_reports_the_headline_keys_at_equal_loss(tmp_path):
     generation = report["generation"]["results"]
     assert all(result["generated_tokens"] > 8 for result in generation.values())
     assert report["generation_speedup_vs_plain_loop"] > 0
+
+
+@pytest.mark.slow
+def test_scaling_writes_its_table_plot_and_json(tmp_path):
+    from dpoflow.bench import run_scaling
+
+    report = run_scaling(str(tmp_path), steps=1, batch=1, lengths=(48, 96), sizes=("17M", "35M"), size_length=48,
+                         log=lambda *_: None)
+    assert [(row["model"], row["sequence_tokens"]) for row in report["rows"]] == [("17M", 48), ("17M", 96), ("35M", 48)]
+    assert json.loads((tmp_path / "scaling.json").read_text()) == report and report["memory"] == "peak RSS"
+    for row in report["rows"]:
+        assert row["dpoflow"]["s_per_step"] > 0 and row["trl"]["peak_memory_mb"] > 0 and row["speedup_vs_trl"] > 0
+    assert (tmp_path / "scaling.md").read_text().count("\n") == 2 + len(report["rows"])
+    assert (tmp_path / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -141,7 +141,8 @@ def make_sft_case(batch: int, work: Path, max_length: int, preset: str = "bench"
     run_data(DataConfig(demo={"n_reviews": 4 * batch + 200, "seed": seed}), work / "corpus")
     rows = pd.read_parquet(work / "corpus" / "train.parquet")
     tokenizer = train_tokenizer((rows["prompt"] + rows["completion"]).tolist(), vocab_size=2000)
-    build_model(tokenizer, preset).save_pretrained(work / "model")
+    model = build_model(tokenizer, preset)
+    model.save_pretrained(work / "model")
     tokenizer.save_pretrained(work / "model")
     (work / "sft-data").mkdir(parents=True, exist_ok=True)
     rows.iloc[:batch].to_parquet(work / "sft-data" / "train.parquet")
@@ -151,13 +152,13 @@ def make_sft_case(batch: int, work: Path, max_length: int, preset: str = "bench"
     examples = [encode_example(tokenizer, row, max_length) for row in rows.iloc[:batch].fillna("").to_dict("records")]
     lengths = [len(ids) for ids, _ in examples]
     labelled = sum(sum(1 for label in labels[1:] if label != -100) for _, labels in examples)
-    config = build_model(tokenizer, preset).config
+    config = model.config
     body = _body_parameters(config)
     flops = (6 * body * sum(lengths) + 6 * config.hidden_size * config.vocab_size * labelled
              + 6 * config.num_hidden_layers * config.hidden_size * sum(n * n for n in lengths))
     return {"case": "sft_demo_corpus", "model_preset": preset, "examples": batch, "tokens": sum(lengths),
-            "labelled_tokens": labelled,
-            "longest_sequence": max(lengths), "padding_if_padded": round(1 - sum(lengths) / (batch * max(lengths)), 3),
+            "labelled_tokens": labelled, "longest_sequence": max(lengths),
+            "padding_if_padded": round(1 - sum(lengths) / (batch * max(lengths)), 3),
             "useful_gflop_per_step": round(flops / 1e9, 2)}
 
 
@@ -356,7 +357,7 @@ def _run_contender(name: str, work: Path, steps: int, batch: int, max_length: in
                str(max_length)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"bench contender {name!r} failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"bench contender {name!r} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -416,7 +417,7 @@ def run_bench(steps: int = 5, batch: int = 8, cases=tuple(CASES), contenders=tup
             report[f"sft_{preset}_model"] = sft
             report[f"sft_speedup_vs_trl{'' if preset == 'bench' else '_' + preset + '_model'}"] = sft["sft_speedup_vs_trl"]
     if "scaling" in suites:  # writes scaling.json / .md / .png beside the JSON report (default: bench/)
-        report["scaling"] = run_scaling(str(Path(out).parent) if out else "bench", log=log)
+        report["scaling"] = run_scaling(str(Path(out).parent) if out else "bench", precision=precision, log=log)
     if "generate" in suites:
         report["generation"] = run_generation_bench(prompts=generate_prompts, repeats=repeats, log=log)
         report["generation_speedup_vs_plain_loop"] = report["generation"]["generation_speedup_vs_plain_loop"]
@@ -461,18 +462,22 @@ SCALING_LENGTHS = (256, 512, 1024, 2048)
 
 
 def _scaling_model(size: str) -> dict:
-    return {**SCALING_MODELS[size], "max_position_embeddings": 4096}
+    return {**SCALING_MODELS[size], "max_position_embeddings": 16384}
 SCALING_CONTENDERS = ("dpoflow", "trl")
 
 
 def run_scaling(out_dir: str = "bench", steps: int = 2, batch: int = 4, lengths=SCALING_LENGTHS,
-                sizes=tuple(SCALING_MODELS), size_length: int = 512, log=print) -> dict:
+                sizes=tuple(SCALING_MODELS), size_length: int = 512, precision: str = "fp32", log=print) -> dict:
     """dpoflow's default path and TRL's DPOTrainer as the sequence (prompt + completion, half each)
     doubles from 256 to 2048 tokens on the 17M model, and as the model grows from 17M to 120M
-    parameters at 512 tokens: s/step and peak RSS, a table (scaling.md), a plot (scaling.png) and
-    the JSON (scaling.json) in `out_dir`."""
+    parameters at 512 tokens: s/step and peak memory (RSS on CPU, GPU memory on a GPU; a contender
+    that runs out is recorded as such), a table (scaling.md), a plot (scaling.png) and the JSON
+    (scaling.json) in `out_dir`."""
+    import torch
+
     from dpoflow.dpo.reference import run_reference
 
+    memory = "peak_gpu_mb" if _cuda() else "peak_rss_mb"
     points = [(sizes[0], length) for length in lengths] + [(size, size_length) for size in sizes[1:]]
     rows = []
     for size, length in points:
@@ -482,64 +487,76 @@ def run_scaling(out_dir: str = "bench", steps: int = 2, batch: int = 4, lengths=
         run_reference(work / "pairs", work / "model", work / "reference", max_length=max_length, log=lambda *_: None)
         row = {"model": size, "parameters_m": setting["parameters_m"], "sequence_tokens": length, "pairs": batch}
         for name in SCALING_CONTENDERS:
-            result = _run_contender(name, work, steps, batch, max_length)
-            row[name] = {"s_per_step": round(result["s_per_step"], 3), "peak_rss_mb": round(result["peak_rss_mb"])}
-        row["speedup_vs_trl"] = round(row["trl"]["s_per_step"] / row["dpoflow"]["s_per_step"], 2)
-        row["rss_ratio_vs_trl"] = round(row["dpoflow"]["peak_rss_mb"] / row["trl"]["peak_rss_mb"], 2)
-        log(f"scaling {size:>5s} {length:5d} tokens: dpoflow {row['dpoflow']['s_per_step']:7.3f} s/step "
-            f"{row['dpoflow']['peak_rss_mb']:6d} MB | TRL {row['trl']['s_per_step']:7.3f} s/step "
-            f"{row['trl']['peak_rss_mb']:6d} MB | {row['speedup_vs_trl']}x")
+            try:
+                result = _run_contender(name, work, steps, batch, max_length, precision)
+                row[name] = {"s_per_step": round(result["s_per_step"], 3), "peak_memory_mb": round(result[memory])}
+            except RuntimeError as error:  # out of memory is a result here, anything else is not
+                if "out of memory" not in str(error).lower() and "(exit -9)" not in str(error):
+                    raise
+                row[name] = {"s_per_step": None, "peak_memory_mb": None, "out_of_memory": True}
+        ours, theirs = row["dpoflow"], row["trl"]
+        if ours["s_per_step"] and theirs["s_per_step"]:
+            row["speedup_vs_trl"] = round(theirs["s_per_step"] / ours["s_per_step"], 2)
+            row["memory_ratio_vs_trl"] = round(ours["peak_memory_mb"] / theirs["peak_memory_mb"], 2)
+        log(f"scaling {size:>5s} {length:5d} tokens: " + " | ".join(
+            f"{name} " + (f"{row[name]['s_per_step']:7.3f} s/step {row[name]['peak_memory_mb']:6d} MB"
+                          if row[name]["s_per_step"] else "out of memory") for name in SCALING_CONTENDERS))
         rows.append(row)
-    import torch
-
     device = torch.cuda.get_device_name() if _cuda() else f"{torch.get_num_threads()} CPU threads"
-    report = {"steps": steps, "pairs": batch, "device": device, "rows": rows}
+    report = {"steps": steps, "pairs": batch, "device": device, "precision": precision,
+              "memory": "peak GPU memory" if _cuda() else "peak RSS", "rows": rows}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "scaling.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "scaling.md").write_text(_scaling_table(rows))
-    _scaling_plot(rows, out / "scaling.png", device)
+    (out / "scaling.md").write_text(_scaling_table(report))
+    _scaling_plot(report, out / "scaling.png")
     return report
 
 
-def _scaling_table(rows: list[dict]) -> str:
-    lines = ["| model | params | tokens/sequence | dpoflow s/step | TRL s/step | speedup | dpoflow RSS MB | TRL RSS MB |",
-             "|---|---|---|---|---|---|---|---|"]
-    for row in rows:
-        lines.append(f"| {row['model']} | {row['parameters_m']}M | {row['sequence_tokens']} | {row['dpoflow']['s_per_step']} | "
-                     f"{row['trl']['s_per_step']} | {row['speedup_vs_trl']}x | {row['dpoflow']['peak_rss_mb']} | "
-                     f"{row['trl']['peak_rss_mb']} |")
+def _scaling_table(report: dict) -> str:
+    def cell(result, key):
+        return "out of memory" if result.get("out_of_memory") else result[key]
+
+    lines = [f"| model | params | tokens/sequence | dpoflow s/step | TRL s/step | speedup | dpoflow {report['memory']} MB "
+             f"| TRL {report['memory']} MB |", "|---|---|---|---|---|---|---|---|"]
+    for row in report["rows"]:
+        ours, theirs = row["dpoflow"], row["trl"]
+        speedup = f"{row['speedup_vs_trl']}x" if "speedup_vs_trl" in row else "-"
+        lines.append(f"| {row['model']} | {row['parameters_m']}M | {row['sequence_tokens']} | {cell(ours, 's_per_step')} | "
+                     f"{cell(theirs, 's_per_step')} | {speedup} | {cell(ours, 'peak_memory_mb')} | "
+                     f"{cell(theirs, 'peak_memory_mb')} |")
     return "\n".join(lines) + "\n"
 
 
-def _scaling_plot(rows: list[dict], path: Path, device: str) -> None:
+def _scaling_plot(report: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = report["rows"]
     by_length = [r for r in rows if r["model"] == rows[0]["model"]]
     by_size = [r for r in rows if r["sequence_tokens"] == rows[-1]["sequence_tokens"]]
     figure, axes = plt.subplots(2, 2, figsize=(10, 7))
     for column, (group, key, label) in enumerate([
             (by_length, "sequence_tokens", f"tokens per sequence ({rows[0]['model']} model)"),
             (by_size, "parameters_m", f"parameters, millions ({rows[-1]['sequence_tokens']} tokens)")]):
-        x = [r[key] for r in group]
         for name, style in (("dpoflow", "o-"), ("trl", "s--")):
-            axes[0][column].plot(x, [r[name]["s_per_step"] for r in group], style, label=name)
-            axes[1][column].plot(x, [r[name]["peak_rss_mb"] for r in group], style, label=name)
-        for axis, what in ((axes[0][column], "s / step"), (axes[1][column], "peak RSS (MB)")):
+            ran = [r for r in group if r[name]["s_per_step"]]  # out-of-memory points are left out
+            axes[0][column].plot([r[key] for r in ran], [r[name]["s_per_step"] for r in ran], style, label=name)
+            axes[1][column].plot([r[key] for r in ran], [r[name]["peak_memory_mb"] for r in ran], style, label=name)
+        for axis, what in ((axes[0][column], "s / step"), (axes[1][column], f"{report['memory']} (MB)")):
             axis.set_xscale("log", base=2)
             axis.set_yscale("log")
             axis.set_xlabel(label)
             axis.set_ylabel(what)
             axis.grid(True, which="both", alpha=0.3)
             axis.legend()
-    figure.suptitle(f"DPO step cost, dpoflow (default path) vs TRL DPOTrainer, fp32, {device}")
+    figure.suptitle(f"DPO step cost, dpoflow (default path) vs TRL DPOTrainer, {report['precision']}, "
+                    f"{report['device']}, {report['pairs']} pairs")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
-
 
 if __name__ == "__main__":  # one contender: python -m dpoflow.bench <kind> <settings> <work> <steps> <batch> <max_length>
     kind, settings, work, steps, batch, max_length = sys.argv[1:7]
