@@ -71,9 +71,10 @@ def evaluate_nll(model, examples, pad_token_id: int, batch_size: int = 32) -> fl
     model.eval()
     total, count = 0.0, 0
     device = next(model.parameters()).device
+    scorer = SequenceLogProbs(model)
     for start in range(0, len(examples), batch_size):
         batch = collate(examples, range(start, min(start + batch_size, len(examples))), pad_token_id)
-        nll, n = _token_nll(SequenceLogProbs(model), {k: v.to(device) for k, v in batch.items()})
+        nll, n = _token_nll(scorer, {k: v.to(device) for k, v in batch.items()})
         total, count = total + nll.item(), count + n.item()
     model.train()
     return total / max(count, 1)

@@ -171,6 +171,42 @@ def pack_rows(lengths: list[int], capacity: int | None = None) -> list[list[int]
     return rows
 
 
+class _PackedRows:
+    """The tensors both packed layouts fill: sequences (items) placed in rows, a boolean attention mask
+    (True = may attend), restarting positions, and the scored tokens listed one by one (row, position
+    of the predecessor's hidden state, target token, output slot)."""
+
+    def __init__(self, lengths: list[int], pad_token_id: int, pack: bool, capacity: int | None = None):
+        self.lengths = lengths
+        self.rows = pack_rows(lengths, capacity) if pack else [[j] for j in range(len(lengths))]
+        self.width = max(sum(lengths[j] for j in row) for row in self.rows)
+        self.input_ids = torch.full((len(self.rows), self.width), pad_token_id, dtype=torch.long)
+        self.position_ids = torch.zeros((len(self.rows), self.width), dtype=torch.long)
+        self.allowed = torch.zeros((len(self.rows), self.width, self.width), dtype=torch.bool)
+        self.causal = torch.tril(torch.ones(self.width, self.width, dtype=torch.bool))
+        self.score = {"rows": [], "positions": [], "targets": [], "index": []}
+
+    def items(self):
+        """(row, offset, item) for every item; a row's padding then attends to itself (no NaN), never scored."""
+        for row, members in enumerate(self.rows):
+            at = 0
+            for j in members:
+                yield row, at, j
+                at += self.lengths[j]
+            self.allowed[row, at:, at:] = self.causal[:self.width - at, :self.width - at]
+
+    def scored(self, row: int, predecessors: list[int], targets: list[int], slot: int) -> None:
+        self.score["rows"] += [row] * len(targets)
+        self.score["positions"] += predecessors[:len(targets)]  # an empty completion scores nothing
+        self.score["targets"] += targets
+        self.score["index"] += [slot] * len(targets)
+
+    def batch(self, num_sequences: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids, "attention_mask": self.allowed,
+                **{f"score_{key}": torch.tensor(value, dtype=torch.long) for key, value in self.score.items()},
+                "num_sequences": torch.tensor(num_sequences)}
+
+
 def collate_packed(sequences: list[list[int]], labels: list[list[int]], pad_token_id: int,
                    pack: bool = True) -> dict[str, torch.Tensor]:
     """Sequences (SFT) in rows with no padding between them: several per row (first-fit decreasing
@@ -179,31 +215,15 @@ def collate_packed(sequences: list[list[int]], labels: list[list[int]], pad_toke
     `pack=False` = one per row. Scored tokens (label != -100, never a sequence's first) are listed as
     for `collate_shared_prefix`; `score_index` = the sequence."""
     lengths = [len(s) for s in sequences]
-    capacity = max(max(lengths), 3 * sum(lengths) // len(lengths))
-    rows = pack_rows(lengths, capacity) if pack else [[j] for j in range(len(sequences))]
-    width = max(sum(lengths[j] for j in row) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    allowed = torch.zeros((len(rows), width, width), dtype=torch.bool)
-    causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
-    score = {"rows": [], "positions": [], "targets": [], "index": []}
-    for row, members in enumerate(rows):
-        at = 0
-        for j in members:
-            n = lengths[j]
-            input_ids[row, at:at + n] = torch.tensor(sequences[j])
-            position_ids[row, at:at + n] = torch.arange(n)
-            allowed[row, at:at + n, at:at + n] = causal[:n, :n]
-            scored = [t for t in range(1, n) if labels[j][t] != IGNORE]  # token t from position t - 1
-            score["rows"] += [row] * len(scored)
-            score["positions"] += [at + t - 1 for t in scored]
-            score["targets"] += [labels[j][t] for t in scored]
-            score["index"] += [j] * len(scored)
-            at += n
-        allowed[row, at:, at:] = causal[:width - at, :width - at]
-    return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": allowed,
-            **{f"score_{key}": torch.tensor(value, dtype=torch.long) for key, value in score.items()},
-            "num_sequences": torch.tensor(len(sequences))}
+    layout = _PackedRows(lengths, pad_token_id, pack, capacity=max(max(lengths), 3 * sum(lengths) // len(lengths)))
+    for row, at, j in layout.items():
+        n = lengths[j]
+        layout.input_ids[row, at:at + n] = torch.tensor(sequences[j])
+        layout.position_ids[row, at:at + n] = torch.arange(n)
+        layout.allowed[row, at:at + n, at:at + n] = layout.causal[:n, :n]
+        scored = [t for t in range(1, n) if labels[j][t] != IGNORE]  # token t from position t - 1
+        layout.scored(row, [at + t - 1 for t in scored], [labels[j][t] for t in scored], j)
+    return layout.batch(len(sequences))
 
 
 def collate_shared_prefix(pairs: TokenizedPairs, indices, pad_token_id: int, pack: bool = True) -> dict[str, torch.Tensor]:
@@ -219,40 +239,20 @@ def collate_shared_prefix(pairs: TokenizedPairs, indices, pad_token_id: int, pac
     token, `score_index` = the output slot (chosen of pair j -> j, rejected -> B + j).
     """
     segments = [(pairs.prompt_ids[i], pairs.chosen_ids[i], pairs.rejected_ids[i]) for i in indices]
-    lengths = [len(p) + len(c) + len(r) for p, c, r in segments]
-    rows = pack_rows(lengths) if pack else [[j] for j in range(len(segments))]
-    width = max(sum(lengths[j] for j in row) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    allowed = torch.zeros((len(rows), width, width), dtype=torch.bool)
-    causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
-    score = {"rows": [], "positions": [], "targets": [], "index": []}
-
-    def scored(row, predecessors, targets, slot):
-        score["rows"] += [row] * len(targets)
-        score["positions"] += predecessors[:len(targets)]  # an empty completion scores nothing
-        score["targets"] += targets
-        score["index"] += [slot] * len(targets)
-
-    for row, members in enumerate(rows):
-        at = 0
-        for j in members:
-            prompt, chosen, rejected = segments[j]
-            p, c, r = len(prompt), len(chosen), len(rejected)
-            input_ids[row, at:at + p + c + r] = torch.tensor(prompt + chosen + rejected)
-            position_ids[row, at:at + p + c] = torch.arange(p + c)
-            position_ids[row, at + p + c:at + p + c + r] = torch.arange(p, p + r)
-            allowed[row, at:at + p + c, at:at + p + c] = causal[:p + c, :p + c]
-            allowed[row, at + p + c:at + p + c + r, at:at + p] = True
-            allowed[row, at + p + c:at + p + c + r, at + p + c:at + p + c + r] = causal[:r, :r]
-            # the first token of each completion is predicted from the last prompt token
-            scored(row, list(range(at + p - 1, at + p + c - 1)), chosen, j)
-            scored(row, [at + p - 1] + list(range(at + p + c, at + p + c + r - 1)), rejected, len(segments) + j)
-            at += p + c + r
-        allowed[row, at:, at:] = causal[:width - at, :width - at]  # padding attends to itself (no NaN), never scored
-    return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": allowed,
-            **{f"score_{key}": torch.tensor(value, dtype=torch.long) for key, value in score.items()},
-            "num_sequences": torch.tensor(2 * len(segments))}
+    layout = _PackedRows([len(p) + len(c) + len(r) for p, c, r in segments], pad_token_id, pack)
+    for row, at, j in layout.items():
+        prompt, chosen, rejected = segments[j]
+        p, c, r = len(prompt), len(chosen), len(rejected)
+        layout.input_ids[row, at:at + p + c + r] = torch.tensor(prompt + chosen + rejected)
+        layout.position_ids[row, at:at + p + c] = torch.arange(p + c)
+        layout.position_ids[row, at + p + c:at + p + c + r] = torch.arange(p, p + r)
+        layout.allowed[row, at:at + p + c, at:at + p + c] = layout.causal[:p + c, :p + c]
+        layout.allowed[row, at + p + c:at + p + c + r, at:at + p] = True
+        layout.allowed[row, at + p + c:at + p + c + r, at + p + c:at + p + c + r] = layout.causal[:r, :r]
+        # the first token of each completion is predicted from the last prompt token
+        layout.scored(row, list(range(at + p - 1, at + p + c - 1)), chosen, j)
+        layout.scored(row, [at + p - 1] + list(range(at + p + c, at + p + c + r - 1)), rejected, len(segments) + j)
+    return layout.batch(2 * len(segments))
 
 
 @torch.no_grad()
