@@ -169,26 +169,37 @@ def _body_parameters(config) -> int:
     return layers * (2 * h * h + 2 * h * kv + 3 * h * i + 2 * h) + h
 
 
+def _best_of_alternated(contenders, repeats: int, work: Path, steps: int, batch: int, max_length: int,
+                        precision: str, setting: dict, tokens_key: str, rate_key: str, peak: float | None) -> dict:
+    """Every contender `repeats` times, alternated (a slow moment of the machine hits them all alike);
+    each one's fastest run, its rate (`setting[tokens_key]` per second, as `rate_key`), MFU and loss."""
+    runs: dict[str, list[dict]] = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name in contenders:
+            runs[name].append(_run_contender(name, work, steps, batch, max_length, precision))
+    results = {}
+    for name, attempts in runs.items():
+        best = min(attempts, key=lambda r: r["s_per_step"])
+        results[name] = {"s_per_step": round(best["s_per_step"], 4),
+                         rate_key: round(setting[tokens_key] / best["s_per_step"], 1),
+                         "peak_rss_mb": round(max(r["peak_rss_mb"] for r in attempts), 1),
+                         **({"peak_gpu_mb": round(best["peak_gpu_mb"], 1)} if best.get("peak_gpu_mb") else {}),
+                         "mfu": round(setting["useful_gflop_per_step"] / best["s_per_step"] / peak, 4) if peak else None,
+                         "loss_after_timed_steps": best["loss"]}
+    return results
+
+
 def run_sft_bench(steps: int = 5, batch: int = 32, repeats: int = 2, peak: float | None = None, preset: str = "bench",
                   log=print) -> dict:
     """dpoflow's SFT (packed rows) against TRL's SFTTrainer (padded batch) on one batch of the demo corpus."""
     work = Path(tempfile.mkdtemp(prefix="dpoflow-bench-sft-"))
     max_length = 128
     setting = make_sft_case(batch, work, max_length, preset)
-    runs: dict[str, list[dict]] = {name: [] for name in SFT_CONTENDERS}
-    for _ in range(repeats):
-        for name in SFT_CONTENDERS:
-            runs[name].append(_run_contender(name, work, steps, batch, max_length))
-    results = {}
-    for name, attempts in runs.items():
-        best = min(attempts, key=lambda r: r["s_per_step"])
-        results[name] = {"s_per_step": round(best["s_per_step"], 4),
-                         "tokens_per_s": round(setting["tokens"] / best["s_per_step"], 1),
-                         "peak_rss_mb": round(max(r["peak_rss_mb"] for r in attempts), 1),
-                         "mfu": round(setting["useful_gflop_per_step"] / best["s_per_step"] / peak, 4) if peak else None,
-                         "loss_after_timed_steps": best["loss"]}
-        log(f"sft          {name:34s} {best['s_per_step']:7.3f} s/step  {results[name]['tokens_per_s']:8.1f} tokens/s  "
-            f"RSS {results[name]['peak_rss_mb']:.0f} MB  loss {best['loss']:.6f}")
+    results = _best_of_alternated(SFT_CONTENDERS, repeats, work, steps, batch, max_length, "fp32", setting,
+                                  "tokens", "tokens_per_s", peak)
+    for name, result in results.items():
+        log(f"sft          {name:34s} {result['s_per_step']:7.3f} s/step  {result['tokens_per_s']:8.1f} tokens/s  "
+            f"RSS {result['peak_rss_mb']:.0f} MB  loss {result['loss_after_timed_steps']:.6f}")
     trl_result, ours = results["trl SFTTrainer"], results["dpoflow sft"]
     return {"setting": setting, "results": results,
             "sft_speedup_vs_trl": round(trl_result["s_per_step"] / ours["s_per_step"], 3),
@@ -390,22 +401,12 @@ def run_bench(steps: int = 5, batch: int = 8, cases=tuple(CASES), contenders=tup
         setting = make_case(case, batch, work, model=_scaling_model(model) if model else None)
         max_length = setting["longest_sequence"] + 8
         run_reference(work / "pairs", work / "model", work / "reference", max_length=max_length, log=lambda *_: None)
-        runs: dict[str, list[dict]] = {name: [] for name in contenders}
-        for _ in range(repeats):  # alternated: a slow moment of the machine hits every contender alike
-            for name in contenders:
-                runs[name].append(_run_contender(name, work, steps, batch, max_length, precision))
-        results = {}
-        for name, attempts in runs.items():
-            best = min(attempts, key=lambda r: r["s_per_step"])
-            results[name] = {"s_per_step": round(best["s_per_step"], 4),
-                             "pair_tokens_per_s": round(setting["pair_tokens"] / best["s_per_step"], 1),
-                             "peak_rss_mb": round(max(r["peak_rss_mb"] for r in attempts), 1),
-                             **({"peak_gpu_mb": round(best["peak_gpu_mb"], 1)} if best.get("peak_gpu_mb") else {}),
-                             "mfu": round(setting["useful_gflop_per_step"] / best["s_per_step"] / peak, 4),
-                             "loss_after_timed_steps": best["loss"]}
-            log(f"{case:12s} {name:34s} {best['s_per_step']:7.3f} s/step  {results[name]['pair_tokens_per_s']:8.1f} "
-                f"pair-tokens/s  MFU {results[name]['mfu']:.1%}  RSS {results[name]['peak_rss_mb']:.0f} MB  "
-                f"loss {best['loss']:.6f}")
+        results = _best_of_alternated(contenders, repeats, work, steps, batch, max_length, precision, setting,
+                                      "pair_tokens", "pair_tokens_per_s", peak)
+        for name, result in results.items():
+            log(f"{case:12s} {name:34s} {result['s_per_step']:7.3f} s/step  {result['pair_tokens_per_s']:8.1f} "
+                f"pair-tokens/s  MFU {result['mfu']:.1%}  RSS {result['peak_rss_mb']:.0f} MB  "
+                f"loss {result['loss_after_timed_steps']:.6f}")
         report["cases"][case] = {"setting": setting, "results": results}
         if "trl" in results:
             for result in results.values():
