@@ -217,7 +217,8 @@ def run_generation_bench(prompts: int = 256, samples: int = 4, max_new_tokens: i
 
     from dpoflow.config import ModelConfig, SftConfig
     from dpoflow.dpo.logprobs import tokenize_prompt
-    from dpoflow.modeling import generate_ids, load_model, load_tokenizer
+    from dpoflow.generation import generate_ids
+    from dpoflow.modeling import load_model, load_tokenizer
     from dpoflow.sft import run_sft
 
     work = Path(tempfile.mkdtemp(prefix="dpoflow-bench-generate-"))

@@ -52,7 +52,8 @@ def _run_prefs(cfg: PrefsConfig, data_dir, model_dir, out_dir, shard: tuple[int,
     import torch
 
     from dpoflow.evaluation.judges import load_judge
-    from dpoflow.modeling import load_model, load_tokenizer, sample_completions
+    from dpoflow.generation import sample_completions
+    from dpoflow.modeling import load_model, load_tokenizer
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,8 @@ def _run_eval(cfg: EvalConfig, policy_dir, reference_model_dir, data_dir, out_di
     from dpoflow.dpo.logprobs import score_sequences, tokenize_prompt
     from dpoflow.evaluation.report import write_report
     from dpoflow.evaluation.stats import diversity
-    from dpoflow.modeling import generate_ids, load_model, load_tokenizer
+    from dpoflow.generation import generate_ids
+    from dpoflow.modeling import load_model, load_tokenizer
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -149,7 +150,7 @@ def judge_pair(cfg: EvalConfig, model_a, model_b, tokenizer, prompts: list[str],
     """Sample both models with identical settings and seeds and let the judge decide each prompt:
     verdict 1 = a better, 0.5 tie, 0 = b better, None = the judge failed (never a win)."""
     from dpoflow.evaluation.judges import load_judge
-    from dpoflow.modeling import generate_ids
+    from dpoflow.generation import generate_ids
 
     a_ids = [s[0] for s in generate_ids(model_a, tokenizer, prompt_ids, **sampling(cfg))]
     b_ids = [s[0] for s in generate_ids(model_b, tokenizer, prompt_ids, **sampling(cfg))]

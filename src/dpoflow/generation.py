@@ -1,0 +1,143 @@
+"""Sampling completions for pairs and evaluation: our own decode loop over the model's forward.
+
+Prompts run in length-sorted batches of `batch_size` rows (k samples of a prompt are k rows), left
+padded. The KV cache is preallocated per batch (each step writes one position instead of copying
+the whole cache, as HF's dynamic cache does); a token is drawn by inverse CDF from one uniform per
+row (`torch.multinomial` draws one exponential per vocabulary entry); the batch ends when every row
+has hit EOS. Sampling follows HF `generate` with `top_k=0`: logits / temperature, nucleus cut as
+`TopPLogitsWarper` does it, greedy at temperature 0 (tests check the law and the greedy tokens).
+bench/README.md has the figures.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+
+class _PreallocatedLayer(DynamicLayer):
+    """A layer's keys and values in one buffer of the batch's final length; attention reads a view
+    of the filled part."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, _, dim = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self._keys = key_states.new_empty(batch, heads, self.capacity, dim)
+        self._values = value_states.new_empty(batch, heads, self.capacity, value_states.shape[-1])
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        self._keys[:, :, self.length:end] = key_states
+        self._values[:, :, self.length:end] = value_states
+        self.length = end
+        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+
+def _new_cache(model, capacity: int) -> Cache:
+    config = model.config.get_text_config(decoder=True)
+    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if getattr(config, "sliding_window", None) or layer_types != {"full_attention"}:
+        return DynamicCache(config=config)  # sliding-window layers keep HF's own cache
+    return Cache(layers=[_PreallocatedLayer(capacity) for _ in range(config.num_hidden_layers)])
+
+
+def pick_tokens(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """One token per row of next-token logits: greedy at temperature 0, else a draw from
+    softmax(logits / temperature) restricted to the top-p nucleus (HF's rule: drop the tokens whose
+    ascending cumulative probability is ≤ 1 − top_p, never the most likely one)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_p < 1.0:
+        ascending, order = logits.sort(-1)
+        drop = ascending.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop[:, -1] = False
+        logits = logits.scatter(-1, order, ascending.masked_fill(drop, float("-inf")))
+    cdf = logits.softmax(-1).cumsum(-1)
+    draw = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, draw, right=True).clamp_(max=cdf.shape[1] - 1).squeeze(1)
+
+
+@torch.no_grad()
+def _decode(model, input_ids, attention_mask, *, max_new_tokens: int, temperature: float, top_p: float, eos: int,
+            pad: int, generator: torch.Generator) -> torch.Tensor:
+    """New tokens (rows × max_new_tokens, pad after EOS) for left-padded prompts."""
+    rows = input_ids.shape[0]
+    cache = _new_cache(model, input_ids.shape[1] + max_new_tokens)
+    mask = None if bool(attention_mask.all()) else attention_mask  # no padding: plain causal attention
+    positions = (attention_mask.cumsum(-1) - 1).clamp_(min=0)
+    out = torch.full((rows, max_new_tokens), pad, dtype=torch.long, device=input_ids.device)
+    done = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
+    step_ids = input_ids
+    for t in range(max_new_tokens):
+        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1]
+        tokens = pick_tokens(logits, temperature, top_p, generator).masked_fill_(done, pad)
+        out[:, t] = tokens
+        done |= tokens == eos
+        if bool(done.all()):
+            break
+        step_ids, positions = tokens[:, None], positions[:, -1:] + 1
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+    return out
+
+
+def generate_ids(model, tokenizer, prompt_ids: list[list[int]], *, num_samples: int = 1, temperature: float = 1.0,
+                 top_p: float = 1.0, max_new_tokens: int = 48, seed: int = 0,
+                 batch_size: int = 256) -> list[list[list[int]]]:
+    """k sampled completions (token ids, up to and including EOS) per prompt. `batch_size` counts rows
+    (prompts × samples). Each batch draws from its own generator seeded from (seed, first prompt's
+    place in the sorted order), so results do not depend on what ran before."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompt_ids)), key=lambda i: (len(prompt_ids[i]), i))
+    per_batch = max(1, batch_size // num_samples)
+    results: list[list[list[int]]] = [[] for _ in prompt_ids]
+    for start in tqdm(range(0, len(order), per_batch), desc="generate", unit="batch", leave=False,
+                      disable=len(order) <= per_batch):
+        members = order[start:start + per_batch]
+        width = max(len(prompt_ids[i]) for i in members)
+        input_ids = torch.full((len(members), width), tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, i in enumerate(members):
+            input_ids[row, width - len(prompt_ids[i]):] = torch.tensor(prompt_ids[i])
+            attention_mask[row, width - len(prompt_ids[i]):] = 1
+        generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + start)
+        new = _decode(model, input_ids.repeat_interleave(num_samples, 0).to(device),
+                      attention_mask.repeat_interleave(num_samples, 0).to(device), max_new_tokens=max_new_tokens,
+                      temperature=temperature, top_p=top_p, eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id,
+                      generator=generator)
+        completions = [_until_eos(row, tokenizer.eos_token_id) for row in new.tolist()]
+        for position, i in enumerate(members):
+            results[i] = completions[position * num_samples:(position + 1) * num_samples]
+    return results
+
+
+def _until_eos(row: list[int], eos: int) -> list[int]:
+    """A generated row cut after its first EOS (kept); the rest is padding."""
+    return row[:row.index(eos) + 1] if eos in row else row
+
+
+def sample_completions(model, tokenizer, prompts: list[str], *, prompt_messages: list[str] | None = None,
+                       **settings) -> list[list[str]]:
+    """Decoded completions per prompt; `settings` as for `generate_ids`."""
+    from dpoflow.dpo.logprobs import tokenize_prompt
+
+    messages = prompt_messages or [""] * len(prompts)
+    encoded = [tokenize_prompt(tokenizer, p, m) for p, m in zip(prompts, messages)]
+    return [tokenizer.batch_decode(samples, skip_special_tokens=True)
+            for samples in generate_ids(model, tokenizer, encoded, **settings)]

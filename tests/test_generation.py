@@ -1,0 +1,59 @@
+"""The decode loop behind pairs and evaluation (dpoflow.generation) against HF `generate`: the same
+greedy tokens through left padding and the preallocated KV cache, the same sampling law, the same
+nucleus."""
+
+import pytest
+import torch
+
+from dpoflow.generation import generate_ids, pick_tokens
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from dpoflow.modeling import load_model, load_tokenizer
+
+    return load_model(str(tiny_model_dir)).eval(), load_tokenizer(str(tiny_model_dir))
+
+
+def test_greedy_tokens_equal_hf_generate_with_left_padding(tiny):
+    model, tokenizer = tiny
+    prompts = [tokenizer(text).input_ids for text in ("great fun", "the plot was dull and it is", "a", "movie 3 is")]
+    ours = generate_ids(model, tokenizer, prompts, temperature=0, max_new_tokens=12, batch_size=3)
+    for ids, (completion,) in zip(prompts, ours):  # one prompt at a time: no padding on HF's side
+        with torch.no_grad():
+            hf = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                do_sample=False, max_new_tokens=12, pad_token_id=tokenizer.pad_token_id,
+                                eos_token_id=tokenizer.eos_token_id)[0, len(ids):].tolist()
+        cut = hf[:hf.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in hf else hf
+        assert completion == cut
+
+
+def test_sampling_law_and_nucleus_match_hf_warpers():
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 6) * 2
+    rows = 200_000
+    generator = torch.Generator().manual_seed(1)
+    for temperature, top_p in ((1.0, 1.0), (0.7, 1.0), (1.0, 0.8)):
+        warped = TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(temperature)(None, logits.clone()))
+        expected = warped.softmax(-1)[0]
+        drawn = pick_tokens(logits.expand(rows, 6), temperature, top_p, generator)
+        frequencies = torch.bincount(drawn, minlength=6).double() / rows
+        assert torch.all(frequencies[expected == 0] == 0), (temperature, top_p)  # outside the nucleus: never
+        assert torch.allclose(frequencies, expected.double(), atol=4e-3), (frequencies, expected)
+    assert torch.equal(pick_tokens(logits.expand(3, 6), 0, 1.0, generator), logits.argmax(-1).expand(3))
+
+
+def test_samples_are_seeded_and_end_at_eos(tiny):
+    model, tokenizer = tiny
+    prompts = [tokenizer(text).input_ids for text in ("great fun", "the plot was", "a", "boring film")]
+    first = generate_ids(model, tokenizer, prompts, num_samples=3, max_new_tokens=16, seed=5, batch_size=6)
+    assert first == generate_ids(model, tokenizer, prompts, num_samples=3, max_new_tokens=16, seed=5, batch_size=6)
+    assert first != generate_ids(model, tokenizer, prompts, num_samples=3, max_new_tokens=16, seed=6, batch_size=6)
+    eos = tokenizer.eos_token_id
+    for samples in first:
+        assert len(samples) == 3
+        for completion in samples:
+            assert 1 <= len(completion) <= 16 and eos not in completion[:-1]
+            assert tokenizer.pad_token_id not in completion or tokenizer.pad_token_id == eos
