@@ -16,16 +16,23 @@ def tiny(tiny_model_dir):
 
 
 def test_greedy_tokens_equal_hf_generate_with_left_padding(tiny):
+    from types import SimpleNamespace
+
     model, tokenizer = tiny
     prompts = [tokenizer(text).input_ids for text in ("great fun", "the plot was dull and it is", "a", "movie 3 is")]
-    ours = generate_ids(model, tokenizer, prompts, temperature=0, max_new_tokens=12, batch_size=3)
-    for ids, (completion,) in zip(prompts, ours):  # one prompt at a time: no padding on HF's side
+    # EOS = a token one prompt's greedy continuation reaches early: its row ends and leaves the batch
+    # while the others go on
+    free = generate_ids(model, SimpleNamespace(pad_token_id=tokenizer.pad_token_id, eos_token_id=-1), prompts,
+                        temperature=0, max_new_tokens=12)
+    ids = SimpleNamespace(pad_token_id=tokenizer.pad_token_id, eos_token_id=free[0][0][2])
+    ours = generate_ids(model, ids, prompts, temperature=0, max_new_tokens=12, batch_size=3)
+    assert min(len(c[0]) for c in ours) < 12 and max(len(c[0]) for c in ours) == 12
+    for prompt, (completion,) in zip(prompts, ours):  # one prompt at a time: no padding on HF's side
         with torch.no_grad():
-            hf = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                do_sample=False, max_new_tokens=12, pad_token_id=tokenizer.pad_token_id,
-                                eos_token_id=tokenizer.eos_token_id)[0, len(ids):].tolist()
-        cut = hf[:hf.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in hf else hf
-        assert completion == cut
+            hf = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                do_sample=False, max_new_tokens=12, pad_token_id=ids.pad_token_id,
+                                eos_token_id=ids.eos_token_id)[0, len(prompt):].tolist()
+        assert completion == (hf[:hf.index(ids.eos_token_id) + 1] if ids.eos_token_id in hf else hf)
 
 
 def test_sampling_law_and_nucleus_match_hf_warpers():

@@ -2,9 +2,9 @@
 
 Prompts run in length-sorted batches of `batch_size` rows (k samples of a prompt are k rows), left
 padded. The KV cache is preallocated per batch (each step writes one position instead of copying
-the whole cache, as HF's dynamic cache does); a token is drawn by inverse CDF from one uniform per
-row (`torch.multinomial` draws one exponential per vocabulary entry); the batch ends when every row
-has hit EOS. Sampling follows HF `generate` with `top_k=0`: logits / temperature, nucleus cut as
+the whole cache, as HF's dynamic cache does); rows that have ended leave the batch; a token is drawn
+by inverse CDF from one uniform per row (`torch.multinomial` draws one exponential per vocabulary
+entry); the batch ends when every row has hit EOS. Sampling follows HF `generate` with `top_k=0`: logits / temperature, nucleus cut as
 `TopPLogitsWarper` does it, greedy at temperature 0 (tests check the law and the greedy tokens).
 bench/README.md has the figures.
 """
@@ -43,6 +43,11 @@ class _PreallocatedLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.length
 
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._keys, self._values = self._keys[indices], self._values[indices]
+            self.keys, self.values = self._keys[:, :, :self.length], self._values[:, :, :self.length]
+
 
 def _new_cache(model, capacity: int) -> Cache:
     config = model.config.get_text_config(decoder=True)
@@ -72,40 +77,51 @@ def pick_tokens(logits: torch.Tensor, temperature: float, top_p: float, generato
 @torch.no_grad()
 def _decode(model, input_ids, attention_mask, *, max_new_tokens: int, temperature: float, top_p: float, eos: int,
             pad: int, generator: torch.Generator) -> torch.Tensor:
-    """New tokens (rows × max_new_tokens, pad after EOS) for left-padded prompts."""
-    rows = input_ids.shape[0]
+    """New tokens (rows × max_new_tokens, pad after EOS) for left-padded prompts. Rows that have
+    ended leave the batch (and its cache) once they are a quarter of it: they cost a full row each
+    step otherwise."""
+    rows, device = input_ids.shape[0], input_ids.device
     cache = _new_cache(model, input_ids.shape[1] + max_new_tokens)
     mask = None if bool(attention_mask.all()) else attention_mask  # no padding: plain causal attention
     positions = (attention_mask.cumsum(-1) - 1).clamp_(min=0)
-    out = torch.full((rows, max_new_tokens), pad, dtype=torch.long, device=input_ids.device)
-    done = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
+    out = torch.full((rows, max_new_tokens), pad, dtype=torch.long, device=device)
+    live = torch.arange(rows, device=device)  # the out row of each batch row
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
     step_ids = input_ids
     for t in range(max_new_tokens):
         logits = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                        use_cache=True, logits_to_keep=1).logits[:, -1]
         tokens = pick_tokens(logits, temperature, top_p, generator).masked_fill_(done, pad)
-        out[:, t] = tokens
+        out[live, t] = tokens
         done |= tokens == eos
-        if bool(done.all()):
+        ended = int(done.sum())
+        if ended == len(done):
             break
         step_ids, positions = tokens[:, None], positions[:, -1:] + 1
         if mask is not None:
-            mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+            mask = torch.cat([mask, mask.new_ones(len(done), 1)], dim=1)
+        if 4 * ended >= len(done):
+            keep = (~done).nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            live, done, step_ids, positions = live[keep], done[keep], step_ids[keep], positions[keep]
+            mask = None if mask is None else mask[keep]
     return out
 
 
 def generate_ids(model, tokenizer, prompt_ids: list[list[int]], *, num_samples: int = 1, temperature: float = 1.0,
                  top_p: float = 1.0, max_new_tokens: int = 48, seed: int = 0,
-                 batch_size: int = 256) -> list[list[list[int]]]:
+                 batch_size: int = 512) -> list[list[list[int]]]:
     """k sampled completions (token ids, up to and including EOS) per prompt. `batch_size` counts rows
-    (prompts × samples). Each batch draws from its own generator seeded from (seed, first prompt's
-    place in the sorted order), so results do not depend on what ran before."""
+    (prompts × samples), fewer where the KV cache would outgrow its budget (`_rows_that_fit`). Each
+    batch draws from its own generator seeded from (seed, first prompt's place in the sorted order),
+    so results do not depend on what ran before."""
     from tqdm.auto import tqdm
 
     model.eval()
     device = next(model.parameters()).device
     order = sorted(range(len(prompt_ids)), key=lambda i: (len(prompt_ids[i]), i))
-    per_batch = max(1, batch_size // num_samples)
+    longest = max((len(ids) for ids in prompt_ids), default=0) + max_new_tokens
+    per_batch = max(1, min(batch_size, _rows_that_fit(model, longest)) // num_samples)
     results: list[list[list[int]]] = [[] for _ in prompt_ids]
     for start in tqdm(range(0, len(order), per_batch), desc="generate", unit="batch", leave=False,
                       disable=len(order) <= per_batch):
@@ -125,6 +141,17 @@ def generate_ids(model, tokenizer, prompt_ids: list[list[int]], *, num_samples: 
         for position, i in enumerate(members):
             results[i] = completions[position * num_samples:(position + 1) * num_samples]
     return results
+
+
+def _rows_that_fit(model, length: int) -> int:
+    """Rows whose KV cache of `length` tokens fits the budget: half the free GPU memory, 4 GiB on CPU."""
+    config = model.config.get_text_config(decoder=True)
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    parameter = next(model.parameters())
+    per_token = 2 * config.num_hidden_layers * heads * head_dim * parameter.element_size()
+    budget = torch.cuda.mem_get_info(parameter.device)[0] // 2 if parameter.is_cuda else 4 << 30
+    return max(1, budget // (per_token * max(1, length)))
 
 
 def _until_eos(row: list[int], eos: int) -> list[int]:
