@@ -91,8 +91,8 @@ def test_batch_layout_and_masking(tiny_model_dir):
     torch.testing.assert_close(sums, expected, atol=1e-5, rtol=0)
     assert counts.tolist() == [len(c) for c in pairs.chosen_ids + pairs.rejected_ids]
 
-    for pack in (False, True):
-        layout = collate_shared_prefix(pairs, [0, 1], tokenizer.pad_token_id, pack=pack)
+    for pack, blocks in ((False, False), (True, False), (True, True)):
+        layout = collate_shared_prefix(pairs, [0, 1], tokenizer.pad_token_id, pack=pack, blocks=blocks)
         with torch.no_grad():
             shared, shared_counts = SequenceLogProbs(model)(layout)
         torch.testing.assert_close(shared, sums, atol=1e-5, rtol=0)
@@ -131,13 +131,18 @@ def test_packing_fills_rows_and_scores_like_unpacked(tiny_model_dir):
     padding = (packed["input_ids"] == tokenizer.pad_token_id).float().mean().item()
     unpacked = collate_shared_prefix(pairs, range(12), tokenizer.pad_token_id, pack=False)
     assert padding < (unpacked["input_ids"] == tokenizer.pad_token_id).float().mean().item()
+    blocks = collate_shared_prefix(pairs, range(12), tokenizer.pad_token_id, blocks=True)  # one row, no padding
+    assert blocks["input_ids"].shape == (1, sum(pairs.forward_tokens(shared_prefix=True)))
+    assert "attention_mask" not in blocks
     with torch.no_grad():
         a, a_counts = SequenceLogProbs(model)(packed)
         b, b_counts = SequenceLogProbs(model)(unpacked)
         c, c_counts = SequenceLogProbs(model)(collate_pairs(pairs, range(12), tokenizer.pad_token_id))
+        d, d_counts = SequenceLogProbs(model)(blocks)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     torch.testing.assert_close(a, c, atol=1e-5, rtol=0)
-    assert a_counts.tolist() == b_counts.tolist() == c_counts.tolist()
+    torch.testing.assert_close(d, c, atol=1e-5, rtol=0)
+    assert a_counts.tolist() == b_counts.tolist() == c_counts.tolist() == d_counts.tolist()
     # single completions (evaluation's KL, the reference of generated samples) go through the same layout
     sums, counts = score_sequences(model, pairs.prompt_ids, pairs.rejected_ids, tokenizer.pad_token_id, batch_size=5)
     torch.testing.assert_close(sums, c[12:], atol=1e-5, rtol=0)

@@ -72,6 +72,7 @@ def test_packed_sft_loss_equals_the_padded_full_logits_loss(demo):
     with torch.no_grad():
         nll, count = _token_nll(SequenceLogProbs(model), packed)
         unpacked, _ = _token_nll(SequenceLogProbs(model), collate(examples, range(24), tokenizer.pad_token_id, pack=False))
+        blocks, _ = _token_nll(SequenceLogProbs(model), collate(examples, range(24), tokenizer.pad_token_id, blocks=True))
         logits = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits[:, :-1]
         labels = padded["labels"][:, 1:]
         expected = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
@@ -79,6 +80,7 @@ def test_packed_sft_loss_equals_the_padded_full_logits_loss(demo):
     assert count.item() == (labels != IGNORE).sum().item()
     assert nll.item() == pytest.approx(expected.item(), rel=1e-5)
     assert unpacked.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert blocks.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_pairs_respect_min_gap_and_are_deterministic(demo):

@@ -4,8 +4,9 @@ Prompts run in length-sorted batches of `batch_size` rows (k samples of a prompt
 padded. The KV cache is preallocated per batch (each step writes one position instead of copying
 the whole cache, as HF's dynamic cache does); rows that have ended leave the batch; a token is drawn
 by inverse CDF from one uniform per row (`torch.multinomial` draws one exponential per vocabulary
-entry); the batch ends when every row has hit EOS. Sampling follows HF `generate` with `top_k=0`: logits / temperature, nucleus cut as
-`TopPLogitsWarper` does it, greedy at temperature 0 (tests check the law and the greedy tokens).
+entry); the batch ends when every row has hit EOS. Sampling follows HF `generate` with `top_k=0`:
+logits / temperature, nucleus cut as `TopPLogitsWarper` does it, greedy at temperature 0 (tests
+check the law and the greedy tokens).
 bench/README.md has the figures.
 """
 

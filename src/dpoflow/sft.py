@@ -53,9 +53,11 @@ def encode_example(tokenizer, row: dict, max_length: int) -> tuple[list[int], li
     return ids[:max_length], labels[:max_length]
 
 
-def collate(examples, indices, pad_token_id: int, pack: bool = True) -> dict[str, torch.Tensor]:
-    """Packed rows, no padding between examples (`collate_packed`); the loss is the same either way."""
-    return collate_packed([examples[i][0] for i in indices], [examples[i][1] for i in indices], pad_token_id, pack)
+def collate(examples, indices, pad_token_id: int, pack: bool = True, blocks: bool = False) -> dict[str, torch.Tensor]:
+    """Packed, no padding between examples (`collate_packed`; `blocks`: one row, block attention);
+    the loss is the same either way."""
+    return collate_packed([examples[i][0] for i in indices], [examples[i][1] for i in indices], pad_token_id, pack,
+                          blocks)
 
 
 def _token_nll(scorer: SequenceLogProbs, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +75,8 @@ def evaluate_nll(model, examples, pad_token_id: int, batch_size: int = 32) -> fl
     device = next(model.parameters()).device
     scorer = SequenceLogProbs(model)
     for start in range(0, len(examples), batch_size):
-        batch = collate(examples, range(start, min(start + batch_size, len(examples))), pad_token_id)
+        batch = collate(examples, range(start, min(start + batch_size, len(examples))), pad_token_id,
+                        blocks=scorer.blocks)
         nll, n = _token_nll(scorer, {k: v.to(device) for k, v in batch.items()})
         total, count = total + nll.item(), count + n.item()
     model.train()
@@ -135,6 +138,7 @@ def _run_sft(cfg: SftConfig, model_cfg: ModelConfig, data_dir, out_dir, *, resum
     scheduler = make_scheduler(optimizer, cfg)
     # the wrapper is what accelerate prepares, so DDP's hooks see the forward that computes the loss
     scorer, optimizer, scheduler = accelerator.prepare(SequenceLogProbs(model), optimizer, scheduler)
+    blocks = accelerator.unwrap_model(scorer).blocks
     start = resume_step(accelerator, out_dir, log) if resume else 0
     if start:
         log(f"sft: resuming from step {start}")
@@ -148,7 +152,8 @@ def _run_sft(cfg: SftConfig, model_cfg: ModelConfig, data_dir, out_dir, *, resum
     for step in progress:
         micro = micro_batches(global_batch_indices(len(train), global_batch, step, cfg.seed), rank, world,
                               cfg.per_device_batch_size)
-        batches = [{k: v.to(accelerator.device) for k, v in collate(train, m, tokenizer.pad_token_id).items()}
+        batches = [{k: v.to(accelerator.device) for k, v in collate(train, m, tokenizer.pad_token_id,
+                                                                                    blocks=blocks).items()}
                    for m in micro]
         # normalise by the tokens of the whole global batch, so accumulation does not change the loss
         tokens = accelerator.reduce(torch.tensor(sum(b["score_targets"].numel() for b in batches),

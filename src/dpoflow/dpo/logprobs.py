@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dpoflow.dpo.blocks import NO_MASK, Blocks, checked, enable_blocks
+
 IGNORE = -100
 
 
@@ -172,17 +174,26 @@ def pack_rows(lengths: list[int], capacity: int | None = None) -> list[list[int]
 
 
 class _PackedRows:
-    """The tensors both packed layouts fill: sequences (items) placed in rows, a boolean attention mask
-    (True = may attend), restarting positions, and the scored tokens listed one by one (row, position
-    of the predecessor's hidden state, target token, output slot)."""
+    """The tensors both packed layouts fill: sequences (items) placed in rows, restarting positions, who
+    may attend to whom, and the scored tokens listed one by one (row, position of the predecessor's
+    hidden state, target token, output slot).
 
-    def __init__(self, lengths: list[int], pad_token_id: int, pack: bool, capacity: int | None = None):
+    Who attends to whom is a list of causal blocks (`block`): with `blocks` (block attention, see
+    blocks.py) every item goes into one row with no padding and the blocks are passed as such; else a
+    boolean (rows, T, T) mask (True = may attend) is filled from them."""
+
+    def __init__(self, lengths: list[int], pad_token_id: int, pack: bool, capacity: int | None = None,
+                 blocks: bool = False):
         self.lengths = lengths
-        self.rows = pack_rows(lengths, capacity) if pack else [[j] for j in range(len(lengths))]
+        if blocks:
+            self.rows = [list(range(len(lengths)))]
+        else:
+            self.rows = pack_rows(lengths, capacity) if pack else [[j] for j in range(len(lengths))]
         self.width = max(sum(lengths[j] for j in row) for row in self.rows)
         self.input_ids = torch.full((len(self.rows), self.width), pad_token_id, dtype=torch.long)
         self.position_ids = torch.zeros((len(self.rows), self.width), dtype=torch.long)
-        self.allowed = torch.zeros((len(self.rows), self.width, self.width), dtype=torch.bool)
+        self.blocks: list[list[int]] | None = [] if blocks else None
+        self.allowed = None if blocks else torch.zeros((len(self.rows), self.width, self.width), dtype=torch.bool)
         self.causal = torch.tril(torch.ones(self.width, self.width, dtype=torch.bool))
         self.score = {"rows": [], "positions": [], "targets": [], "index": []}
 
@@ -193,7 +204,18 @@ class _PackedRows:
             for j in members:
                 yield row, at, j
                 at += self.lengths[j]
-            self.allowed[row, at:, at:] = self.causal[:self.width - at, :self.width - at]
+            if self.allowed is not None:
+                self.allowed[row, at:, at:] = self.causal[:self.width - at, :self.width - at]
+
+    def block(self, row: int, *spans: tuple[int, int]) -> None:
+        """The tokens of `spans` (start, end) of a row, in order, attend causally among themselves."""
+        positions = [t for start, end in spans for t in range(start, end)]
+        if self.blocks is not None:
+            self.blocks.append(positions)
+            return
+        index = torch.tensor(positions, dtype=torch.long)
+        n = len(positions)
+        self.allowed[row, index[:, None], index[None, :]] |= self.causal[:n, :n]
 
     def scored(self, row: int, predecessors: list[int], targets: list[int], slot: int) -> None:
         self.score["rows"] += [row] * len(targets)
@@ -201,54 +223,63 @@ class _PackedRows:
         self.score["targets"] += targets
         self.score["index"] += [slot] * len(targets)
 
-    def batch(self, num_sequences: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids, "position_ids": self.position_ids, "attention_mask": self.allowed,
-                **{f"score_{key}": torch.tensor(value, dtype=torch.long) for key, value in self.score.items()},
-                "num_sequences": torch.tensor(num_sequences)}
+    def batch(self, num_sequences: int) -> dict:
+        batch = {"input_ids": self.input_ids, "position_ids": self.position_ids,
+                 **{f"score_{key}": torch.tensor(value, dtype=torch.long) for key, value in self.score.items()},
+                 "num_sequences": torch.tensor(num_sequences)}
+        if self.blocks is not None:
+            batch["blocks"] = Blocks(self.blocks, self.width)
+        else:
+            batch["attention_mask"] = self.allowed
+        return batch
 
 
 def collate_packed(sequences: list[list[int]], labels: list[list[int]], pad_token_id: int,
-                   pack: bool = True) -> dict[str, torch.Tensor]:
-    """Sequences (SFT) in rows with no padding between them: several per row (first-fit decreasing
-    into rows of max(longest, 3 x mean) tokens: wide enough to fill, narrow enough that the dense
-    attention over a row stays cheap) behind a block-diagonal causal mask, positions restarting at each;
-    `pack=False` = one per row. Scored tokens (label != -100, never a sequence's first) are listed as
-    for `collate_shared_prefix`; `score_index` = the sequence."""
+                   pack: bool = True, blocks: bool = False) -> dict[str, torch.Tensor]:
+    """Sequences (SFT) with no padding between them: with `blocks`, all in one row, each a causal
+    attention block; else several per row (first-fit decreasing into rows of max(longest, 3 x mean)
+    tokens: wide enough to fill, narrow enough that the dense attention over a row stays cheap) behind
+    a block-diagonal causal mask; `pack=False` = one per row. Positions restart at each sequence.
+    Scored tokens (label != -100, never a sequence's first) are listed as for `collate_shared_prefix`;
+    `score_index` = the sequence."""
     lengths = [len(s) for s in sequences]
-    layout = _PackedRows(lengths, pad_token_id, pack, capacity=max(max(lengths), 3 * sum(lengths) // len(lengths)))
+    layout = _PackedRows(lengths, pad_token_id, pack, capacity=max(max(lengths), 3 * sum(lengths) // len(lengths)),
+                         blocks=blocks)
     for row, at, j in layout.items():
         n = lengths[j]
         layout.input_ids[row, at:at + n] = torch.tensor(sequences[j])
         layout.position_ids[row, at:at + n] = torch.arange(n)
-        layout.allowed[row, at:at + n, at:at + n] = layout.causal[:n, :n]
+        layout.block(row, (at, at + n))
         scored = [t for t in range(1, n) if labels[j][t] != IGNORE]  # token t from position t - 1
         layout.scored(row, [at + t - 1 for t in scored], [labels[j][t] for t in scored], j)
     return layout.batch(len(sequences))
 
 
-def collate_shared_prefix(pairs: TokenizedPairs, indices, pad_token_id: int, pack: bool = True) -> dict[str, torch.Tensor]:
-    """Prefix sharing: each pair is one segment [prompt, chosen, rejected], the prompt encoded once;
-    with `pack`, several segments share a row (first-fit decreasing into rows as wide as the longest
-    segment), so rows carry almost no padding.
+def collate_shared_prefix(pairs: TokenizedPairs, indices, pad_token_id: int, pack: bool = True,
+                          blocks: bool = False) -> dict[str, torch.Tensor]:
+    """Prefix sharing: each pair is one segment [prompt, chosen, rejected], the prompt encoded once.
+    With `blocks` (block attention, blocks.py), every segment goes into one row, no padding at all;
+    else with `pack`, several segments share a row (first-fit decreasing into rows as wide as the
+    longest segment), so rows carry little padding, or one segment per row.
 
-    A block attention mask keeps segments apart and, inside one, chosen and rejected apart (rejected
-    tokens see their prompt and earlier rejected tokens, never chosen tokens); positions restart at
-    every segment and rejected positions restart right after the prompt, so each completion sees
-    exactly what it sees in the concatenated layout. What is scored is listed token by token:
-    `score_rows`/`score_positions` = where the predecessor's hidden state is, `score_targets` = the
-    token, `score_index` = the output slot (chosen of pair j -> j, rejected -> B + j).
+    Attention keeps segments apart and, inside one, chosen and rejected apart: two causal blocks,
+    [prompt, chosen] and [prompt, rejected] (rejected tokens see their prompt and earlier rejected
+    tokens, never chosen tokens); positions restart at every segment and rejected positions restart
+    right after the prompt, so each completion sees exactly what it sees in the concatenated layout.
+    What is scored is listed token by token: `score_rows`/`score_positions` = where the predecessor's
+    hidden state is, `score_targets` = the token, `score_index` = the output slot (chosen of pair j ->
+    j, rejected -> B + j).
     """
     segments = [(pairs.prompt_ids[i], pairs.chosen_ids[i], pairs.rejected_ids[i]) for i in indices]
-    layout = _PackedRows([len(p) + len(c) + len(r) for p, c, r in segments], pad_token_id, pack)
+    layout = _PackedRows([len(p) + len(c) + len(r) for p, c, r in segments], pad_token_id, pack, blocks=blocks)
     for row, at, j in layout.items():
         prompt, chosen, rejected = segments[j]
         p, c, r = len(prompt), len(chosen), len(rejected)
         layout.input_ids[row, at:at + p + c + r] = torch.tensor(prompt + chosen + rejected)
         layout.position_ids[row, at:at + p + c] = torch.arange(p + c)
         layout.position_ids[row, at + p + c:at + p + c + r] = torch.arange(p, p + r)
-        layout.allowed[row, at:at + p + c, at:at + p + c] = layout.causal[:p + c, :p + c]
-        layout.allowed[row, at + p + c:at + p + c + r, at:at + p] = True
-        layout.allowed[row, at + p + c:at + p + c + r, at + p + c:at + p + c + r] = layout.causal[:r, :r]
+        layout.block(row, (at, at + p + c))
+        layout.block(row, (at, at + p), (at + p + c, at + p + c + r))
         # the first token of each completion is predicted from the last prompt token
         layout.scored(row, list(range(at + p - 1, at + p + c - 1)), chosen, j)
         layout.scored(row, [at + p - 1] + list(range(at + p + c, at + p + c + r - 1)), rejected, len(segments) + j)
@@ -267,7 +298,7 @@ def score_pairs(model, pairs: TokenizedPairs, pad_token_id: int, batch_size: int
     for start in tqdm(range(0, len(pairs), batch_size), desc="score", unit="batch", leave=False,
                       disable=len(pairs) <= batch_size):
         indices = range(start, min(start + batch_size, len(pairs)))
-        batch = collate_shared_prefix(pairs, indices, pad_token_id)
+        batch = collate_shared_prefix(pairs, indices, pad_token_id, blocks=scorer.blocks)
         batch_sums, batch_counts = scorer({k: v.to(device) for k, v in batch.items()})
         sums.append(batch_sums.view(2, -1).T.cpu())
         counts.append(batch_counts.view(2, -1).T.cpu())
@@ -289,16 +320,18 @@ def _token_logps(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor
 
 
 class SequenceLogProbs(nn.Module):
-    """forward(batch) -> (summed completion log-probs per row (R,), completion token counts (R,))."""
+    """forward(batch) -> (summed completion log-probs per row (R,), completion token counts (R,)).
+    `blocks`: whether the model takes packed batches with block attention (blocks.py), decided once."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.blocks = enable_blocks(model)
 
-    def _hidden(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+    def _hidden(self, input_ids, attention_mask, position_ids=None, **attention) -> torch.Tensor:
         decoder = self.model.get_decoder()
         return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       use_cache=False).last_hidden_state
+                       use_cache=False, **attention).last_hidden_state
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         if "score_index" in batch:
@@ -315,8 +348,13 @@ class SequenceLogProbs(nn.Module):
         return sums, counts
 
     def _forward_shared_prefix(self, batch):
-        mask = batch["attention_mask"][:, None, :, :]  # (rows, 1, T, T) boolean: True = may attend
-        hidden = self._hidden(batch["input_ids"], mask, batch["position_ids"])
+        if "blocks" in batch:  # one row, attention by causal blocks
+            with checked(self.model, batch["blocks"]):
+                hidden = self._hidden(batch["input_ids"], NO_MASK.to(batch["input_ids"].device), batch["position_ids"],
+                                      dpoflow_blocks=batch["blocks"])
+        else:
+            mask = batch["attention_mask"][:, None, :, :]  # (rows, 1, T, T) boolean: True = may attend
+            hidden = self._hidden(batch["input_ids"], mask, batch["position_ids"])
         token_logps = _token_logps(hidden[batch["score_rows"], batch["score_positions"]],
                                    self.model.get_output_embeddings(), batch["score_targets"])
         slots, n = batch["score_index"], int(batch["num_sequences"])

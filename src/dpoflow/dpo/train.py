@@ -152,7 +152,8 @@ def _run_dpo(cfg: DpoConfig, pairs_dir, reference_model_dir, out_dir, *, referen
     scorer, optimizer, scheduler = accelerator.prepare(scorer, optimizer, scheduler)
     scorer_module = accelerator.unwrap_model(scorer)
     reference = _reference_fn(cfg, reference_dir, expected_key, model_dir, scorer_module, accelerator.device)
-    collate = partial(collate_shared_prefix, pack=cfg.packing) if cfg.prefix_sharing else collate_pairs
+    collate = (partial(collate_shared_prefix, pack=cfg.packing, blocks=cfg.packing and scorer_module.blocks)
+               if cfg.prefix_sharing else collate_pairs)
     lengths = pairs.forward_tokens(cfg.prefix_sharing)
     budget = cfg.max_forward_tokens
     if budget is None:  # auto (bench/README.md): parts save memory at no cost on CPU, cost launches on a GPU
