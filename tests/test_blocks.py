@@ -11,16 +11,21 @@ from dpoflow.modeling import load_model, load_tokenizer
 
 
 def test_groups_batch_similar_lengths_and_every_token_has_one_output():
-    # blocks of 8, 7, 2 tokens over 12 positions; the last shares positions 0-1 with the first
-    blocks = Blocks([list(range(8)), list(range(8, 12)) + [0, 1, 2], [0, 1]], total=12)
-    shapes = [(n, width) for _, n, width in blocks.groups]
-    assert shapes == [(2, 8), (1, 2)]  # 7 >= 0.75 * 8 rides with 8; 2 gets its own group
-    gather = blocks.groups[0][0].tolist()
-    assert gather[:8] == list(range(8)) and gather[8:15] == [8, 9, 10, 11, 0, 1, 2] and gather[15] == 2  # right pad
-    # each token's output comes from the first (longest) block listing it
-    assert blocks.scatter.tolist() == list(range(8)) + [8, 9, 10, 11]
+    # blocks of 8 (causal), 7 (a mask: token 3 sees only itself) and 2 tokens over 17 positions
+    own = torch.ones(7, 7, dtype=torch.bool).tril()
+    own[3, :3] = False
+    blocks = Blocks([(0, 8, None), (8, 7, own), (15, 2, None)], total=17)
+    assert [(n, width) for _, n, width, _ in blocks.groups] == [(2, 8), (1, 2)]  # 7 >= 0.75 * 8 rides with 8
+    gather, _, _, masks = blocks.groups[0]
+    assert gather.tolist() == list(range(8)) + list(range(8, 15)) + [14]  # right padding repeats the last token
+    assert torch.equal(masks[0, 0], torch.ones(8, 8, dtype=torch.bool).tril())
+    assert torch.equal(masks[1, 0, :7, :7], own) and not masks[1, 0, :7, 7].any() and masks[1, 0, 7, 7]
+    assert blocks.groups[1][3] is None  # all causal: is_causal, no mask
+    assert blocks.scatter.tolist() == list(range(8)) + list(range(8, 15)) + [16, 17]
     with pytest.raises(ValueError, match="no attention block"):
-        Blocks([[0, 1]], total=3)
+        Blocks([(0, 2, None)], total=3)
+    with pytest.raises(ValueError, match="two attention blocks"):
+        Blocks([(0, 2, None), (1, 2, None)], total=3)
 
 
 def _grads(model, batch):
@@ -86,5 +91,5 @@ def test_models_that_need_more_than_a_causal_mask_keep_the_dense_mask(tiny_model
     # a forward that never reached the block attention function is refused, not trusted
     model = load_model(str(tiny_model_dir))
     with pytest.raises(RuntimeError, match="attention interface"):
-        with checked(model, Blocks([[0, 1]], total=2)):
+        with checked(model, Blocks([(0, 2, None)], total=2)):
             pass

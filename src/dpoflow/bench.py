@@ -52,26 +52,27 @@ SFT_CONTENDERS = {
 LEARNING_RATE = 1e-6  # small enough that the loss after the timed steps is still informative (≈ 0.6)
 
 
-def matmul_peak_gflops(n: int = 2048, repeats: int = 5, precision: str = "fp32") -> float:
-    """Best GEMM rate of this machine (GFLOP/s): fp32 2048² on CPU with the current thread count;
-    on a GPU 8192² in the bench's precision."""
+def matmul_peak_gflops(sizes=(512, 1024, 2048, 3072), repeats: int = 5, precision: str = "fp32") -> float:
+    """Best GEMM rate of this machine (GFLOP/s) over square sizes (fp32 on CPU with the current thread
+    count; on a GPU 8192² in the bench's precision): the best of several sizes and repeats, because a
+    single size can land on a slow moment or a slow blocking of a shared machine and would inflate MFU."""
     import torch
 
     cuda = torch.cuda.is_available()
-    n = 8192 if cuda else n
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    a, b = (torch.randn(n, n, dtype=dtype, device="cuda" if cuda else "cpu") for _ in range(2))
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        started = time.perf_counter()
+    best_rate = 0.0
+    for n in (8192,) if cuda else sizes:
+        a, b = (torch.randn(n, n, dtype=dtype, device="cuda" if cuda else "cpu") for _ in range(2))
         a @ b
-        if cuda:
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - started)
-    return 2 * n ** 3 / best / 1e9
+        for _ in range(repeats):
+            if cuda:
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            a @ b
+            if cuda:
+                torch.cuda.synchronize()
+            best_rate = max(best_rate, 2 * n ** 3 / (time.perf_counter() - started) / 1e9)
+    return best_rate
 
 
 def _lengths(case: str, batch: int, rng: random.Random) -> list[tuple[int, int]]:

@@ -1,20 +1,18 @@
-"""Block attention: packed sequences attend as causal blocks, and nothing is computed across blocks.
+"""Block attention: packed sequences attend block by block, and nothing is computed across blocks.
 
-A packed batch is one row of every token, no padding (the linear layers see real tokens only). Which
-token sees which is a list of *blocks*, each a list of token positions that attend causally among
-themselves in that order:
+A packed batch is one row of every token, no padding (the linear layers see real tokens only).
+Which token sees which is a list of *blocks*: a block is a contiguous span of the row and a
+boolean mask over it (True = may attend), or None for plain causal attention:
 
-    prefix sharing, pair [prompt p | chosen c | rejected r] at offset a:
-        block [a .. a+p+c)                       prompt + chosen
-        block [a .. a+p) + [a+p+c .. a+p+c+r)    prompt + rejected (keys skip the chosen tokens)
-    SFT packing, sequence of n tokens at offset a:  block [a .. a+n)
+    prefix sharing, pair [prompt p | chosen c | rejected r] at offset a: span [a, a+p+c+r), mask =
+        prompt + chosen causal; rejected sees the prompt and earlier rejected tokens, never chosen
+    SFT packing, sequence of n tokens at offset a: span [a, a+n), causal
 
-Each attention layer gathers q, k, v into right-padded blocks (batched by similar length), runs SDPA
-with `is_causal=True` — the causal kernels skip the blocks above the diagonal, and right padding is
-never seen by a real query — and gathers each token's output back from the block it belongs to (a
-prompt token: from its prompt + chosen block). Against one dense block mask over a packed row this
-computes ~1.1x the causal attention FLOPs of the pairs instead of ~2.6x, and the row needs no
-T x T mask. Exact: the same softmax over the same keys (tests compare it with the dense mask).
+Each attention layer gathers q, k, v into right-padded blocks, batched by similar length, and runs
+SDPA on them (`is_causal` for causal groups: right padding is never seen by a real query; else the
+blocks' masks); each token's output is gathered back from its block. Against one dense mask over a
+packed row this computes no scores between blocks and needs no T x T mask. Exact: the same softmax
+over the same keys (tests compare it with the dense mask, gradients included).
 
 It runs through transformers' attention interface (`AttentionInterface`, `enable_blocks`); models
 whose attention does not go through the interface, or that need a sliding window or logit
@@ -33,38 +31,44 @@ GROUP_RATIO = 0.75  # blocks batched together are >= this fraction of the group'
 
 
 class Blocks:
-    """Gather/scatter indices for one packed batch (`total` tokens, one row)."""
+    """Gather/scatter indices and masks for one packed batch of `total` tokens in one row;
+    `blocks` = (start, length, mask (length x length, bool) or None for causal), covering every token once."""
 
-    def __init__(self, blocks: list[list[int]], total: int):
-        owner = [-1] * total  # each token's output slot: the first block listing it
-        self.groups: list[tuple[torch.Tensor, int, int]] = []  # (gather index, blocks, width)
-        slot = 0
-        order = sorted(range(len(blocks)), key=lambda b: -len(blocks[b]))
-        start = 0
-        while start < len(order):
-            width = max(1, len(blocks[order[start]]))
-            end = start
-            while end < len(order) and len(blocks[order[end]]) >= GROUP_RATIO * width:
-                end += 1
-            end = max(end, start + 1)
+    def __init__(self, blocks: list[tuple[int, int, torch.Tensor | None]], total: int):
+        scatter = [-1] * total  # each token's output slot
+        self.groups: list[tuple[torch.Tensor, int, int, torch.Tensor | None]] = []  # (gather, blocks, width, mask)
+        order = sorted(range(len(blocks)), key=lambda b: (-blocks[b][1], b))
+        slot, first = 0, 0
+        while first < len(order):
+            width = max(1, blocks[order[first]][1])
+            last = first + 1
+            while last < len(order) and blocks[order[last]][1] >= GROUP_RATIO * width:
+                last += 1
+            members = [blocks[b] for b in order[first:last]]
             gather = []
-            for b in order[start:end]:
-                tokens = blocks[b]
-                for i, token in enumerate(tokens):
-                    if owner[token] < 0:
-                        owner[token] = slot + i
-                pad = tokens[-1] if tokens else 0  # right padding: no real query sees it
-                gather += tokens + [pad] * (width - len(tokens))
+            masked = any(mask is not None for _, _, mask in members)
+            masks = torch.zeros(len(members), 1, width, width, dtype=torch.bool) if masked else None
+            for i, (start, length, mask) in enumerate(members):
+                for t in range(length):
+                    if scatter[start + t] >= 0:
+                        raise ValueError(f"token {start + t} is in two attention blocks")
+                    scatter[start + t] = slot + t
+                gather += list(range(start, start + length)) + [max(start, start + length - 1)] * (width - length)
+                if masks is not None:
+                    masks[i, 0].fill_diagonal_(True)  # a padding query sees itself only (no empty softmax row)
+                    masks[i, 0, :length, :length] = torch.ones(length, length, dtype=torch.bool).tril() \
+                        if mask is None else mask
                 slot += width
-            self.groups.append((torch.tensor(gather, dtype=torch.long), end - start, width))
-            start = end
-        if min(owner, default=0) < 0:
+            self.groups.append((torch.tensor(gather, dtype=torch.long), len(members), width, masks))
+            first = last
+        if min(scatter, default=0) < 0:
             raise ValueError("a token belongs to no attention block")
-        self.scatter = torch.tensor(owner, dtype=torch.long)
+        self.scatter = torch.tensor(scatter, dtype=torch.long)
         self.calls = 0
 
     def to(self, device) -> Blocks:
-        self.groups = [(index.to(device), n, width) for index, n, width in self.groups]
+        self.groups = [(index.to(device), n, width, None if masks is None else masks.to(device))
+                       for index, n, width, masks in self.groups]
         self.scatter = self.scatter.to(device)
         return self
 
@@ -83,10 +87,10 @@ def block_attention(module, query, key, value, attention_mask, dropout: float = 
     heads, kv_heads = query.shape[1], key.shape[1]
     tokens = [x[0].transpose(0, 1) for x in (query, key, value)]  # (T, H, D) views
     outputs = []
-    for index, n, width in dpoflow_blocks.groups:
+    for index, n, width, masks in dpoflow_blocks.groups:
         q, k, v = (x.index_select(0, index).view(n, width, x.shape[1], x.shape[2]).transpose(1, 2) for x in tokens)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling,
-                                             enable_gqa=kv_heads != heads)  # (n, Hq, width, D)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=masks, dropout_p=dropout, is_causal=masks is None,
+                                             scale=scaling, enable_gqa=kv_heads != heads)  # (n, Hq, width, D)
         outputs.append(out.transpose(1, 2).reshape(n * width, heads, -1))
     flat = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
     return flat.index_select(0, dpoflow_blocks.scatter).unsqueeze(0), None

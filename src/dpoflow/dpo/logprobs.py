@@ -178,9 +178,9 @@ class _PackedRows:
     may attend to whom, and the scored tokens listed one by one (row, position of the predecessor's
     hidden state, target token, output slot).
 
-    Who attends to whom is a list of causal blocks (`block`): with `blocks` (block attention, see
-    blocks.py) every item goes into one row with no padding and the blocks are passed as such; else a
-    boolean (rows, T, T) mask (True = may attend) is filled from them."""
+    Each item attends within itself only (`attend`): with `blocks` (block attention, blocks.py) every
+    item goes into one row with no padding and each is an attention block; else a boolean (rows, T, T)
+    mask (True = may attend) is filled item by item."""
 
     def __init__(self, lengths: list[int], pad_token_id: int, pack: bool, capacity: int | None = None,
                  blocks: bool = False):
@@ -192,9 +192,10 @@ class _PackedRows:
         self.width = max(sum(lengths[j] for j in row) for row in self.rows)
         self.input_ids = torch.full((len(self.rows), self.width), pad_token_id, dtype=torch.long)
         self.position_ids = torch.zeros((len(self.rows), self.width), dtype=torch.long)
-        self.blocks: list[list[int]] | None = [] if blocks else None
+        self.blocks: list | None = [] if blocks else None
         self.allowed = None if blocks else torch.zeros((len(self.rows), self.width, self.width), dtype=torch.bool)
-        self.causal = torch.tril(torch.ones(self.width, self.width, dtype=torch.bool))
+        size = max(lengths) if blocks else self.width  # a row's padding tail can be wider than any item
+        self.causal = torch.tril(torch.ones(size, size, dtype=torch.bool))
         self.score = {"rows": [], "positions": [], "targets": [], "index": []}
 
     def items(self):
@@ -207,15 +208,13 @@ class _PackedRows:
             if self.allowed is not None:
                 self.allowed[row, at:, at:] = self.causal[:self.width - at, :self.width - at]
 
-    def block(self, row: int, *spans: tuple[int, int]) -> None:
-        """The tokens of `spans` (start, end) of a row, in order, attend causally among themselves."""
-        positions = [t for start, end in spans for t in range(start, end)]
+    def attend(self, row: int, at: int, n: int, mask: torch.Tensor | None = None) -> None:
+        """The item of `n` tokens at `at` of `row` attends within itself: by `mask` (n x n, True = may
+        attend), None = causal."""
         if self.blocks is not None:
-            self.blocks.append(positions)
+            self.blocks.append((at, n, mask))
             return
-        index = torch.tensor(positions, dtype=torch.long)
-        n = len(positions)
-        self.allowed[row, index[:, None], index[None, :]] |= self.causal[:n, :n]
+        self.allowed[row, at:at + n, at:at + n] = self.causal[:n, :n] if mask is None else mask
 
     def scored(self, row: int, predecessors: list[int], targets: list[int], slot: int) -> None:
         self.score["rows"] += [row] * len(targets)
@@ -249,7 +248,7 @@ def collate_packed(sequences: list[list[int]], labels: list[list[int]], pad_toke
         n = lengths[j]
         layout.input_ids[row, at:at + n] = torch.tensor(sequences[j])
         layout.position_ids[row, at:at + n] = torch.arange(n)
-        layout.block(row, (at, at + n))
+        layout.attend(row, at, n)
         scored = [t for t in range(1, n) if labels[j][t] != IGNORE]  # token t from position t - 1
         layout.scored(row, [at + t - 1 for t in scored], [labels[j][t] for t in scored], j)
     return layout.batch(len(sequences))
@@ -262,10 +261,10 @@ def collate_shared_prefix(pairs: TokenizedPairs, indices, pad_token_id: int, pac
     else with `pack`, several segments share a row (first-fit decreasing into rows as wide as the
     longest segment), so rows carry little padding, or one segment per row.
 
-    Attention keeps segments apart and, inside one, chosen and rejected apart: two causal blocks,
-    [prompt, chosen] and [prompt, rejected] (rejected tokens see their prompt and earlier rejected
-    tokens, never chosen tokens); positions restart at every segment and rejected positions restart
-    right after the prompt, so each completion sees exactly what it sees in the concatenated layout.
+    Attention keeps segments apart and, inside one, chosen and rejected apart: prompt + chosen are
+    causal, rejected tokens see their prompt and earlier rejected tokens, never chosen tokens;
+    positions restart at every segment and rejected positions restart right after the prompt, so each
+    completion sees exactly what it sees in the concatenated layout.
     What is scored is listed token by token: `score_rows`/`score_positions` = where the predecessor's
     hidden state is, `score_targets` = the token, `score_index` = the output slot (chosen of pair j ->
     j, rejected -> B + j).
@@ -278,8 +277,11 @@ def collate_shared_prefix(pairs: TokenizedPairs, indices, pad_token_id: int, pac
         layout.input_ids[row, at:at + p + c + r] = torch.tensor(prompt + chosen + rejected)
         layout.position_ids[row, at:at + p + c] = torch.arange(p + c)
         layout.position_ids[row, at + p + c:at + p + c + r] = torch.arange(p, p + r)
-        layout.block(row, (at, at + p + c))
-        layout.block(row, (at, at + p), (at + p + c, at + p + c + r))
+        mask = torch.zeros(p + c + r, p + c + r, dtype=torch.bool)
+        mask[:p + c, :p + c] = layout.causal[:p + c, :p + c]
+        mask[p + c:, :p] = True
+        mask[p + c:, p + c:] = layout.causal[:r, :r]
+        layout.attend(row, at, p + c + r, mask)
         # the first token of each completion is predicted from the last prompt token
         layout.scored(row, list(range(at + p - 1, at + p + c - 1)), chosen, j)
         layout.scored(row, [at + p - 1] + list(range(at + p + c, at + p + c + r - 1)), rejected, len(segments) + j)
