@@ -119,8 +119,10 @@ class DpoConfig(OptimConfig):
     )
     prefix_sharing: bool = Field(True, description="encode the prompt once for chosen and rejected (fastest: "
                                  "see bench/README.md); false = the concatenated chosen+rejected forward")
-    packing: bool = Field(True, description="prefix sharing: pack several pairs into each row behind a block "
-                          "attention mask (no padding between them; same math); false = one pair per row")
+    packing: bool = Field(True, description="prefix sharing: every pair of a micro-batch in one row with no "
+                          "padding, attention computed pair by pair (block attention, dpo/blocks.py; a dense block mask "
+                          "over packed rows for models that need more than a causal mask); same math; false = one "
+                          "pair per row")
     max_forward_tokens: int | None = Field(
         None, ge=0, description="a micro-batch with more tokens runs as balanced parts of at most this many (same "
         "update, less activation memory); 0 = no cut; null = auto: 2048 on CPU (as fast, ~0.6x the memory), no cut "

@@ -15,8 +15,10 @@ Batch layout of `collate_pairs` (B pairs -> 2B rows, chosen rows first, then rej
     attention_mask [[1, 1, 1], [1, 1, 1]]
 
 The default layout (`collate_shared_prefix`) puts each pair as one segment [prompt, chosen, rejected]
-and packs several segments into a row behind a block mask; `collate_packed` does the same for SFT
-sequences. Both list the scored tokens explicitly (row, predecessor position, target, output slot).
+and every segment of the batch into one row with no padding, attention computed segment by segment
+(block attention, blocks.py; models that need more than a causal mask get several segments per row
+behind a dense block mask instead); `collate_packed` does the same for SFT sequences. Both list the
+scored tokens explicitly (row, predecessor position, target, output slot).
 
 `SequenceLogProbs` wraps the causal LM so one forward returns per-sequence summed log-probs. It runs the
 decoder, then the lm_head ONLY at positions whose next token is a completion token, and takes the
