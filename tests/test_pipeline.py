@@ -302,8 +302,13 @@ def test_a_cluster_run_without_a_tracking_server_is_refused(tmp_path, monkeypatc
 def test_ctrl_c_ends_with_one_line_and_the_run_resumes(tmp_path):
     """Ctrl-C (SIGINT to the process group, as a terminal sends it): one line saying what is kept,
     exit 130, the MLflow parent marked KILLED; started again, the finished steps are reused."""
+    def like_a_terminal():  # a shell starts its foreground job with SIGINT deliverable, whatever pytest inherited
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     process = subprocess.Popen(run_args(tmp_path, "registry.enabled=false"), cwd=tmp_path, env=env_for(tmp_path),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               preexec_fn=like_a_terminal)
     marker = tmp_path / "tiny" / ".steps" / "sft.json"
     deadline = time.monotonic() + 300
     while not marker.exists() and time.monotonic() < deadline:
