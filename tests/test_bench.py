@@ -2,6 +2,7 @@
 figures themselves are benchmarks, never asserted in tests)."""
 
 import json
+import signal
 
 import pytest
 
@@ -14,6 +15,7 @@ def test_bench_against_trl_reports_the_headline_keys_at_equal_loss(tmp_path):
 
     report = run_bench(steps=2, batch=2, cases=["standard"], contenders=["dpoflow", "trl"], repeats=1,
                        out=str(tmp_path / "bench.json"), sft_presets=("small",), generate_prompts=8, log=lambda *_: None)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works again after the bench
     assert json.loads((tmp_path / "bench.json").read_text()) == report
     results = report["cases"]["standard"]["results"]
     assert results["trl"]["loss_diff_vs_trl"] == 0.0
