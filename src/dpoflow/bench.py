@@ -405,20 +405,6 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def run_bench(*args, **kwargs) -> dict:
-    """The whole bench (`_run_bench`). Something it calls in this process leaves Ctrl-C ignored
-    (SIGINT at SIG_IGN, found by a probe in the test suite; the library is not pinned down yet):
-    the caller gets its SIGINT handler back."""
-    import signal
-
-    previous = signal.getsignal(signal.SIGINT)
-    try:
-        return _run_bench(*args, **kwargs)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
-
-
 def _run_bench(steps: int = 5, batch: int = 8, cases=tuple(CASES), contenders=tuple(CONTENDERS), repeats: int = 2,
                out: str | None = None, suites=SUITES, sft_presets=("bench", "small"), generate_prompts: int = 256,
                precision: str = "fp32", model: str | None = None, log=print) -> dict:
@@ -461,6 +447,19 @@ def _run_bench(steps: int = 5, batch: int = 8, cases=tuple(CASES), contenders=tu
     if out:
         Path(out).write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+
+def run_bench(**settings) -> dict:
+    """The whole bench (`_run_bench`). Something it calls in this process leaves Ctrl-C ignored
+    (SIGINT at SIG_IGN, found by a probe in the test suite; the library is not pinned down yet):
+    the caller gets its SIGINT handler back. Settings: those of `_run_bench`."""
+    import signal
+
+    from dpoflow.training import signal_restored
+
+    with signal_restored(signal.SIGINT):
+        return _run_bench(**settings)
 
 
 def _headline(report: dict) -> dict:
