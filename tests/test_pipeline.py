@@ -302,7 +302,9 @@ def test_a_cluster_run_without_a_tracking_server_is_refused(tmp_path, monkeypatc
 def test_ctrl_c_ends_with_one_line_and_the_run_resumes(tmp_path):
     """Ctrl-C (SIGINT to the process group, as a terminal sends it): one line saying what is kept,
     exit 130, the MLflow parent marked KILLED; started again, the finished steps are reused."""
-    def like_a_terminal():  # a shell starts its foreground job with SIGINT deliverable, whatever pytest inherited
+    # a shell starts its foreground job with SIGINT deliverable; pytest itself may have inherited it
+    # ignored (started in the background of a non-interactive shell) and would pass that on
+    def like_a_terminal():
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         signal.signal(signal.SIGINT, signal.SIG_DFL)
 

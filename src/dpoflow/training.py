@@ -135,7 +135,7 @@ def resume_step(accelerator, out_dir: Path, log=print) -> int:
 @contextmanager
 def signal_restored(signum: int = signal.SIGTERM):
     """Whatever the block does to the handler of `signum` is undone when it ends, even by an error:
-    a training loop's SIGTERM handler (see Guard), a library that leaves SIGINT ignored (the bench)."""
+    a training loop's SIGTERM handler (see Guard)."""
     previous = signal.getsignal(signum) if threading.current_thread() is threading.main_thread() else None
     try:
         yield
