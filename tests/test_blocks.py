@@ -1,5 +1,5 @@
-"""Block attention (dpo/blocks.py): packed sequences in one row attend as causal blocks, exactly as
-the dense block mask (and the padded concatenated forward) would have them, gradients included."""
+"""Block attention (dpo/blocks.py): packed sequences in one row attend along causal chains, exactly
+as the dense block mask (and the padded concatenated forward) would have them, gradients included."""
 
 import pytest
 import torch
@@ -10,22 +10,30 @@ from dpoflow.dpo.logprobs import SequenceLogProbs, collate_pairs, collate_shared
 from dpoflow.modeling import load_model, load_tokenizer
 
 
-def test_groups_batch_similar_lengths_and_every_token_has_one_output():
-    # blocks of 8 (causal), 7 (a mask: token 3 sees only itself) and 2 tokens over 17 positions
-    own = torch.ones(7, 7, dtype=torch.bool).tril()
-    own[3, :3] = False
-    blocks = Blocks([(0, 8, None), (8, 7, own), (15, 2, None)], total=17)
-    assert [(n, width) for _, n, width, _ in blocks.groups] == [(2, 8), (1, 2)]  # 7 >= 0.75 * 8 rides with 8
-    gather, _, _, masks = blocks.groups[0]
-    assert gather.tolist() == list(range(8)) + list(range(8, 15)) + [14]  # right padding repeats the last token
-    assert torch.equal(masks[0, 0], torch.ones(8, 8, dtype=torch.bool).tril())
-    assert torch.equal(masks[1, 0, :7, :7], own) and not masks[1, 0, :7, 7].any() and masks[1, 0, 7, 7]
-    assert blocks.groups[1][3] is None  # all causal: is_causal, no mask
-    assert blocks.scatter.tolist() == list(range(8)) + list(range(8, 15)) + [16, 17]
-    with pytest.raises(ValueError, match="no attention block"):
-        Blocks([(0, 2, None)], total=3)
-    with pytest.raises(ValueError, match="two attention blocks"):
-        Blocks([(0, 2, None), (1, 2, None)], total=3)
+def test_chains_batch_by_length_and_every_token_has_one_output():
+    # a pair [prompt 0-2 | chosen 3-4 | rejected 5-6] (two chains sharing the prompt) and an 8-token sequence
+    blocks = Blocks([([0, 1, 2, 3, 4], 0), ([0, 1, 2, 5, 6], 3), (list(range(7, 15)), 0)], total=15)
+    # causal chains first, by length (5 < 0.75 * 8: a group of its own), then the query-only chain
+    assert [group[2:5] for group in blocks.groups] == [(1, 8, 8), (1, 5, 5), (1, 2, 5)]
+    (seq_q, seq_k, *_, seq_mask), (chosen_q, chosen_k, *_, chosen_mask) = blocks.groups[:2]
+    assert seq_q is seq_k and seq_k.tolist() == list(range(7, 15)) and seq_mask is None and chosen_mask is None
+    assert chosen_k.tolist() == [0, 1, 2, 3, 4]
+    rejected_q, rejected_k, *_, mask = blocks.groups[2]
+    assert rejected_q.tolist() == [5, 6] and rejected_k.tolist() == [0, 1, 2, 5, 6]  # the prompt read again as keys
+    assert mask[0, 0].tolist() == [[True, True, True, True, False], [True] * 5]  # causal, aligned to the last key
+    # outputs: the prompt and chosen from the first chain, the rejected from the second
+    assert blocks.scatter.tolist() == [8, 9, 10, 11, 12, 13, 14] + list(range(8))
+    padded = Blocks([([0, 1, 2], 0), ([3, 4, 5, 6], 0), ([0, 1, 7, 8, 9, 10], 2), ([3, 4, 11, 12, 13], 2)], total=14)
+    causal, queries = padded.groups
+    assert causal[1].tolist() == [3, 4, 5, 6, 0, 1, 2, 2]  # right padding repeats the last token
+    assert queries[0].tolist() == [7, 8, 9, 10, 11, 12, 13, 13]
+    assert queries[1].tolist() == [0, 1, 7, 8, 9, 10, 3, 4, 11, 12, 13, 13]
+    assert queries[5][1, 0].int().tolist() == [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0],
+                                               [1, 0, 0, 0, 0, 0]]  # the last row: a padding query, one key
+    with pytest.raises(ValueError, match="no attention chain"):
+        Blocks([([0, 1], 0)], total=3)
+    with pytest.raises(ValueError, match="two attention chains"):
+        Blocks([([0, 1], 0), ([1, 2], 0)], total=3)
 
 
 def _grads(model, batch):
@@ -91,5 +99,5 @@ def test_models_that_need_more_than_a_causal_mask_keep_the_dense_mask(tiny_model
     # a forward that never reached the block attention function is refused, not trusted
     model = load_model(str(tiny_model_dir))
     with pytest.raises(RuntimeError, match="attention interface"):
-        with checked(model, Blocks([(0, 2, None)], total=2)):
+        with checked(model, Blocks([([0, 1], 0)], total=2)):
             pass

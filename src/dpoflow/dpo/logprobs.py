@@ -180,9 +180,9 @@ class _PackedRows:
     may attend to whom, and the scored tokens listed one by one (row, position of the predecessor's
     hidden state, target token, output slot).
 
-    Each item attends within itself only (`attend`): with `blocks` (block attention, blocks.py) every
-    item goes into one row with no padding and each is an attention block; else a boolean (rows, T, T)
-    mask (True = may attend) is filled item by item."""
+    Each item attends within itself only, along causal chains (`attend`): with `blocks` (block
+    attention, blocks.py) every item goes into one row with no padding and its chains are attention
+    blocks; else a boolean (rows, T, T) mask (True = may attend) is filled chain by chain."""
 
     def __init__(self, lengths: list[int], pad_token_id: int, pack: bool, capacity: int | None = None,
                  blocks: bool = False):
@@ -196,8 +196,7 @@ class _PackedRows:
         self.position_ids = torch.zeros((len(self.rows), self.width), dtype=torch.long)
         self.blocks: list | None = [] if blocks else None
         self.allowed = None if blocks else torch.zeros((len(self.rows), self.width, self.width), dtype=torch.bool)
-        size = max(lengths) if blocks else self.width  # a row's padding tail can be wider than any item
-        self.causal = torch.tril(torch.ones(size, size, dtype=torch.bool))
+        self.causal = None if blocks else torch.tril(torch.ones(self.width, self.width, dtype=torch.bool))
         self.score = {"rows": [], "positions": [], "targets": [], "index": []}
 
     def items(self):
@@ -210,13 +209,16 @@ class _PackedRows:
             if self.allowed is not None:
                 self.allowed[row, at:, at:] = self.causal[:self.width - at, :self.width - at]
 
-    def attend(self, row: int, at: int, n: int, mask: torch.Tensor | None = None) -> None:
-        """The item of `n` tokens at `at` of `row` attends within itself: by `mask` (n x n, True = may
-        attend), None = causal."""
+    def attend(self, row: int, chains: list[tuple[list[int], int]]) -> None:
+        """Tokens of `row` attend along causal chains (blocks.py): (positions, first) = a chain's
+        positions in order, and from which index on they are its outputs (the rest are read only)."""
         if self.blocks is not None:
-            self.blocks.append((at, n, mask))
+            self.blocks += chains
             return
-        self.allowed[row, at:at + n, at:at + n] = self.causal[:n, :n] if mask is None else mask
+        for positions, first in chains:  # each output sees the chain up to itself
+            index = torch.tensor(positions)
+            n = len(positions)
+            self.allowed[row, index[first:, None], index[None, :]] = self.causal[first:n, :n]
 
     def scored(self, row: int, predecessors: list[int], targets: list[int], slot: int) -> None:
         self.score["rows"] += [row] * len(targets)
@@ -250,7 +252,7 @@ def collate_packed(sequences: list[list[int]], labels: list[list[int]], pad_toke
         n = lengths[j]
         layout.input_ids[row, at:at + n] = torch.tensor(sequences[j])
         layout.position_ids[row, at:at + n] = torch.arange(n)
-        layout.attend(row, at, n)
+        layout.attend(row, [(list(range(at, at + n)), 0)])
         scored = [t for t in range(1, n) if labels[j][t] != IGNORE]  # token t from position t - 1
         layout.scored(row, [at + t - 1 for t in scored], [labels[j][t] for t in scored], j)
     return layout.batch(len(sequences))
@@ -279,11 +281,9 @@ def collate_shared_prefix(pairs: TokenizedPairs, indices, pad_token_id: int, pac
         layout.input_ids[row, at:at + p + c + r] = torch.tensor(prompt + chosen + rejected)
         layout.position_ids[row, at:at + p + c] = torch.arange(p + c)
         layout.position_ids[row, at + p + c:at + p + c + r] = torch.arange(p, p + r)
-        mask = torch.zeros(p + c + r, p + c + r, dtype=torch.bool)
-        mask[:p + c, :p + c] = layout.causal[:p + c, :p + c]
-        mask[p + c:, :p] = True
-        mask[p + c:, p + c:] = layout.causal[:r, :r]
-        layout.attend(row, at, p + c + r, mask)
+        prompt_at = list(range(at, at + p))
+        layout.attend(row, [(prompt_at + list(range(at + p, at + p + c)), 0),
+                            (prompt_at + list(range(at + p + c, at + p + c + r)), p)])
         # the first token of each completion is predicted from the last prompt token
         layout.scored(row, list(range(at + p - 1, at + p + c - 1)), chosen, j)
         layout.scored(row, [at + p - 1] + list(range(at + p + c, at + p + c + r - 1)), rejected, len(segments) + j)
