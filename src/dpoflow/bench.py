@@ -449,7 +449,6 @@ def run_bench(steps: int = 5, batch: int = 8, cases=tuple(CASES), contenders=tup
     return report
 
 
-
 def _headline(report: dict) -> dict:
     """The figures issue targets are stated in: dpoflow's default path against TRL."""
     def ratio(case, a, b, key="s_per_step"):

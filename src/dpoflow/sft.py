@@ -31,7 +31,7 @@ from dpoflow.training import (
     micro_batches,
     resume_step,
     save_checkpoint,
-    signal_restored,
+    sigterm_restored,
     write_summary,
 )
 
@@ -105,7 +105,7 @@ def run_sft(cfg: SftConfig, model_cfg: ModelConfig, data_dir, out_dir, *, resume
     model_settings = model_cfg.model_dump(mode="json", exclude={"policy_init"})  # DPO's business, not SFT's
     with building("sft", out_dir, config=[cfg, model_settings], inputs={"data": data_dir,
                   "base": model_cfg.base if model_cfg.base and Path(model_cfg.base).exists() else None},
-                  verify_inputs={"base": False}, resume=resume) as (work, resumable), signal_restored():
+                  verify_inputs={"base": False}, resume=resume) as (work, resumable), sigterm_restored():
         return _run_sft(cfg, model_cfg, data_dir, work, resume=resumable, log_metrics=log_metrics, log=log)
 
 

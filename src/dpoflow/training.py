@@ -133,15 +133,14 @@ def resume_step(accelerator, out_dir: Path, log=print) -> int:
 
 
 @contextmanager
-def signal_restored(signum: int = signal.SIGTERM):
-    """Whatever the block does to the handler of `signum` is undone when it ends, even by an error:
-    a training loop's SIGTERM handler (see Guard)."""
-    previous = signal.getsignal(signum) if threading.current_thread() is threading.main_thread() else None
+def sigterm_restored():
+    """Whatever a training loop does to SIGTERM (see Guard) is undone when it ends, even by an error."""
+    previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     try:
         yield
     finally:
         if previous is not None:
-            signal.signal(signum, previous)
+            signal.signal(signal.SIGTERM, previous)
 
 
 class Guard:
@@ -153,7 +152,7 @@ class Guard:
 
     def __init__(self, accelerator, out_dir: Path, name: str):
         self.accelerator, self.out_dir, self.name, self.stop = accelerator, out_dir, name, False
-        if threading.current_thread() is threading.main_thread():  # undone by signal_restored()
+        if threading.current_thread() is threading.main_thread():  # undone by sigterm_restored()
             signal.signal(signal.SIGTERM, self._terminate)
 
     def _terminate(self, signum, frame) -> None:

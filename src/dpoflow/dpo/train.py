@@ -43,7 +43,7 @@ from dpoflow.training import (
     micro_batches,
     resume_step,
     save_checkpoint,
-    signal_restored,
+    sigterm_restored,
     write_summary,
 )
 
@@ -110,7 +110,7 @@ def run_dpo(cfg: DpoConfig, pairs_dir, reference_model_dir, out_dir, *, referenc
               "reference": reference_dir if cfg.reference == "cached" else None}
     with building("dpo", out_dir, config=cfg, inputs=inputs,
                   verify_inputs={"reference_model": False, "init": False}, resume=resume) as (work, resumable), \
-            signal_restored():
+            sigterm_restored():
         return _run_dpo(cfg, pairs_dir, reference_model_dir, work, reference_dir=reference_dir, resume=resumable,
                         init_model_dir=init_model_dir, log_metrics=log_metrics, log=log)
 
