@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast install lint compile image push clean
+.PHONY: run test test-fast install lint compile image base-image push clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,14 +35,21 @@ lint: $(STAMP)
 compile: $(STAMP)
 	$(BIN)/dpoflow compile
 
-# the image every step runs in (needs a container engine; not built in CI)
+# the image every step runs in (components/image.sh: podman or docker, whichever is here).
+# TORCH=cpu for a small CPU image; BASE_IMAGE=localhost/dpoflow-base:bookworm after `make base-image`
+# where no image registry is reachable; HOST_PIP=1 lets the build use this machine's pip configuration.
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 IMAGE ?= dpoflow/dpoflow:$(VERSION)
+TORCH ?= cuda
+BASE_IMAGE ?=
 image:
-	docker build -f components/Dockerfile -t $(IMAGE) .
+	components/image.sh build $(IMAGE) $(TORCH) $(BASE_IMAGE)
+
+base-image:
+	components/image.sh base $(or $(BASE_IMAGE),localhost/dpoflow-base:bookworm)
 
 push: image
-	docker push $(IMAGE)
+	$$(command -v podman || command -v docker) push $(IMAGE)
 
 clean:
 	rm -rf outputs .pytest_cache

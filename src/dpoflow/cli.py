@@ -206,7 +206,7 @@ def cmd_bench(args) -> int:
 def cmd_run(args) -> int:
     from dpoflow.pipeline.local import run_local
 
-    run_local(load_config(args.config, args.overrides))
+    run_local(load_config(args.config, args.overrides), runner=args.runner, image=args.image)
     return 0
 
 
@@ -296,6 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the whole pipeline from the config (the default demo: make run)")
     _add_common(run, out=False)
+    run.add_argument("--runner", choices=["process", "container"], default="process",
+                     help="process: tasks as subprocesses of this environment (default); container: every task in "
+                          "its own container of --image, as a cluster runs them (needs podman or docker)")
+    run.add_argument("--image", help="the image of --runner container (default dpoflow/dpoflow:<version>; "
+                                     "build it with `make image`)")
     run.set_defaults(func=cmd_run)
 
     sft = sub.add_parser("sft", help="fine-tune the base on the SFT corpus; the result is the reference")
@@ -448,8 +453,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt as stop:
         terminated = type(stop).__name__ == "Terminated"
-        print(f"\ndpoflow {args.command}: {'terminated (SIGTERM)' if terminated else 'interrupted'}; finished steps "
-              "are kept and reused, and training resumes from its last checkpoint, when you start it again",
+        kept = ("its containers are stopped and removed, the services it started stopped; a new run starts over"
+                if getattr(args, "runner", "process") == "container" else "finished steps are kept and reused, and "
+                "training resumes from its last checkpoint, when you start it again")
+        print(f"\ndpoflow {args.command}: {'terminated (SIGTERM)' if terminated else 'interrupted'}; {kept}",
               file=sys.stderr)
         return 143 if terminated else 130
 

@@ -184,5 +184,8 @@ def build_pipeline(image: str = DEFAULT_IMAGE, config: Config | None = None, par
         # never served from KFP's cache (sft, prefs, reference log-probs are, while data is unchanged)
         for task in uncached + [register, select, gate, promote]:
             task.set_caching_options(False)
+        # every task knows its image: the lineage a registered version records (dpoflow.image)
+        for task in {id(t): t for t in tracked + [sft, prefs, reference, select, gate, promote]}.values():
+            task.set_env_variable("DPOFLOW_IMAGE", image)
 
     return dpo_alignment

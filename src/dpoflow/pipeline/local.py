@@ -1,5 +1,6 @@
-"""`dpoflow run`: the KFP pipeline of dag.py executed by kfp's local runner (SubprocessRunner, in this
-environment: no cluster, no container engine). Step outputs land in outputs/<run>/<step> — the same
+"""`dpoflow run`: the KFP pipeline of dag.py executed by kfp's local runner: SubprocessRunner in this
+environment (`--runner process`, the default), or DockerRunner with every task in the dpoflow image
+(`--runner container`: the cluster path, see containers.py). Step outputs land in outputs/<run>/<step> — the same
 folders `dvc repro` writes — and finished steps are reused on a rerun (see tasks.py). The runner's own
 log goes to outputs/<run>/kfp.log; the terminal gets one progress line per step.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sys
 import threading
 import time
@@ -35,6 +37,8 @@ class _ProgressLog:
 
     def write(self, text: str) -> int:
         with self.lock:  # whole lines, secrets masked (a task that prints a credential leaks nothing)
+            if self.file.closed:  # a logging handler kfp installed outlives the run: nothing to record
+                return len(text)
             self.pending += text
             *lines, self.pending = self.pending.split("\n")
             for line in lines:
@@ -116,29 +120,185 @@ def _stop_tasks(grace_s: float = 120.0) -> None:
         child.kill()
 
 
-def run_local(cfg: Config, log=print) -> dict:
+RUNNERS = ("process", "container")
+
+
+def run_local(cfg: Config, log=print, runner: str = "process", image: str | None = None) -> dict:
     """Run the pipeline on this machine; write and return outputs/<run>/summary.json. One run of a
-    name at a time (a second is refused with the first one's pid); SIGTERM stops it cleanly."""
+    name at a time (a second is refused with the first one's pid); SIGTERM stops it cleanly.
+
+    runner "process": kfp's SubprocessRunner in this environment, step outputs in the run folder
+    (reused on rerun). runner "container": the cluster path — the pipeline compiled for `image`,
+    loaded from its YAML, every task in its own container under kfp's DockerRunner, nothing shared
+    by the tasks but the pipeline root (artifacts) and an MLflow server over HTTP."""
     import signal
 
     from dpoflow.manifest import exclusive
 
+    if runner not in RUNNERS:
+        raise ValueError(f"runner {runner!r}: choose one of {', '.join(RUNNERS)}")
     check_pipeline(cfg)
     root = (Path(cfg.run.output_dir) / cfg.run.name).resolve()
     with exclusive(root.parent / f".{cfg.run.name}.run.lock", f"run {cfg.run.name!r} in {root.parent}"):
         previous = signal.signal(signal.SIGTERM, _terminate)
         try:
-            return _run_local(cfg, root, log)
+            if runner == "process":
+                return _run_local(cfg, root, log, _ProcessSession(root))
+            from dpoflow.pipeline.components import DEFAULT_IMAGE
+
+            with _ContainerSession(cfg, root, image or DEFAULT_IMAGE, log) as session:
+                return _run_local(cfg, root, log, session)
         finally:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _run_local(cfg: Config, root: Path, log) -> dict:
-    from kfp import local
+class _ProcessSession:
+    """Tasks as subprocesses of this environment; outputs in the run folder (reused on rerun)."""
 
+    runner = "process"
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def start(self, cfg: Config, retries: int = 0):
+        from kfp import local
+
+        from dpoflow.pipeline.dag import build_pipeline
+
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(self.root / ".kfp"))
+        return build_pipeline(config=cfg, retries=retries), {"workspace": str(self.root)}
+
+    def stop(self) -> None:
+        _stop_tasks()
+
+    def failure(self) -> str:
+        return ""
+
+    def outputs(self, cfg: Config) -> tuple[dict, dict, dict]:
+        from dpoflow.pipeline.tasks import round_rel, round_run_name
+
+        results, policies = {}, {}
+        for beta in cfg.run.betas:
+            for r in range(1, cfg.run.rounds + 1):
+                name = round_run_name(beta, r, cfg.run.rounds)
+                results[name] = json.loads((self.root / round_rel("eval", beta, r) / "metrics.json").read_text())
+                policies[name] = str(self.root / round_rel("dpo", beta, r) / "model")
+        return results, policies, json.loads((self.root / "data" / "stats.json").read_text())
+
+    def lineage(self) -> dict:
+        return {"runner": self.runner, "image": None}
+
+
+class _ContainerSession:
+    """Tasks in containers of `image` through the Docker API (podman's service started when none
+    answers); MLflow over HTTP (a server started for the run unless MLFLOW_TRACKING_URI is http(s)).
+    Everything it started is stopped and removed when the block ends, however it ends."""
+
+    runner = "container"
+
+    def __init__(self, cfg: Config, root: Path, image: str, log):
+        self.cfg, self.root, self.image, self.log = cfg, root, image, log
+        self.pipeline_root = root / ".kfp-container"
+        self.stack, self.tasks, self.identity, self.runs_before, self.store = None, None, {}, set(), None
+
+    def __enter__(self):
+        import contextlib
+
+        from dpoflow.pipeline import containers
+
+        self.stack = contextlib.ExitStack().__enter__()
+        try:
+            self.stack.enter_context(containers.docker_api(self.log))
+            self.identity = containers.image_identity(self.image)
+            left = containers.remove_containers(self.cfg.run.name)  # a SIGKILLed run of this name leaves its own
+            if left:
+                self.log(f"removed {left} container(s) an earlier run of {self.cfg.run.name} left behind")
+            if self.cfg.tracking.enabled:
+                self._tracking(containers)
+            self.tasks = containers.ContainerTasks(self.cfg.run.name, {"DPOFLOW_IMAGE_ID": self.identity["id"]})
+            self.stack.enter_context(self.tasks.installed())
+            self.stack.callback(self.tasks.stop, 10.0)  # whatever is still running when the run ends
+        except BaseException:
+            self.stack.__exit__(None, None, None)
+            raise
+        return self
+
+    def _tracking(self, containers) -> None:
+        """An http(s) tracking URI is used as it is; anything else is served by an MLflow server for the
+        run: the sqlite file MLFLOW_TRACKING_URI names (artifacts in mlartifacts/ beside it), or a
+        store in the run folder (mlflow/)."""
+        uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+        if uri.startswith(("http://", "https://")):
+            return
+        if uri:
+            store = _absolute_tracking_uri()
+            artifacts = Path(store.removeprefix("sqlite:///")).parent / "mlartifacts"
+        else:
+            folder = self.root / "mlflow"
+            folder.mkdir(parents=True, exist_ok=True)
+            store, artifacts = f"sqlite:///{folder / 'mlflow.db'}", folder / "artifacts"
+        url = self.stack.enter_context(containers.mlflow_server(store, artifacts, self.root / "mlflow-server.log"))
+        self.log(f"MLflow: server for this run at {url} (store {store}, artifacts {artifacts})")
+        self.stack.callback(_restore_env, "MLFLOW_TRACKING_URI", uri)
+        os.environ["MLFLOW_TRACKING_URI"], self.store = url, store
+
+    def __exit__(self, *exc) -> None:
+        self.stack.__exit__(*exc)
+
+    def start(self, cfg: Config, retries: int = 0):
+        """The pipeline compiled for the image and loaded back from its YAML: the file a user uploads."""
+        from kfp import compiler, components, local
+
+        from dpoflow.pipeline.dag import build_pipeline
+
+        self.pipeline_root.mkdir(parents=True, exist_ok=True)
+        self.pipeline_root.chmod(0o777)  # tasks run as uid 1000 and write their outputs here
+        self.runs_before = set(self.pipeline_root.iterdir())
+        package = self.root / "pipeline.yaml"
+        compiler.Compiler().compile(build_pipeline(self.image, cfg, retries=retries), str(package))
+        local.init(runner=local.DockerRunner(network_mode="host"), pipeline_root=str(self.pipeline_root))
+        return components.load_component_from_file(str(package)), {"workspace": ""}
+
+    def stop(self) -> None:
+        stopped = self.tasks.stop()
+        self.log(f"stopped {stopped} running container(s)")
+
+    def failure(self) -> str:
+        from dpoflow.pipeline.containers import failure_message
+
+        return "\n  ".join(failure_message(f) for f in self.tasks.failures)
+
+    def outputs(self, cfg: Config) -> tuple[dict, dict, dict]:
+        from dpoflow.pipeline.containers import run_outputs
+        from dpoflow.pipeline.tasks import round_rel, round_run_name
+
+        (run_dir,) = set(self.pipeline_root.iterdir()) - self.runs_before
+        found = run_outputs(run_dir)
+        results, policies = {}, {}
+        for folder, _ in found.get("results", []):  # also under <run>/eval/, where the process runner puts them
+            metrics = json.loads((folder / "metrics.json").read_text())
+            results[round_run_name(metrics["beta"], metrics.get("round", 1), cfg.run.rounds)] = metrics
+            shutil.copytree(folder, self.root / round_rel("eval", metrics["beta"], metrics.get("round", 1)),
+                            dirs_exist_ok=True)
+        for folder, metadata in found.get("policy", []):
+            policies[round_run_name(metadata["beta"], metadata["round"], cfg.run.rounds)] = str(folder / "model")
+        ((dataset, _),) = found["dataset"]
+        return results, policies, json.loads((dataset / "stats.json").read_text())
+
+    def lineage(self) -> dict:
+        return {"runner": self.runner, "image": self.identity}
+
+
+def _restore_env(name: str, value: str) -> None:
+    if value:
+        os.environ[name] = value
+    else:
+        os.environ.pop(name, None)
+
+
+def _run_local(cfg: Config, root: Path, log, session) -> dict:
     from dpoflow.evaluation.report import write_frontier
-    from dpoflow.pipeline.dag import build_pipeline
-    from dpoflow.pipeline.tasks import beta_threads, pipeline_arguments, round_rel, round_run_name
+    from dpoflow.pipeline.tasks import beta_threads, pipeline_arguments
 
     root.mkdir(parents=True, exist_ok=True)
     resolved = redact_mapping({"config_hash": config_hash(cfg), **config_dict(cfg)})
@@ -152,12 +312,12 @@ def _run_local(cfg: Config, root: Path, log) -> dict:
         tracking.check_reachable()
         parent = tracking.start_parent_run(cfg.tracking.experiment, cfg.run.name)
         arguments.update(mlflow_uri=os.environ["MLFLOW_TRACKING_URI"], mlflow_run_id=parent)
-    arguments.update(workspace=str(root), threads_per_task=beta_threads(len(cfg.run.betas)))
+    arguments["threads_per_task"] = beta_threads(len(cfg.run.betas))
 
     log_path = root / "kfp.log"
-    log(f"run {cfg.run.name}: the KFP pipeline on the local runner; runner log: {log_path}")
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root / ".kfp"))
-    pipeline = build_pipeline(config=cfg, retries=0)
+    log(f"run {cfg.run.name}: the KFP pipeline on the local runner ({session.runner}); runner log: {log_path}")
+    pipeline, runner_arguments = session.start(cfg)
+    arguments.update(runner_arguments)
     progress, started = _ProgressLog(log_path, sys.stdout), time.perf_counter()
     terminal, errors = sys.stdout, sys.stderr
     sys.stdout = sys.stderr = progress  # the runner's log, its warnings and the tasks' output: to kfp.log
@@ -166,40 +326,34 @@ def _run_local(cfg: Config, root: Path, log) -> dict:
             warnings.simplefilter("ignore")  # "settings have no effect in the local runner", image notes
             pipeline(**arguments)
     except KeyboardInterrupt as stop:
-        if isinstance(stop, Terminated):
-            _stop_tasks()
+        if isinstance(stop, Terminated) or session.runner == "container":
+            session.stop()
         if tracking is not None and not os.environ.get("MLFLOW_RUN_ID"):
             tracking.end_run(parent, "KILLED")
         raise
     except RuntimeError as error:
         if tracking is not None and not os.environ.get("MLFLOW_RUN_ID"):
             tracking.end_run(parent, "FAILED")
-        reason = _first_error(log_path) or str(error)
-        raise RuntimeError(f"run {cfg.run.name} failed: {reason}\n  (full runner log: {log_path}; "
-                           "finished steps are reused when you start it again)") from None
+        reason = session.failure() or _first_error(log_path) or str(error)
+        reuse = "; finished steps are reused when you start it again" if session.runner == "process" else ""
+        raise RuntimeError(f"run {cfg.run.name} failed: {reason}\n  (full runner log: {log_path}{reuse})") from None
     finally:
         sys.stdout, sys.stderr = terminal, errors
         progress.close()
     wall = time.perf_counter() - started
 
-    results, policies = {}, {}
-    for beta in cfg.run.betas:
-        for r in range(1, cfg.run.rounds + 1):
-            name = round_run_name(beta, r, cfg.run.rounds)
-            results[name] = json.loads((root / round_rel("eval", beta, r) / "metrics.json").read_text())
-            policies[name] = str(root / round_rel("dpo", beta, r) / "model")
+    results, policies, data_stats = session.outputs(cfg)
     write_frontier(root / "frontier", results)
     timings = {}
     for name in progress.ran + progress.reused:
         marker = root / ".steps" / f"{name.replace(' ', '-')}.json"
         timings[name] = json.loads(marker.read_text())["seconds"] if name in progress.ran and marker.exists() else 0.0
-    data_dir = root / "data"
-    summary = {"run": cfg.run.name, "config_hash": config_hash(cfg), "results": results, "policies": policies,
-               "timings_s": timings,
-               "wall_s": round(wall, 1), "tasks": progress.tasks, "data": json.loads((data_dir / "stats.json").read_text())}
+    summary = {"run": cfg.run.name, "config_hash": config_hash(cfg), **session.lineage(), "results": results,
+               "policies": policies, "timings_s": timings, "wall_s": round(wall, 1), "tasks": progress.tasks,
+               "data": data_stats}
     if tracking is not None:
         summary["mlflow_run_id"] = parent
-        summary["mlflow_tracking_uri"] = os.environ["MLFLOW_TRACKING_URI"]
+        summary["mlflow_tracking_uri"] = getattr(session, "store", None) or os.environ["MLFLOW_TRACKING_URI"]
         if cfg.registry.enabled:
             summary["registry"] = registry_summary(cfg.registry.model_name, parent)
     (root / "summary.json").write_text(json.dumps(redact_mapping(summary), indent=2) + "\n")

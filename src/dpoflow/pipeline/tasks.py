@@ -626,6 +626,7 @@ def eval_task(*, beta: float, round: int, run_info, policy, reference_model, dat
 
 def register_task(*, run_info, policy, results, data, reference, mlflow_uri: str) -> str:
     """A registered version (alias `candidate`) with lineage and quality tags. Returns the version."""
+    from dpoflow.image import build_info, image_lineage
     from dpoflow.registry import run_register
     from dpoflow.tracking import _git_sha
 
@@ -640,9 +641,9 @@ def register_task(*, run_info, policy, results, data, reference, mlflow_uri: str
     lineage = {"beta": figures["beta"], "round": int(policy.metadata.get("round", 1)),
                "policy_init": policy.metadata.get("policy_init", ""), "data.md5": data_md5,
                "data.rev": data.metadata.get("rev", ""), "data.source": data.metadata.get("source", ""),
-               "git_sha": _git_sha() or "unknown", "config_hash": config_hash(cfg),
+               "git_sha": _git_sha() or build_info().get("git_sha", "unknown"), "config_hash": config_hash(cfg),
                "ref_cache_key": reference.metadata.get("cache_key", ""), "loss_type": train["loss_type"],
-               "parent_run_id": parent_run_id, "mlflow_run_id": run_id}
+               "parent_run_id": parent_run_id, "mlflow_run_id": run_id, **image_lineage()}
     version = run_register(Path(policy.path) / "model", figures, lineage, model_name=registry_cfg.model_name,
                            run_id=run_id)
     from dpoflow import tracking
