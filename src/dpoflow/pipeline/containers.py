@@ -205,9 +205,12 @@ class ContainerTasks:
             if pending:
                 tail.append(pending)
             code = int(container.wait()["StatusCode"])
-        finally:
-            with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
-                container.remove(force=True)
+        except KeyboardInterrupt:  # Ctrl-C / SIGTERM: stop() gives the task its grace period, then removes it
+            raise
+        except BaseException:
+            _remove(container)
+            raise
+        _remove(container)
         if code != 0:
             with self.lock:
                 self.failures.append({"task": task, "exit_code": code, "tail": list(tail)})
@@ -220,6 +223,13 @@ class ContainerTasks:
         return remove_containers(self.run, grace_s)
 
 
+def _remove(container) -> None:
+    import docker
+
+    with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+        container.remove(force=True)
+
+
 def remove_containers(run: str, grace_s: float = 10.0) -> int:
     """Stop and remove the containers labelled with run `run` (also those a SIGKILLed run left)."""
     import docker
@@ -230,8 +240,7 @@ def remove_containers(run: str, grace_s: float = 10.0) -> int:
         for container in found:
             with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
                 container.stop(timeout=int(grace_s))
-            with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
-                container.remove(force=True)
+            _remove(container)
         return len(found)
     finally:
         client.close()

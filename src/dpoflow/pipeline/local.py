@@ -207,6 +207,7 @@ class _ContainerSession:
         from dpoflow.pipeline import containers
 
         self.stack = contextlib.ExitStack().__enter__()
+        self.root.mkdir(parents=True, exist_ok=True)
         try:
             self.stack.enter_context(containers.docker_api(self.log))
             self.identity = containers.image_identity(self.image)
@@ -326,6 +327,7 @@ def _run_local(cfg: Config, root: Path, log, session) -> dict:
             warnings.simplefilter("ignore")  # "settings have no effect in the local runner", image notes
             pipeline(**arguments)
     except KeyboardInterrupt as stop:
+        sys.stdout, sys.stderr = terminal, errors
         if isinstance(stop, Terminated) or session.runner == "container":
             session.stop()
         if tracking is not None and not os.environ.get("MLFLOW_RUN_ID"):
