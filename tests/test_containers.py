@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from dpoflow import __version__
-from test_pipeline import TINY, env_for, run_args
+from test_pipeline import env_for, run_args
 
 IMAGE = os.environ.get("DPOFLOW_TEST_IMAGE", f"dpoflow/dpoflow:{__version__}")
 LEARN = ["dpo.learning_rate=0.003", "dpo.max_steps=20"]  # the policy moves: metrics that can differ

@@ -292,9 +292,13 @@ def test_dockerfile_pins_match_pyproject():
     dockerfile = (ROOT / "components/Dockerfile").read_text()
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     torch_pin = next(d for d in pyproject["project"]["dependencies"] if d.startswith("torch"))
-    assert f"pip install {torch_pin} " in dockerfile
-    assert "COPY pyproject.toml" in dockerfile and "pip install . " in dockerfile  # the project with its own pins
-    assert re.search(r"^FROM python:3\.11\.\d+-slim-\w+$", dockerfile, re.M)  # a pinned base
+    assert f"pip install {torch_pin}$(" in dockerfile  # + "+cpu" for TORCH=cpu, the same version
+    # the dependencies with pyproject's own pins, installed before the source is copied (a src/ edit keeps them)
+    assert "COPY pyproject.toml" in dockerfile and "['project']['dependencies']" in dockerfile
+    assert dockerfile.index("pip install -r /tmp/requirements.txt") < dockerfile.index("COPY src") < \
+        dockerfile.index("pip install --no-deps .")
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11\.\d+-slim-\w+$", dockerfile, re.M)  # a pinned default base
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}$", dockerfile, re.M)
     assert re.search(r"^USER 1000$", dockerfile, re.M) and "dpoflow --help" in dockerfile
     assert f'"{pyproject["project"]["version"]}"' in (ROOT / "src/dpoflow/__init__.py").read_text()
 

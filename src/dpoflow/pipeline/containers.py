@@ -183,7 +183,6 @@ class ContainerTasks:
     def run_container(self, client, image: str, command: list[str], volumes: dict, **run_args) -> int:
         """Same contract as kfp's run_docker_container: run the task's command, print its log, return its
         exit code — the real one."""
-        import docker
 
         if self.stopping.is_set():
             raise RuntimeError(f"run {self.run} is stopping: no new task starts")
