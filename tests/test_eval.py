@@ -8,6 +8,25 @@ from dpoflow.evaluation.evaluate import run_eval
 from dpoflow.evaluation.stats import bootstrap_mean_interval, wilson_interval, win_rate_summary
 
 
+@pytest.mark.parametrize("verdicts, rate, low, high", [
+    ([0.0] * 12, 0.0, 0.0, 0.2425),       # 0 of n: the lower bound is exactly 0
+    ([1.0] * 332, 1.0, 0.9886, 1.0),      # n of n (the demo's round 2): the upper bound is exactly 1
+    ([0.5] * 9, 0.5, 0.2265, 0.7735),     # all ties: centred on ½
+    ([1.0], 1.0, 0.2065, 1.0),            # n = 1
+    ([], 0.0, 0.0, 1.0),                  # n = 0: nothing known
+])
+def test_win_rate_interval_edges_hold_the_rate_and_draw(verdicts, rate, low, high):
+    from dpoflow.evaluation.report import _win_rate_plot
+
+    result = win_rate_summary(verdicts)
+    assert result["win_rate"] == rate and result["n_prompts"] == len(verdicts)
+    assert (result["win_rate_ci_low"], result["win_rate_ci_high"]) == pytest.approx((low, high), abs=1e-4)
+    assert result["win_rate_ci_low"] <= result["win_rate"] <= result["win_rate_ci_high"]  # exactly, no rounding
+    if rate in (0.0, 1.0) and verdicts:
+        assert (result["win_rate_ci_low"] if rate == 0.0 else result["win_rate_ci_high"]) == rate
+    assert _win_rate_plot(result).startswith("<img")  # a perfect (or empty) result draws; it crashed before
+
+
 def test_wilson_interval_known_values():
     # published Wilson 95 % intervals (e.g. Newcombe 1998, Table I style values)
     assert wilson_interval(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)

@@ -292,7 +292,8 @@ def test_dockerfile_pins_match_pyproject():
     dockerfile = (ROOT / "components/Dockerfile").read_text()
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     torch_pin = next(d for d in pyproject["project"]["dependencies"] if d.startswith("torch"))
-    assert f"pip install {torch_pin}$(" in dockerfile  # + "+cpu" for TORCH=cpu, the same version
+    version = torch_pin.removeprefix("torch==")
+    assert f"spec=torch=={version}+cpu;" in dockerfile and f"spec=torch==={version};" in dockerfile  # cpu / cuda
     # the dependencies with pyproject's own pins, installed before the source is copied (a src/ edit keeps them)
     assert "COPY pyproject.toml" in dockerfile and "['project']['dependencies']" in dockerfile
     assert dockerfile.index("pip install -r /tmp/requirements.txt") < dockerfile.index("COPY src") < \

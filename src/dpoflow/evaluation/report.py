@@ -62,7 +62,8 @@ def _win_rate_plot(metrics) -> str:
     fig, axis = plt.subplots(figsize=(4, 3))
     rate = metrics["win_rate"]
     axis.bar(["policy vs reference"], [rate],
-             yerr=[[rate - metrics["win_rate_ci_low"]], [metrics["win_rate_ci_high"] - rate]], capsize=8)
+             yerr=[[max(0.0, rate - metrics["win_rate_ci_low"])], [max(0.0, metrics["win_rate_ci_high"] - rate)]],
+             capsize=8)
     axis.axhline(0.5, color="grey", linestyle="--")
     axis.set_ylim(0, 1)
     axis.set_title(f"win rate {rate:.3f} (95% CI)")

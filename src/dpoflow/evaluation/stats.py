@@ -14,7 +14,11 @@ def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[floa
     denominator = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denominator
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # at p = 0 or 1 one bound is exactly 0 or 1 (centre ± half cancel); float rounding must not move it
+    # inside the observed rate (0.9999999999999999 < 1 gave the report a negative error bar)
+    low = 0.0 if successes <= 0 else max(0.0, centre - half)
+    high = 1.0 if successes >= n else min(1.0, centre + half)
+    return low, high
 
 
 def bootstrap_mean_interval(values: list[float], seed: int = 0, rounds: int = 2000) -> tuple[float, float]:
