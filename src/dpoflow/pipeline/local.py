@@ -155,7 +155,8 @@ def run_local(cfg: Config, log=print, runner: str = "process", image: str | None
 class _ProcessSession:
     """Tasks as subprocesses of this environment; outputs in the run folder (reused on rerun)."""
 
-    runner = "process"
+    runner, store = "process", None
+    rerun_note = "; finished steps are reused when you start it again"
 
     def __init__(self, root: Path):
         self.root = root
@@ -168,8 +169,9 @@ class _ProcessSession:
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(self.root / ".kfp"))
         return build_pipeline(config=cfg, retries=retries), {"workspace": str(self.root)}
 
-    def stop(self) -> None:
-        _stop_tasks()
+    def stop(self, terminated: bool) -> None:
+        if terminated:  # Ctrl-C reached the task processes already: the terminal signals the whole group
+            _stop_tasks()
 
     def failure(self) -> str:
         return ""
@@ -194,7 +196,7 @@ class _ContainerSession:
     answers); MLflow over HTTP (a server started for the run unless MLFLOW_TRACKING_URI is http(s)).
     Everything it started is stopped and removed when the block ends, however it ends."""
 
-    runner = "container"
+    runner, rerun_note = "container", ""
 
     def __init__(self, cfg: Config, root: Path, image: str, log):
         self.cfg, self.root, self.image, self.log = cfg, root, image, log
@@ -260,7 +262,7 @@ class _ContainerSession:
         local.init(runner=local.DockerRunner(network_mode="host"), pipeline_root=str(self.pipeline_root))
         return components.load_component_from_file(str(package)), {"workspace": ""}
 
-    def stop(self) -> None:
+    def stop(self, terminated: bool) -> None:  # the containers are not in this process group: always
         stopped = self.tasks.stop()
         self.log(f"stopped {stopped} running container(s)")
 
@@ -328,8 +330,7 @@ def _run_local(cfg: Config, root: Path, log, session) -> dict:
             pipeline(**arguments)
     except KeyboardInterrupt as stop:
         sys.stdout, sys.stderr = terminal, errors
-        if isinstance(stop, Terminated) or session.runner == "container":
-            session.stop()
+        session.stop(isinstance(stop, Terminated))
         if tracking is not None and not os.environ.get("MLFLOW_RUN_ID"):
             tracking.end_run(parent, "KILLED")
         raise
@@ -337,8 +338,8 @@ def _run_local(cfg: Config, root: Path, log, session) -> dict:
         if tracking is not None and not os.environ.get("MLFLOW_RUN_ID"):
             tracking.end_run(parent, "FAILED")
         reason = session.failure() or _first_error(log_path) or str(error)
-        reuse = "; finished steps are reused when you start it again" if session.runner == "process" else ""
-        raise RuntimeError(f"run {cfg.run.name} failed: {reason}\n  (full runner log: {log_path}{reuse})") from None
+        raise RuntimeError(f"run {cfg.run.name} failed: {reason}\n  (full runner log: {log_path}{session.rerun_note})"
+                           ) from None
     finally:
         sys.stdout, sys.stderr = terminal, errors
         progress.close()
@@ -355,7 +356,7 @@ def _run_local(cfg: Config, root: Path, log, session) -> dict:
                "data": data_stats}
     if tracking is not None:
         summary["mlflow_run_id"] = parent
-        summary["mlflow_tracking_uri"] = getattr(session, "store", None) or os.environ["MLFLOW_TRACKING_URI"]
+        summary["mlflow_tracking_uri"] = session.store or os.environ["MLFLOW_TRACKING_URI"]
         if cfg.registry.enabled:
             summary["registry"] = registry_summary(cfg.registry.model_name, parent)
     (root / "summary.json").write_text(json.dumps(redact_mapping(summary), indent=2) + "\n")
