@@ -125,8 +125,8 @@ class DpoConfig(OptimConfig):
                           "pair per row")
     max_forward_tokens: int | None = Field(
         None, ge=0, description="a micro-batch with more tokens runs as balanced parts of at most this many (same "
-        "update, less activation memory); 0 = no cut; null = auto: 2048 on CPU (as fast, ~0.6x the memory), no cut "
-        "on a GPU (where each part costs its kernel launches again)")
+        "update, less activation memory); 0 = no cut; null = auto: one forward whenever its activations fit the "
+        "working-memory budget (src/dpoflow/memory.py), else the fewest parts that do")
     reference_update: Literal["fixed", "previous"] = Field(
         "fixed", description="run.rounds > 1: the reference of round r is the fixed one, or round r-1's policy")
     lora: LoraConfig = LoraConfig()
@@ -140,6 +140,7 @@ class PrefsConfig(_Strict):
     min_gap: float = Field(0.1, ge=0.0, description="smallest judge-score gap kept as a pair")
     temperature: float = Field(1.0, gt=0.0, description="sampling temperature")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
+    top_k: int = Field(0, ge=0, description="sample among the k most likely tokens only; 0 = all")
     max_new_tokens: int = Field(48, gt=0, description="longest sampled completion")
     max_prompts: int = Field(100000, gt=0, description="cap on training prompts used")
     max_eval_prompts: int = Field(100000, gt=0, description="cap on held-out prompts used for eval pairs")
@@ -166,6 +167,7 @@ class EvalConfig(_Strict):
     max_prompts: int = Field(1000, gt=0, description="held-out prompts evaluated")
     temperature: float = Field(0.7, ge=0.0, description="sampling temperature for both models (0 = greedy)")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus mass")
+    top_k: int = Field(0, ge=0, description="sample among the k most likely tokens only; 0 = all")
     max_new_tokens: int = Field(48, gt=0, description="longest completion")
     seed: int = Field(0, description="sampling seed, the same for policy and reference")
 

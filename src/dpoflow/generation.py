@@ -4,9 +4,9 @@ Prompts run in length-sorted batches of `batch_size` rows (k samples of a prompt
 padded. The KV cache is preallocated per batch (each step writes one position instead of copying
 the whole cache, as HF's dynamic cache does); rows that have ended leave the batch; a token is drawn
 by inverse CDF from one uniform per row (`torch.multinomial` draws one exponential per vocabulary
-entry); the batch ends when every row has hit EOS. Sampling follows HF `generate` with `top_k=0`:
-logits / temperature, nucleus cut as `TopPLogitsWarper` does it, greedy at temperature 0 (tests
-check the law and the greedy tokens).
+entry); the batch ends when every row has hit EOS. Sampling follows HF `generate`: logits /
+temperature, then `TopKLogitsWarper`'s and `TopPLogitsWarper`'s cuts, greedy at temperature 0 (tests
+check the law and the greedy tokens), with one fp32 copy of the logits per step.
 bench/README.md has the figures.
 """
 
@@ -58,26 +58,44 @@ def _new_cache(model, capacity: int) -> Cache:
     return Cache(layers=[_PreallocatedLayer(capacity) for _ in range(config.num_hidden_layers)])
 
 
-def pick_tokens(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+def pick_tokens(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator,
+                top_k: int = 0) -> torch.Tensor:
     """One token per row of next-token logits: greedy at temperature 0, else a draw from
-    softmax(logits / temperature) restricted to the top-p nucleus (HF's rule: drop the tokens whose
-    ascending cumulative probability is ≤ 1 − top_p, never the most likely one)."""
+    softmax(logits / temperature) restricted to the top-k tokens (those at least as likely as the k-th),
+    then to the top-p nucleus (HF's rule: drop the tokens whose ascending cumulative probability is
+    ≤ 1 − top_p, never the most likely one).
+
+    One fp32 (rows × vocabulary) buffer per call, everything else in place or per few rows: at 152k
+    entries a copy per operation (sort, softmax, cumsum, scatter) would be ten of them."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    x = logits.to(torch.float32, copy=True)
+    if temperature != 1:
+        x.div_(temperature)
+    if 0 < top_k < x.shape[-1]:
+        x.masked_fill_(x < x.topk(top_k, -1).values[:, -1:], float("-inf"))
     if top_p < 1.0:
-        ascending, order = logits.sort(-1)
-        drop = ascending.softmax(-1).cumsum(-1) <= 1 - top_p
-        drop[:, -1] = False
-        logits = logits.scatter(-1, order, ascending.masked_fill(drop, float("-inf")))
-    cdf = logits.softmax(-1).cumsum(-1)
+        x.masked_fill_(x < _nucleus_floor(x, top_p), float("-inf"))
+    cdf = x.sub_(x.max(-1, keepdim=True).values).exp_().cumsum_(-1)  # unnormalised: the draw scales by the total
     draw = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
     return torch.searchsorted(cdf, draw, right=True).clamp_(max=cdf.shape[1] - 1).squeeze(1)
 
 
+def _nucleus_floor(x: torch.Tensor, top_p: float) -> torch.Tensor:
+    """(rows, 1): the least logit inside each row's top-p nucleus, found by sorting a few rows at a time."""
+    floor = torch.empty(x.shape[0], 1, dtype=x.dtype, device=x.device)
+    step = max(1, (64 << 20) // (x.shape[1] * 24))  # sorted values, their indices and probabilities: ≤ 64 MB
+    for start in range(0, x.shape[0], step):
+        ascending = x[start:start + step].sort(-1).values
+        drop = ascending.softmax(-1).cumsum_(-1) <= 1 - top_p
+        drop[:, -1] = False
+        floor[start:start + step] = ascending.gather(1, drop.sum(-1, keepdim=True))
+    return floor
+
+
 @torch.no_grad()
-def _decode(model, input_ids, attention_mask, *, max_new_tokens: int, temperature: float, top_p: float, eos: int,
-            pad: int, generator: torch.Generator) -> torch.Tensor:
+def _decode(model, input_ids, attention_mask, *, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
+            eos: int, pad: int, generator: torch.Generator) -> torch.Tensor:
     """New tokens (rows × max_new_tokens, pad after EOS) for left-padded prompts. Rows that have
     ended leave the batch (and its cache) once they are a quarter of it: they cost a full row each
     step otherwise."""
@@ -92,7 +110,7 @@ def _decode(model, input_ids, attention_mask, *, max_new_tokens: int, temperatur
     for t in range(max_new_tokens):
         logits = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                        use_cache=True, logits_to_keep=1).logits[:, -1]
-        tokens = pick_tokens(logits, temperature, top_p, generator).masked_fill_(done, pad)
+        tokens = pick_tokens(logits, temperature, top_p, generator, top_k).masked_fill_(done, pad)
         out[live, t] = tokens
         done |= tokens == eos
         ended = int(done.sum())
@@ -110,7 +128,7 @@ def _decode(model, input_ids, attention_mask, *, max_new_tokens: int, temperatur
 
 
 def generate_ids(model, tokenizer, prompt_ids: list[list[int]], *, num_samples: int = 1, temperature: float = 1.0,
-                 top_p: float = 1.0, max_new_tokens: int = 48, seed: int = 0,
+                 top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 48, seed: int = 0,
                  batch_size: int = 512) -> list[list[list[int]]]:
     """k sampled completions (token ids, up to and including EOS) per prompt. `batch_size` counts rows
     (prompts × samples), fewer where the KV cache would outgrow its budget (`_rows_that_fit`). Each
@@ -136,7 +154,7 @@ def generate_ids(model, tokenizer, prompt_ids: list[list[int]], *, num_samples: 
         generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + start)
         new = _decode(model, input_ids.repeat_interleave(num_samples, 0).to(device),
                       attention_mask.repeat_interleave(num_samples, 0).to(device), max_new_tokens=max_new_tokens,
-                      temperature=temperature, top_p=top_p, eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id,
+                      temperature=temperature, top_p=top_p, top_k=top_k, eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id,
                       generator=generator)
         completions = [_until_eos(row, tokenizer.eos_token_id) for row in new.tolist()]
         for position, i in enumerate(members):

@@ -76,7 +76,7 @@ def _run_prefs(cfg: PrefsConfig, data_dir, model_dir, out_dir, shard: tuple[int,
             frame = frame.iloc[shard[0]::shard[1]]
         prompts = frame.prompt.tolist()
         samples = sample_completions(model, tokenizer, prompts, num_samples=cfg.k, temperature=cfg.temperature,
-                                     top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                                     top_p=cfg.top_p, top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens,
                                      seed=cfg.seed + (split == "eval"), prompt_messages=frame.prompt_messages.tolist())
         scores = [judge.score([p] * len(s), s) for p, s in zip(prompts, samples)]
         pairs, dropped = build_pairs(prompts, samples, scores, cfg.min_gap)

@@ -21,8 +21,9 @@ behind a dense block mask instead); `collate_packed` does the same for SFT seque
 scored tokens explicitly (row, predecessor position, target, output slot).
 
 `SequenceLogProbs` wraps the causal LM so one forward returns per-sequence summed log-probs. It runs the
-decoder, then the lm_head ONLY at positions whose next token is a completion token, and takes the
-log-softmax in fp32: full-vocabulary logits for prompt positions are never built. Wrapping (rather
+decoder, then the lm_head ONLY at positions whose next token is a completion token, in chunks of
+tokens with an fp32 logsumexp (head.py): full-vocabulary logits are never built for prompt positions,
+and for completion positions only one chunk at a time. Wrapping (rather
 than calling submodules from the loop) keeps DDP/FSDP hooks on the module that accelerate prepares.
 """
 
@@ -32,10 +33,11 @@ import json
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dpoflow.dpo.blocks import NO_MASK, Blocks, checked, enable_blocks
+from dpoflow.dpo.head import head_logps
+from dpoflow.memory import working_memory
 
 IGNORE = -100
 
@@ -317,12 +319,6 @@ def score_sequences(model, prompt_ids: list[list[int]], completion_ids: list[lis
     return sums[:, 0], counts[:, 0]
 
 
-def _token_logps(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor) -> torch.Tensor:
-    """Log-prob of each target token from its predecessor's hidden state; (N, H) -> (N,), fp32 softmax."""
-    logits = lm_head(hidden).float()
-    return torch.gather(F.log_softmax(logits, dim=-1), 1, targets.unsqueeze(1)).squeeze(1)
-
-
 class SequenceLogProbs(nn.Module):
     """forward(batch) -> (summed completion log-probs per row (R,), completion token counts (R,)).
     `blocks`: whether the model takes packed batches with block attention (blocks.py), decided once."""
@@ -331,6 +327,14 @@ class SequenceLogProbs(nn.Module):
         super().__init__()
         self.model = model
         self.blocks = enable_blocks(model)
+        self.budget = working_memory(model) // 4  # for logit chunks; the rest is the activations'
+        self.softcap = getattr(model.config.get_text_config(decoder=True), "final_logit_softcapping", None)
+
+    def _token_logps(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Log-prob of each target token from its predecessor's hidden state; (N, H) -> (N,), fp32, in
+        chunks of tokens (head.py), never the full logits."""
+        return head_logps(hidden, self.model.get_output_embeddings(), targets, budget=self.budget,
+                          softcap=self.softcap)
 
     def _hidden(self, input_ids, attention_mask, position_ids=None, **attention) -> torch.Tensor:
         decoder = self.model.get_decoder()
@@ -345,8 +349,7 @@ class SequenceLogProbs(nn.Module):
         hidden = self._hidden(batch["input_ids"], attention_mask, position_ids)  # (R, T, H)
         labels = batch["labels"][:, 1:]  # token t is scored from position t-1
         rows, positions = (labels != IGNORE).nonzero(as_tuple=True)
-        token_logps = _token_logps(hidden[:, :-1][rows, positions], self.model.get_output_embeddings(),
-                                   labels[rows, positions])
+        token_logps = self._token_logps(hidden[:, :-1][rows, positions], labels[rows, positions])
         sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, rows, token_logps)
         counts = (labels != IGNORE).sum(-1)
         return sums, counts
@@ -359,8 +362,7 @@ class SequenceLogProbs(nn.Module):
         else:
             mask = batch["attention_mask"][:, None, :, :]  # (rows, 1, T, T) boolean: True = may attend
             hidden = self._hidden(batch["input_ids"], mask, batch["position_ids"])
-        token_logps = _token_logps(hidden[batch["score_rows"], batch["score_positions"]],
-                                   self.model.get_output_embeddings(), batch["score_targets"])
+        token_logps = self._token_logps(hidden[batch["score_rows"], batch["score_positions"]], batch["score_targets"])
         slots, n = batch["score_index"], int(batch["num_sequences"])
         sums = torch.zeros(n, dtype=torch.float32, device=hidden.device).index_add(0, slots, token_logps)
         return sums, torch.bincount(slots, minlength=n)

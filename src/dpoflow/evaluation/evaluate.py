@@ -81,9 +81,10 @@ def _run_eval(cfg: EvalConfig, policy_dir, reference_model_dir, data_dir, out_di
     # and no nucleus cut (samples at the judging temperature come from another distribution), scored
     # on the exact sampled token ids
     kl_ids = policy_ids
-    if (cfg.temperature, cfg.top_p) != (1.0, 1.0):
+    if (cfg.temperature, cfg.top_p, cfg.top_k) != (1.0, 1.0, 0):
         kl_ids = [s[0] for s in generate_ids(policy, tokenizer, prompt_ids, **{**sampling(cfg), "temperature": 1.0,
-                                                                              "top_p": 1.0, "seed": cfg.seed + 1})]
+                                                                              "top_p": 1.0, "top_k": 0,
+                                                                              "seed": cfg.seed + 1})]
     policy_logps, _ = score_sequences(policy, prompt_ids, kl_ids, tokenizer.pad_token_id)
     reference_logps, _ = score_sequences(reference, prompt_ids, kl_ids, tokenizer.pad_token_id)
     kl_per_sample = (policy_logps - reference_logps).tolist()
@@ -136,14 +137,15 @@ def eval_set_hash(cfg: EvalConfig, prompts: list[str], reference_model_dir: Path
 
     from dpoflow.dpo.reference import _hash_files
 
-    settings = [prompts, cfg.judge, cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.seed,
+    settings = [prompts, cfg.judge, cfg.temperature, cfg.top_p, cfg.top_k, cfg.max_new_tokens, cfg.seed,
                 _hash_files(sorted(Path(reference_model_dir).glob("*.safetensors")))]
     return hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]
 
 
 def sampling(cfg: EvalConfig) -> dict:
     """The generation settings both models are sampled with (the same seed for both)."""
-    return dict(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    return dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens,
+                seed=cfg.seed)
 
 
 def judge_pair(cfg: EvalConfig, model_a, model_b, tokenizer, prompts: list[str], prompt_ids) -> dict:
