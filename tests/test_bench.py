@@ -27,10 +27,16 @@ def test_bench_against_trl_reports_the_headline_keys_at_equal_loss(tmp_path):
     assert 0 < report["mfu"] < 1 and report["rss_ratio_vs_trl"] > 0 and report["loss_equal_to_trl_within_1e-4"]
     setting = report["cases"]["standard"]["setting"]
     assert 90 <= setting["prompt_tokens_mean"] <= 100 and setting["useful_gflop_per_step"] > 0
+    # TRL's padded layout does more FLOPs; the target is 0.95 x that ratio (no precompute contender ran here)
+    assert setting["trl_gflop_per_step"] > setting["trl_precompute_gflop_per_step"] > setting["useful_gflop_per_step"]
+    assert report["speedup_vs_trl_precompute_flop_target"] == pytest.approx(
+        0.95 * setting["trl_precompute_gflop_per_step"] / setting["useful_gflop_per_step"], abs=1e-3)
+    assert report["speedup_vs_trl_precompute_flop_target_met"] is None
     # SFT: the same loss as TRL's SFTTrainer on the same batch; generation: both ways sampled tokens
     sft = report["sft_small_model"]
     assert sft["sft_loss_diff_vs_trl"] <= 1e-4 and abs(sft["results"]["dpoflow sft"]["loss_after_timed_steps"]) > 1
     assert report["sft_speedup_vs_trl_small_model"] == sft["sft_speedup_vs_trl"] > 0
+    assert sft["sft_flop_target_met"] == (sft["sft_speedup_vs_trl"] >= sft["sft_flop_target"]) and sft["sft_flop_target"] > 0
     generation = report["generation"]["results"]
     assert all(result["generated_tokens"] > 8 for result in generation.values())
     assert report["generation_speedup_vs_plain_loop"] > 0
@@ -48,3 +54,26 @@ def test_scaling_writes_its_table_plot_and_json(tmp_path):
         assert row["dpoflow"]["s_per_step"] > 0 and row["trl"]["peak_memory_mb"] > 0 and row["speedup_vs_trl"] > 0
     assert (tmp_path / "scaling.md").read_text().count("\n") == 2 + len(report["rows"])
     assert (tmp_path / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_vocab_sweep_measures_every_step_at_equal_loss_on_a_real_shape(tmp_path):
+    """The Qwen2.5 shape (q/k/v biases, tied head) at two vocabularies, one layer: every contender
+    ran, DPO and SFT losses equal TRL's, and the table has a line per contender."""
+    from dpoflow.bench_vocab import run_vocab
+
+    report = run_vocab(str(tmp_path), layers=1, vocabularies=(2000, 6000), batch=1, lengths=(8, 8), steps=1,
+                       sft_batch=2, generate={"prompts": 2, "samples": 2, "max_new_tokens": 3, "top_p": 0.9},
+                       fit=False, log=lambda *_: None)
+    assert json.loads((tmp_path / "vocab.json").read_text()) == report
+    small, large = report["rows"]
+    assert large["parameters_m"] > small["parameters_m"] and large["setting"]["parameters_m"] == large["parameters_m"]
+    for row in report["rows"]:
+        for group in ("dpo", "sft"):
+            for name, result in row[group].items():
+                assert result["loss_diff_vs_trl"] <= 1e-4, (row["vocab"], name, result)
+                assert result["s_per_step"] > 0 and result["peak_memory_mb"] > 0
+        assert row["reference"]["seconds"] > 0
+        assert all(result["tokens"] == 2 * 2 * 3 for result in row["generate"].values())
+    assert (tmp_path / "vocab.md").read_text().count("| 6000 |") == 8  # reference, 3 DPO, 2 SFT, 2 sampling
+    assert (tmp_path / "vocab.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -84,15 +84,16 @@ def _lengths(case: str, batch: int, rng: random.Random) -> list[tuple[int, int]]
 
 
 def make_case(case: str, batch: int, work: Path, seed: int = 0, lengths: tuple[int, int] | None = None,
-              model: dict | None = None) -> dict:
-    """The model (the `bench` preset, or Llama sizes `model`), tokenizer and pairs of a case in
-    `work`; `lengths` = (prompt, completion) tokens instead of the case's; returns its setting."""
+              model: dict | None = None, shape: dict | None = None) -> dict:
+    """The model (the `bench` preset, Llama sizes `model`, or a real model's shape: `shape` =
+    bench_vocab.build_shape_model's settings), tokenizer and pairs of a case in `work`; `lengths` =
+    (prompt, completion) tokens instead of the case's; returns its setting."""
     import pandas as pd
 
     from dpoflow.data.demo import generate_reviews
     from dpoflow.dpo.logprobs import tokenize_pairs
     from dpoflow.manifest import write_manifest
-    from dpoflow.modeling import build_model, train_tokenizer
+    from dpoflow.modeling import train_tokenizer
 
     reviews = generate_reviews(2000, seed)
     tokenizer = train_tokenizer(reviews, vocab_size=2000)
@@ -110,7 +111,7 @@ def make_case(case: str, batch: int, work: Path, seed: int = 0, lengths: tuple[i
     (work / "pairs").mkdir(parents=True, exist_ok=True)
     frame.to_parquet(work / "pairs" / "train.parquet")
     write_manifest(work / "pairs", "bench pairs", case)
-    model = build_model(tokenizer, "bench", overrides=model)
+    model = _build(tokenizer, shape, "bench", model)
     model.save_pretrained(work / "model")
     tokenizer.save_pretrained(work / "model")
     pairs = tokenize_pairs(frame, tokenizer, 100_000)
@@ -122,13 +123,31 @@ def make_case(case: str, batch: int, work: Path, seed: int = 0, lengths: tuple[i
     attention = sum((p + c) ** 2 + (p + r) ** 2 - p * p for p, c, r in lengths)
     flops = (6 * body * tokens + 6 * config.hidden_size * config.vocab_size * completion
              + 12 * config.num_hidden_layers * config.hidden_size * attention)
+    # TRL's concatenated layout: 2B rows padded to the longest prompt + completion, logits at every position
+    padded = _padded_flops(config, 2 * batch, max(p + max(c, r) for p, c, r in lengths))
     return {"case": case, "pairs": batch, "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
             "prompt_tokens_mean": round(sum(p for p, _, _ in lengths) / batch, 1),
             "completion_tokens_mean": round(completion / (2 * batch), 1), "pair_tokens": tokens,
-            "longest_sequence": max(p + max(c, r) for p, c, r in lengths), "useful_gflop_per_step": round(flops / 1e9, 2)}
+            "longest_sequence": max(p + max(c, r) for p, c, r in lengths), "useful_gflop_per_step": round(flops / 1e9, 2),
+            "trl_precompute_gflop_per_step": round(padded / 1e9, 2),
+            "trl_gflop_per_step": round(padded * 4 / 3 / 1e9, 2)}  # + the reference's forward (1/3 of fwd+bwd)
 
 
-def make_sft_case(batch: int, work: Path, max_length: int, preset: str = "bench", seed: int = 0) -> dict:
+def _padded_flops(config, rows: int, width: int) -> int:
+    """Forward + backward FLOPs of `rows` rows padded to `width` tokens with logits at every position."""
+    return (6 * _body_parameters(config) * rows * width + 6 * config.hidden_size * config.vocab_size * rows * width
+            + 12 * config.num_hidden_layers * config.hidden_size * rows * width * width)
+
+
+def _build(tokenizer, shape: dict | None, preset: str, overrides: dict | None = None):
+    from dpoflow.bench_vocab import build_shape_model
+    from dpoflow.modeling import build_model
+
+    return build_shape_model(tokenizer, **shape) if shape else build_model(tokenizer, preset, overrides=overrides)
+
+
+def make_sft_case(batch: int, work: Path, max_length: int, preset: str = "bench", seed: int = 0,
+                  shape: dict | None = None) -> dict:
     """The demo SFT corpus (prompt = a review's opening, completion = the rest), one batch of it, and
     the bench model + tokenizer in `work`; returns its setting."""
     import pandas as pd
@@ -136,13 +155,13 @@ def make_sft_case(batch: int, work: Path, max_length: int, preset: str = "bench"
     from dpoflow.config import DataConfig
     from dpoflow.data.step import run_data
     from dpoflow.manifest import write_manifest
-    from dpoflow.modeling import build_model, load_tokenizer, train_tokenizer
+    from dpoflow.modeling import load_tokenizer, train_tokenizer
     from dpoflow.sft import encode_example
 
     run_data(DataConfig(demo={"n_reviews": 4 * batch + 200, "seed": seed}), work / "corpus")
     rows = pd.read_parquet(work / "corpus" / "train.parquet")
     tokenizer = train_tokenizer((rows["prompt"] + rows["completion"]).tolist(), vocab_size=2000)
-    model = build_model(tokenizer, preset)
+    model = _build(tokenizer, shape, preset)
     model.save_pretrained(work / "model")
     tokenizer.save_pretrained(work / "model")
     (work / "sft-data").mkdir(parents=True, exist_ok=True)
@@ -160,7 +179,8 @@ def make_sft_case(batch: int, work: Path, max_length: int, preset: str = "bench"
     return {"case": "sft_demo_corpus", "model_preset": preset, "examples": batch, "tokens": sum(lengths),
             "labelled_tokens": labelled, "longest_sequence": max(lengths),
             "padding_if_padded": round(1 - sum(lengths) / (batch * max(lengths)), 3),
-            "useful_gflop_per_step": round(flops / 1e9, 2)}
+            "useful_gflop_per_step": round(flops / 1e9, 2),
+            "trl_gflop_per_step": round(_padded_flops(config, batch, max(lengths)) / 1e9, 2)}
 
 
 def _body_parameters(config) -> int:
@@ -202,8 +222,10 @@ def run_sft_bench(steps: int = 5, batch: int = 32, repeats: int = 2, peak: float
         log(f"sft          {name:34s} {result['s_per_step']:7.3f} s/step  {result['tokens_per_s']:8.1f} tokens/s  "
             f"RSS {result['peak_rss_mb']:.0f} MB  loss {result['loss_after_timed_steps']:.6f}")
     trl_result, ours = results["trl SFTTrainer"], results["dpoflow sft"]
+    speedup = round(trl_result["s_per_step"] / ours["s_per_step"], 3)
+    target = round(0.95 * setting["trl_gflop_per_step"] / setting["useful_gflop_per_step"], 3)
     return {"setting": setting, "results": results,
-            "sft_speedup_vs_trl": round(trl_result["s_per_step"] / ours["s_per_step"], 3),
+            "sft_speedup_vs_trl": speedup, "sft_flop_target": target, "sft_flop_target_met": speedup >= target,
             "sft_loss_diff_vs_trl": abs(trl_result["loss_after_timed_steps"] - ours["loss_after_timed_steps"])}
 
 
@@ -292,6 +314,10 @@ def _worker(kind: str, settings: dict, work: Path, steps: int, batch: int, max_l
 
     torch.manual_seed(0)
     times, losses = [], []
+    if kind in ("reference", "generate-dpoflow", "generate-hf"):  # no steps: seconds and memory
+        from dpoflow.bench_vocab import worker
+
+        return {**worker(kind, settings, work, max_length), **_peaks()}
     if kind.startswith("sft"):
         times, losses = _sft_worker(kind, settings, work, steps, batch, max_length)
     elif kind == "dpoflow":
@@ -333,7 +359,13 @@ def _worker(kind: str, settings: dict, work: Path, steps: int, batch: int, max_l
         trainer.train()
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     seconds = (times[-1] - times[0]) / steps
-    return {"s_per_step": seconds, "loss": losses[-1], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    return {"s_per_step": seconds, "loss": losses[-1], **_peaks()}
+
+
+def _peaks() -> dict:
+    import torch
+
+    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if torch.cuda.is_available() else None}
 
 
@@ -383,6 +415,12 @@ def _sft_worker(kind: str, settings: dict, work: Path, steps: int, batch: int, m
 
 def _run_contender(name: str, work: Path, steps: int, batch: int, max_length: int, precision: str = "fp32") -> dict:
     kind, settings = {**CONTENDERS, **SFT_CONTENDERS}[name]
+    return run_worker(kind, settings, work, steps, batch, max_length, precision, name)
+
+
+def run_worker(kind: str, settings: dict, work: Path, steps: int, batch: int, max_length: int,
+               precision: str = "fp32", name: str | None = None) -> dict:
+    """One contender (`kind` with `settings`) in its own process; its result line."""
     if precision != "fp32" or _cuda():  # the same precision on both sides; TRL off its CPU default
         extra = {"precision": precision} if kind == "dpoflow" else {"bf16": precision == "bf16", "use_cpu": False}
         settings = {**settings, **extra}
@@ -390,13 +428,13 @@ def _run_contender(name: str, work: Path, steps: int, batch: int, max_length: in
                str(max_length)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"bench contender {name!r} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"bench contender {name or kind!r} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # ---- the whole bench ----------------------------------------------------------------------------
 
-SUITES = ("dpo", "sft", "generate")  # and "scaling" (~15 min on 2 cores) when asked for
+SUITES = ("dpo", "sft", "generate")  # and "scaling" (~15 min on 2 cores) and "vocab" (~25 min) when asked for
 
 
 def _cuda() -> bool:
@@ -407,7 +445,8 @@ def _cuda() -> bool:
 
 def run_bench(steps: int = 5, batch: int = 8, cases=tuple(CASES), contenders=tuple(CONTENDERS), repeats: int = 2,
               out: str | None = None, suites=SUITES, sft_presets=("bench", "small"), generate_prompts: int = 256,
-              precision: str = "fp32", model: str | None = None, log=print) -> dict:
+              precision: str = "fp32", model: str | None = None, shape: str = "qwen2.5-0.5b", layers: int | None = 2,
+              log=print) -> dict:
     import torch
 
     from dpoflow.dpo.reference import run_reference
@@ -441,6 +480,11 @@ def run_bench(steps: int = 5, batch: int = 8, cases=tuple(CASES), contenders=tup
             report[f"sft_speedup_vs_trl{'' if preset == 'bench' else '_' + preset + '_model'}"] = sft["sft_speedup_vs_trl"]
     if "scaling" in suites:  # writes scaling.json / .md / .png beside the JSON report (default: bench/)
         report["scaling"] = run_scaling(str(Path(out).parent) if out else "bench", precision=precision, log=log)
+    if "vocab" in suites:  # writes vocab.json / .md / .png beside the JSON report (default: bench/)
+        from dpoflow.bench_vocab import run_vocab
+
+        report["vocab"] = run_vocab(str(Path(out).parent) if out else "bench", shape=shape, layers=layers,
+                                    precision=precision, log=log)
     if "generate" in suites:
         report["generation"] = run_generation_bench(prompts=generate_prompts, repeats=repeats, log=log)
         report["generation_speedup_vs_plain_loop"] = report["generation"]["generation_speedup_vs_plain_loop"]
@@ -458,8 +502,16 @@ def _headline(report: dict) -> dict:
         return None
 
     standard = report["cases"].get("standard", {}).get("results", {})
+    setting = report["cases"].get("standard", {}).get("setting", {})
+    precompute = ratio("standard", "trl (precompute_ref_log_probs)", "dpoflow")
+    # the speed a FLOP-for-FLOP equal implementation would reach, less 5 %: TRL's FLOPs / ours
+    target = (round(0.95 * setting["trl_precompute_gflop_per_step"] / setting["useful_gflop_per_step"], 3)
+              if setting else None)
     return {"speedup_vs_trl": ratio("standard", "trl", "dpoflow"),
-            "speedup_vs_trl_precompute": ratio("standard", "trl (precompute_ref_log_probs)", "dpoflow"),
+            "speedup_vs_trl_precompute_flop_target": target,
+            "speedup_vs_trl_precompute_flop_target_met": None if precompute is None or target is None
+            else precompute >= target,
+            "speedup_vs_trl_precompute": precompute,
             "rss_ratio_vs_trl": ratio("standard", "dpoflow", "trl", "peak_rss_mb"),
             "mfu": standard.get("dpoflow", {}).get("mfu"),
             "speedup_vs_trl_length_mix": ratio("length_mix", "trl", "dpoflow"),

@@ -199,7 +199,7 @@ def cmd_bench(args) -> int:
     contenders = [name for name in args.contender or CONTENDERS if args.against == "trl" or not name.startswith("trl")]
     run_bench(steps=args.steps, batch=args.batch, cases=args.case or list(CASES), contenders=contenders,
               repeats=args.repeats, out=args.json, suites=args.suite or SUITES, precision=args.precision,
-              model=args.model)
+              model=args.model, shape=args.shape, layers=args.layers or None)
     return 0
 
 
@@ -348,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     frontier.set_defaults(func=cmd_frontier)
 
     from dpoflow.bench import CASES, CONTENDERS, SCALING_MODELS, SUITES  # stdlib-only at import: cheap for the parser
+    from dpoflow.bench_vocab import SHAPES
 
     bench = sub.add_parser("bench", help="throughput: DPO vs TRL DPOTrainer, SFT vs SFTTrainer, generation")
     bench.add_argument("--against", choices=["trl", "none"], default="trl",
@@ -357,9 +358,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--case", action="append", choices=list(CASES),
                        help="repeatable; default: all three")
     bench.add_argument("--contender", action="append", choices=list(CONTENDERS), help="repeatable; default: all")
-    bench.add_argument("--suite", action="append", choices=[*SUITES, "scaling"],
+    bench.add_argument("--suite", action="append", choices=[*SUITES, "scaling", "vocab"],
                        help="repeatable; default: dpo, sft, generate (dpo: the DPO cases; sft: vs SFTTrainer; "
-                       "generate: sampling; scaling: length 256-2048 and model 17M-120M, table + plot in bench/)")
+                       "generate: sampling; scaling: length 256-2048 and model 17M-120M; vocab: a real model shape "
+                       "at vocabularies 2k-152k, reference/DPO/SFT/sampling, and what fits; table + plot in bench/)")
+    bench.add_argument("--shape", choices=list(SHAPES), default="qwen2.5-0.5b",
+                       help="the vocab suite's model shape (random weights)")
+    bench.add_argument("--layers", type=int, default=2,
+                       help="the vocab suite's body cut to this many layers (0 = the whole model, on a GPU)")
     bench.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="both sides (bf16: on a GPU)")
     bench.add_argument("--model", choices=list(SCALING_MODELS), help="DPO cases on this size instead of the 14.5M one")
     bench.add_argument("--repeats", type=int, default=2, help="alternated runs per contender (the best is kept)")
