@@ -49,6 +49,20 @@ def test_gate_rules():
     assert not passed and "head-to-head vs champion v1: win rate 0.300 [0.240, 0.370] not below 0.5" in reasons[-1]
 
 
+@pytest.mark.parametrize("diversity, lengths, passed, failing", [
+    (0.72, (34.7, 33.0), True, None),  # the demo's β 0.1 policy: diverse, 5 % longer
+    (0.46, (36.0, 33.0), False, "fail: distinct-2 0.46 x the reference's vs registry.min_diversity 0.5"),  # round 2
+    (0.58, (42.9, 33.0), False, "fail: mean completion length 1.30 x the reference's vs registry.max_length_ratio 1.25"),
+])
+def test_gate_refuses_a_collapsed_or_padded_policy_with_the_reason(diversity, lengths, passed, failing):
+    candidate = {**row("4", 0.1, 0.99, 0.98, 1.0, 5.0), "diversity_ratio": diversity, "length_policy": lengths[0],
+                 "length_reference": lengths[1]}
+    decision, reasons = gate_decision(candidate, 0.55, min_diversity=0.5, max_length_ratio=1.25)
+    assert decision is passed
+    assert [r for r in reasons if r.startswith("fail")] == ([failing] if failing else [])
+    assert len(reasons) == 5  # win rate, interval, diversity, length, champion
+
+
 @pytest.fixture
 def store(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -77,6 +91,12 @@ def _register(model_dir, figures, beta):
 
     run_id = tracking.start_parent_run("dpoflow", f"beta-{beta}")
     return run_register(model_dir, {**figures, "beta": beta}, {"beta": beta}, model_name="m", run_id=run_id)
+
+
+def tags_of(version: str) -> dict:
+    from dpoflow import tracking
+
+    return next(v for v in tracking.model_versions("m") if v["version"] == version)["tags"]
 
 
 def test_register_select_gate_promote_rollback_in_a_real_store(store, tiny_model_dir):
@@ -121,6 +141,14 @@ def test_register_select_gate_promote_rollback_in_a_real_store(store, tiny_model
     rollback("m")
     assert tracking.version_by_alias("m", "champion")["version"] == "2"
     assert tracking.version_by_alias("m", "previous-champion")["version"] == better
+    # every version's model card (the registry UI's description) follows its status and decisions
+    cards = {v: tracking.client().get_model_version("m", v).description for v in ("2", worse, better)}
+    assert "Status: **champion**" in cards["2"] and "win rate 0.820 (95 % interval 0.720–0.900) on 100" in cards["2"]
+    assert "- decision: pass" in cards["2"] and "- pass: win rate 0.820 vs registry.min_win_rate 0.6" in cards["2"]
+    assert "Status: **candidate**" in cards[worse] and "- decision: fail" in cards[worse]
+    assert "- fail: champion v2 win rate 0.820 on the same eval set" in cards[worse]
+    assert "Status: **rolled-back**" in cards[better] and "β 0.3" in cards[better]
+    assert f"weights sha {tags_of(better)['dpoflow.model_sha']}" in cards[better]
     path = tracking.download_model("models:/m@champion")
     from dpoflow.modeling import load_model
 

@@ -110,8 +110,8 @@ def _measure(kind: str, settings: dict, work: Path, steps: int, batch: int, max_
 def run_vocab(out_dir: str = "bench", shape: str = "qwen2.5-0.5b", layers: int | None = 2,
               vocabularies=VOCABULARIES, batch: int = 4, lengths: tuple[int, int] = (64, 128), steps: int = 2,
               sft_batch: int = 8, generate: dict | None = None, precision: str = "fp32", fit: bool = True,
-              log=print) -> dict:
-    """The sweep (module docstring); writes vocab.json, vocab.md and vocab.png in `out_dir`."""
+              dpo_contenders=DPO, name: str = "vocab", log=print) -> dict:
+    """The sweep (module docstring); writes `name`.json, .md and .png in `out_dir`."""
     import torch
 
     from dpoflow.bench import CONTENDERS, SFT_CONTENDERS, _cuda, make_case, make_sft_case
@@ -127,23 +127,23 @@ def run_vocab(out_dir: str = "bench", shape: str = "qwen2.5-0.5b", layers: int |
         row = {"vocab": vocab, "parameters_m": setting["parameters_m"], "weights_mb": round(parameters * 4 / 2 ** 20),
                "training_state_mb": round(4 * parameters * 4 / 2 ** 20), "setting": setting}
         row["reference"] = _measure("reference", {}, work, 0, batch, max_length, precision)
-        row["dpo"] = {name: _measure(*CONTENDERS[name], work, steps, batch, max_length, precision, name)
-                      for name in DPO}
+        row["dpo"] = {contender: _measure(*CONTENDERS[contender], work, steps, batch, max_length, precision,
+                                          contender) for contender in dpo_contenders}
         sft_work = Path(tempfile.mkdtemp(prefix=f"dpoflow-vocab-sft-{vocab}-"))
         row["sft_setting"] = make_sft_case(sft_batch, sft_work, 128, shape=spec)
-        row["sft"] = {name: _measure(*SFT_CONTENDERS[name], sft_work, max(steps, 2), sft_batch, 128, precision, name)
-                      for name in SFT_CONTENDERS}
+        row["sft"] = {contender: _measure(*SFT_CONTENDERS[contender], sft_work, max(steps, 2), sft_batch, 128,
+                                          precision, contender) for contender in SFT_CONTENDERS}
         for group, baseline in (("dpo", "trl"), ("sft", "trl SFTTrainer")):  # equal math: the same loss as TRL's
             base = row[group][baseline].get("loss")
             for result in row[group].values():
                 if base is not None and "loss" in result:
                     result["loss_diff_vs_trl"] = abs(result["loss"] - base)
-        row["generate"] = {name: _measure(kind, generate, work, 0, batch, max_length, precision)
-                           for name, kind in (("dpoflow generate_ids", "generate-dpoflow"),
+        row["generate"] = {contender: _measure(kind, generate, work, 0, batch, max_length, precision)
+                           for contender, kind in (("dpoflow generate_ids", "generate-dpoflow"),
                                               ("model.generate", "generate-hf"))}
         log(f"vocab {vocab:7d}: " + "  ".join(
-            f"{name} {_cell(result, 's_per_step')} s {_cell(result, 'peak_memory_mb')} MB"
-            for name, result in {"reference": row["reference"], **row["dpo"], **row["sft"]}.items()))
+            f"{contender} {_cell(result, 's_per_step')} s {_cell(result, 'peak_memory_mb')} MB"
+            for contender, result in {"reference": row["reference"], **row["dpo"], **row["sft"]}.items()))
         rows.append(row)
     device = torch.cuda.get_device_name() if _cuda() else f"{torch.get_num_threads()} CPU threads"
     report = {"shape": shape, "layers": layers, "pairs": batch, "lengths": lengths, "steps": steps,
@@ -153,9 +153,9 @@ def run_vocab(out_dir: str = "bench", shape: str = "qwen2.5-0.5b", layers: int |
         report["fits"] = _fits(shape, layers, vocabularies[-1], batch, lengths, steps, precision, log)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "vocab.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "vocab.md").write_text(vocab_table(report))
-    _vocab_plot(report, out / "vocab.png")
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{name}.md").write_text(vocab_table(report))
+    _vocab_plot(report, out / f"{name}.png")
     return report
 
 

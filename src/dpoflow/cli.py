@@ -240,7 +240,9 @@ def cmd_promote(args) -> int:
         return 0
     if not args.version:
         raise ValueError("give --version N to promote (it must pass the gate) or --rollback")
-    if not args.force and not run_gate(name, args.version, min_win_rate=cfg.registry.min_win_rate):
+    if not args.force and not run_gate(name, args.version, min_win_rate=cfg.registry.min_win_rate,
+                                       min_diversity=cfg.registry.min_diversity,
+                                       max_length_ratio=cfg.registry.max_length_ratio):
         print(f"promote: v{args.version} did not pass the gate; champion unchanged (--force overrides)")
         return 1
     run_promote(name, args.version)

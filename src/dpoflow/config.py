@@ -126,7 +126,7 @@ class DpoConfig(OptimConfig):
     max_forward_tokens: int | None = Field(
         None, ge=0, description="a micro-batch with more tokens runs as balanced parts of at most this many (same "
         "update, less activation memory); 0 = no cut; null = auto: one forward whenever its activations fit the "
-        "working-memory budget (src/dpoflow/memory.py), else the fewest parts that do")
+        "activation budget (src/dpoflow/memory.py), else the fewest parts that do")
     reference_update: Literal["fixed", "previous"] = Field(
         "fixed", description="run.rounds > 1: the reference of round r is the fixed one, or round r-1's policy")
     lora: LoraConfig = LoraConfig()
@@ -184,6 +184,11 @@ class RegistryConfig(_Strict):
     model_name: str = Field("dpoflow-demo", description="registered model name")
     min_win_rate: float = Field(0.55, ge=0.0, le=1.0, description="gate: least win rate vs the reference")
     max_kl: float | None = Field(None, gt=0, description="select: ignore candidates above this KL (None = no budget)")
+    min_diversity: float = Field(0.5, ge=0.0, description="gate: least distinct-2 of the candidate's samples, as a "
+                                 "fraction of the reference's (a policy that collapsed onto what the judge likes)")
+    max_length_ratio: float | None = Field(1.25, gt=0, description="gate: most mean completion length, as a multiple "
+                                           "of the reference's (longer answers are a known way to win a judge); "
+                                           "null = no check")
 
 
 class RunConfig(_Strict):

@@ -1,17 +1,22 @@
-"""How much working memory a forward/backward may take: the budget that decides how finely the output
-head's logits are chunked (dpo/head.py) and whether a DPO micro-batch runs as one forward or in parts.
+"""How much memory a step may spend beyond its model and optimizer state, in two budgets:
 
-Working memory = what a step allocates beyond the model's weights, gradients and optimizer state
-(activations, logit chunks). The budget is the smaller of
+- the **logit budget** (dpo/head.py): how many tokens go through the output head at a time. A chunk
+  of a few hundred tokens runs the head's GEMM at full speed, so this budget is small: a quarter of
+  the weights, at least 256 MiB, at most an eighth of the free memory. At 152k vocabulary rows and
+  fp32 that is ~220 tokens per chunk for a 0.5B model, ~3,400 for a 7B model in bf16; the 2k
+  vocabulary of the demo fits every logit at once (then nothing is recomputed).
+- the **activation budget** (the DPO micro-batch): one forward whenever its activations fit; only
+  beyond it does a micro-batch run in parts. On a GPU it is half of what is free once the gradients
+  and Adam's two moments of the trainable weights (3 x their bytes, allocated at the first step)
+  are set aside: each part costs its kernel launches again, which doubled small steps on an H100.
+  On a CPU parts cost little (the GEMMs stay large; up to ~16 % on small models), so the budget is
+  also capped at max(1 GiB, 2 x the trainable weights): the step's memory stays near its training
+  state instead of growing with whatever the machine has free. At least 256 MiB either way.
 
-- a quarter of the memory free on the device (GPU: `torch.cuda.mem_get_info`; CPU: the container's
-  cgroup limit or the machine's available memory, whichever is less), and
-- the larger of 1 GiB and the model's weights: a step never needs more transient memory than the
-  state it trains to run at full speed (an output head's GEMM is as fast on 256 rows as on 25,600),
-  so a machine with plenty free does not invite a 152k-vocabulary model to hold every logit.
-
-`DPOFLOW_MEMORY_BUDGET_MB` sets it outright (a shared node, a known limit). It only decides how
-work is cut, never what is computed: every budget gives the same numbers.
+Free memory: `torch.cuda.mem_get_info` on a GPU; on a CPU the machine's available memory or the
+container's cgroup limit, whichever is less. `DPOFLOW_LOGIT_BUDGET_MB` and
+`DPOFLOW_ACTIVATION_BUDGET_MB` set them outright (a shared node, a known limit). Budgets decide how
+work is cut, never what is computed: every budget gives the same numbers (tested).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-FLOOR = 1 << 30
+MIB = 1 << 20
 
 
 def _cgroup_free() -> int | None:
@@ -47,14 +52,26 @@ def free_bytes(device: torch.device) -> int:
     return min(available, cgroup) if cgroup is not None else available
 
 
-def working_memory(model: torch.nn.Module) -> int:
-    """The working-memory budget in bytes for steps on `model` (see the module docstring)."""
-    override = os.environ.get("DPOFLOW_MEMORY_BUDGET_MB")
-    if override:
-        return int(float(override) * (1 << 20))
+def _override(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(float(value) * MIB) if value else None
+
+
+def logit_budget(model: torch.nn.Module) -> int:
+    """Bytes of logits a forward or backward may hold at once (module docstring)."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    free = free_bytes(next(model.parameters()).device)
+    return _override("DPOFLOW_LOGIT_BUDGET_MB") or max(MIB, min(free // 8, max(256 * MIB, weights // 4)))
+
+
+def activation_budget(model: torch.nn.Module) -> int:
+    """Bytes of activations one training forward may keep for its backward (module docstring)."""
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     device = next(model.parameters()).device
-    return max(64 << 20, min(free_bytes(device) // 4, max(FLOOR, weights)))
+    budget = (free_bytes(device) - 3 * trainable) // 2
+    if device.type != "cuda":
+        budget = min(budget, max(1 << 30, 2 * trainable))
+    return _override("DPOFLOW_ACTIVATION_BUDGET_MB") or max(256 * MIB, budget)
 
 
 def activation_bytes_per_token(config, element_size: int) -> int:

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 # tags every registered version carries (also the columns `select` compares)
-QUALITY = ("win_rate", "win_rate_ci_low", "win_rate_ci_high", "kl", "reward_margin", "implicit_accuracy", "n_prompts")
+QUALITY = ("win_rate", "win_rate_ci_low", "win_rate_ci_high", "kl", "reward_margin", "implicit_accuracy", "n_prompts",
+           "diversity_ratio", "length_policy", "length_reference")
 
 
 def model_sha(model_dir: Path) -> str:
@@ -63,7 +65,49 @@ def run_register(model_dir, eval_metrics: dict, lineage: dict, *, model_name: st
         log(f"register: {model_name} version {version} (β {lineage.get('beta')}, win rate "
             f"{eval_metrics['win_rate']:.3f}) -> alias candidate")
     tracking.set_alias(model_name, "candidate", version)
+    write_card(model_name, version)
     return version
+
+
+def model_card(name: str, version: str, tags: dict) -> str:
+    """The version's model card (markdown, the registry UI's description): what it was trained from,
+    how good it is and with what certainty, what the gate decided and why, and where it was built."""
+    def tag(key: str, default: str = "-") -> str:
+        return str(tags.get(f"dpoflow.{key}", default))
+
+    def figure(key: str, digits: int = 3) -> str:
+        value = tags.get(f"dpoflow.{key}")
+        return f"{float(value):.{digits}f}" if value not in (None, "") else "-"
+
+    lines = [f"# {name} v{version}: DPO policy (β {tag('beta')}, loss {tag('loss_type')}, round {tag('round', '1')})",
+             "", f"Status: **{tag('status')}**.", "", "## Trained from",
+             f"- base model: {tag('base_model')}",
+             f"- data: md5 {tag('data.md5')}, rev {tag('data.rev')}, source {tag('data.source')}",
+             f"- reference log-probs cache key: {tag('ref_cache_key')}; started from: {tag('policy_init') or 'the reference'}",
+             "", "## Evaluation (held-out prompts, against the reference)",
+             f"- win rate {figure('win_rate')} (95 % interval {figure('win_rate_ci_low')}–{figure('win_rate_ci_high')}) "
+             f"on {tag('n_prompts')} prompts; reward margin {figure('reward_margin')}, implicit accuracy "
+             f"{figure('implicit_accuracy')}",
+             f"- KL(policy ‖ reference) {figure('kl')}",
+             f"- diversity: distinct-2 {figure('diversity_ratio', 2)} × the reference's; mean completion length "
+             f"{figure('length_policy', 1)} vs {figure('length_reference', 1)} tokens",
+             "", "## Gate", f"- decision: {tag('gate', 'not gated yet')}"]
+    lines += [f"- {reason}" for reason in tags.get("dpoflow.gate_reasons", "").split("; ") if reason]
+    lines += ["", "## Lineage", f"- git {tag('git_sha')}, config hash {tag('config_hash')}",
+              f"- image {tag('image')} (id {tag('image_id', '') or '-'}, git {tag('image_git_sha')})",
+              f"- MLflow run {tag('mlflow_run_id')} (parent {tag('parent_run_id')})",
+              f"- weights sha {tag('model_sha')}; " + ", ".join(
+                  f"{k.removeprefix('dpoflow.lib.')} {v}" for k, v in sorted(tags.items()) if k.startswith("dpoflow.lib."))]
+    return "\n".join(lines) + "\n"
+
+
+def write_card(model_name: str, version: str) -> None:
+    """(Re)write a version's model card from its tags: after register, gate, promote and rollback."""
+    from dpoflow import tracking
+
+    found = next((v for v in tracking.model_versions(model_name) if v["version"] == str(version)), None)
+    if found is not None:
+        tracking.set_version_description(model_name, str(version), model_card(model_name, str(version), found["tags"]))
 
 
 def select_best(rows: list[dict], max_kl: float | None = None) -> tuple[dict | None, str]:
@@ -82,10 +126,13 @@ def select_best(rows: list[dict], max_kl: float | None = None) -> tuple[dict | N
 
 
 def gate_decision(candidate: dict, min_win_rate: float, champion: dict | None = None,
-                  head_to_head: dict | None = None) -> tuple[bool, list[str]]:
+                  head_to_head: dict | None = None, *, min_diversity: float = 0.0,
+                  max_length_ratio: float | None = None) -> tuple[bool, list[str]]:
     """Whether `candidate` may become champion, with a reason per check:
       1. win rate vs the reference >= min_win_rate;
       2. the lower bound of its 95 % interval > 0.5 (it beats the reference, not just by luck);
+      2b. not a judge hack: its samples' distinct-2 >= min_diversity x the reference's, and their mean
+         length <= max_length_ratio x the reference's (checked where the version carries the figures);
       3. when a champion exists, not worse than it on the same evaluation set: with the same
          eval-set hash, the champion's win rate is not above the candidate's interval; otherwise a
          head-to-head judged comparison (candidate vs champion) whose interval is not below 0.5.
@@ -100,6 +147,14 @@ def gate_decision(candidate: dict, min_win_rate: float, champion: dict | None = 
     check(candidate["win_rate"] >= min_win_rate,
           f"win rate {candidate['win_rate']:.3f} vs registry.min_win_rate {min_win_rate}")
     check(candidate["win_rate_ci_low"] > 0.5, f"win-rate interval lower bound {candidate['win_rate_ci_low']:.3f} > 0.5")
+    diversity = candidate.get("diversity_ratio", math.nan)
+    if min_diversity and not math.isnan(diversity):
+        check(diversity >= min_diversity, f"distinct-2 {diversity:.2f} x the reference's vs registry.min_diversity "
+              f"{min_diversity}")
+    growth = candidate.get("length_policy", math.nan) / candidate.get("length_reference", math.nan)
+    if max_length_ratio and not math.isnan(growth):
+        check(growth <= max_length_ratio, f"mean completion length {growth:.2f} x the reference's vs "
+              f"registry.max_length_ratio {max_length_ratio}")
     if champion is not None:
         if head_to_head is None and champion.get("eval_set_hash") != candidate.get("eval_set_hash"):
             check(False, f"champion v{champion['version']} was evaluated on another set and no head-to-head "
@@ -146,7 +201,8 @@ def run_select(model_name: str, versions: list[str], *, max_kl: float | None, lo
     return best["version"]
 
 
-def run_gate(model_name: str, version: str, *, min_win_rate: float, head_to_head=None, log=print) -> bool:
+def run_gate(model_name: str, version: str, *, min_win_rate: float, head_to_head=None, min_diversity: float = 0.0,
+             max_length_ratio: float | None = None, log=print) -> bool:
     """Decide whether `version` may become champion; the decision and its reasons become tags.
     `head_to_head(champion_version) -> win-rate metrics` judges the candidate against the champion
     on this run's eval set; it is called only when the champion's figures are for another set."""
@@ -164,11 +220,13 @@ def run_gate(model_name: str, version: str, *, min_win_rate: float, head_to_head
         if against_reference and champion["eval_set_hash"] != candidate["eval_set_hash"] and head_to_head:
             log(f"gate: champion v{champion['version']} was evaluated on another set: judging head to head")
             duel = head_to_head(champion["version"])
-    passed, reasons = gate_decision(candidate, min_win_rate, champion, duel)
+    passed, reasons = gate_decision(candidate, min_win_rate, champion, duel, min_diversity=min_diversity,
+                                    max_length_ratio=max_length_ratio)
     if champion_version is not None and champion_version["version"] == version:
         passed, reasons = False, ["already the champion: nothing to promote"]
     tracking.set_version_tags(model_name, version, {"dpoflow.gate": "pass" if passed else "fail",
                                                      "dpoflow.gate_reasons": "; ".join(reasons)})
+    write_card(model_name, version)
     log(f"gate: {'PASS' if passed else 'FAIL'} for {model_name} v{version}: " + "; ".join(reasons))
     return passed
 
@@ -183,6 +241,8 @@ def run_promote(model_name: str, version: str, log=print) -> dict:
         tracking.set_version_tags(model_name, old["version"], {"dpoflow.status": "previous-champion"})
     tracking.set_alias(model_name, "champion", version)
     tracking.set_version_tags(model_name, version, {"dpoflow.status": "champion"})
+    for changed in {version, old["version"] if old else version}:
+        write_card(model_name, changed)
     log(f"promote: {model_name} v{version} is champion" + (f" (previous: v{old['version']})" if old else ""))
     return {"champion": version, "previous_champion": old["version"] if old else None}
 
@@ -200,5 +260,7 @@ def rollback(model_name: str, log=print) -> dict:
     if current is not None:
         tracking.set_alias(model_name, "previous-champion", current["version"])
         tracking.set_version_tags(model_name, current["version"], {"dpoflow.status": "rolled-back"})
+        write_card(model_name, current["version"])
+    write_card(model_name, previous["version"])
     log(f"rollback: {model_name} champion v{current['version'] if current else '-'} -> v{previous['version']}")
     return {"champion": previous["version"], "previous_champion": current["version"] if current else None}

@@ -350,6 +350,10 @@ def delete_alias(name: str, alias: str) -> None:
         pass
 
 
+def set_version_description(name: str, version: str, text: str) -> None:
+    retrying(client().update_model_version, name, version, description=text)
+
+
 def set_version_tags(name: str, version: str, tags: dict) -> None:
     c = client()
     for key, value in tags.items():

@@ -37,7 +37,7 @@ from torch import nn
 
 from dpoflow.dpo.blocks import NO_MASK, Blocks, checked, enable_blocks
 from dpoflow.dpo.head import head_logps
-from dpoflow.memory import working_memory
+from dpoflow.memory import logit_budget
 
 IGNORE = -100
 
@@ -327,7 +327,7 @@ class SequenceLogProbs(nn.Module):
         super().__init__()
         self.model = model
         self.blocks = enable_blocks(model)
-        self.budget = working_memory(model) // 4  # for logit chunks; the rest is the activations'
+        self.budget = logit_budget(model)
         self.softcap = getattr(model.config.get_text_config(decoder=True), "final_logit_softcapping", None)
 
     def _token_logps(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ runs the same lines for every choice:
     for each optimizer step:
         global batch of size per_device x grad_accum x processes (seeded order, see training.py)
         for each of this rank's micro-batches, in parts only when its activations would not fit the
-        memory budget (memory.py; or parts of at most dpo.max_forward_tokens):
+        activation budget (memory.py; or parts of at most dpo.max_forward_tokens):
             policy log-probs (one forward over chosen+rejected) -> reference log-probs -> loss
             backward (gradient sync only on the last part of the last micro-batch)
         clip, step, schedule; gather every example's rewards across ranks; log TRL's metric names
@@ -34,7 +34,7 @@ from dpoflow.dpo.logprobs import SequenceLogProbs, collate_pairs, collate_shared
 from dpoflow.dpo.losses import preference_loss, sft_loss
 from dpoflow.dpo.reference import cache_key, load_pair_frames, load_reference_logps
 from dpoflow.manifest import building
-from dpoflow.memory import activation_bytes_per_token, working_memory
+from dpoflow.memory import activation_budget, activation_bytes_per_token
 from dpoflow.training import (
     Guard,
     MetricsWriter,
@@ -158,8 +158,8 @@ def _run_dpo(cfg: DpoConfig, pairs_dir, reference_model_dir, out_dir, *, referen
                if cfg.prefix_sharing else collate_pairs)
     lengths = pairs.forward_tokens(cfg.prefix_sharing)
     budget = cfg.max_forward_tokens
-    if budget is None:  # auto: one forward whenever its activations fit what the logit chunks leave
-        budget = (working_memory(scorer_module.model) - scorer_module.budget) // activation_bytes_per_token(
+    if budget is None:  # auto: one forward whenever its activations fit the activation budget
+        budget = activation_budget(scorer_module.model) // activation_bytes_per_token(
             scorer_module.model.config, 2 if accelerator.mixed_precision in ("bf16", "fp16") else 4)
 
     start = resume_step(accelerator, out_dir, log) if resume else 0

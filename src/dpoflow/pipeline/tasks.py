@@ -639,6 +639,7 @@ def register_task(*, run_info, policy, results, data, reference, mlflow_uri: str
     figures = json.loads((Path(results.path) / "metrics.json").read_text())
     train = json.loads((Path(policy.path) / "train_summary.json").read_text())
     lineage = {"beta": figures["beta"], "round": int(policy.metadata.get("round", 1)),
+               "base_model": cfg.model.base or f"built from scratch (preset {cfg.model.preset})",
                "policy_init": policy.metadata.get("policy_init", ""), "data.md5": data_md5,
                "data.rev": data.metadata.get("rev", ""), "data.source": data.metadata.get("source", ""),
                "git_sha": _git_sha() or build_info().get("git_sha", "unknown"), "config_hash": config_hash(cfg),
@@ -685,7 +686,8 @@ def gate_task(*, registry: str, eval: str, version: str, data, mlflow_uri: str) 
         return head_to_head(eval_cfg, download_model(f"models:/{name}/{version}"),
                             download_model(f"models:/{name}/{champion_version}"), data.path)
 
-    passed = run_gate(registry_cfg.model_name, version, min_win_rate=registry_cfg.min_win_rate, head_to_head=duel)
+    passed = run_gate(registry_cfg.model_name, version, min_win_rate=registry_cfg.min_win_rate, head_to_head=duel,
+                      min_diversity=registry_cfg.min_diversity, max_length_ratio=registry_cfg.max_length_ratio)
     return "pass" if passed else "fail"
 
 
