@@ -59,6 +59,7 @@ def run_register(model_dir, eval_metrics: dict, lineage: dict, *, model_name: st
     existing = [v for v in tracking.model_versions(model_name) if v["tags"].get("dpoflow.model_sha") == sha]
     if existing:
         version = existing[-1]["version"]
+        tracking.make_servable(existing[-1]["run_id"])  # versions registered before they carried MLmodel
         log(f"register: these weights are already {model_name} version {version}; reusing it")
     else:
         version = tracking.register_version(str(model_dir), model_name, run_id=run_id, tags=tags)

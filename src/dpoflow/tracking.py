@@ -293,10 +293,12 @@ def ensure_registered_model(name: str) -> None:
 
 
 def register_version(model_dir: str, name: str, *, run_id: str, tags: dict) -> str:
-    """Log a save_pretrained folder into `run_id` under `model/` and register it as a version of
-    `name` (created if needed); return the version number."""
+    """Log a save_pretrained folder into `run_id` under `model/`, with the MLmodel file that makes it
+    a pyfunc model too (serving.py), and register it as a version of `name` (created if needed);
+    return the version number."""
     c = client()
     retrying(c.log_artifacts, run_id, str(model_dir), "model")
+    make_servable(run_id)
     ensure_registered_model(name)
     # a plain artifact folder (not an MLflow flavor): register its artifact location directly, since
     # MLflow 3's register_model(runs:/...) looks for a LoggedModel
@@ -304,6 +306,13 @@ def register_version(model_dir: str, name: str, *, run_id: str, tags: dict) -> s
     version = retrying(c.create_model_version, name, source=f"{artifact_uri}/model", run_id=run_id,
                        tags={k: str(v) for k, v in tags.items()})
     return str(version.version)
+
+
+def make_servable(run_id: str) -> None:
+    """The MLmodel file (serving.py) beside the run's `model/` weights: `mlflow models serve` answers."""
+    from dpoflow.serving import pyfunc_files
+
+    retrying(client().log_artifacts, run_id, str(pyfunc_files()), "model")
 
 
 def register_model_dir(model_dir: str, name: str, alias: str | None = None, tags: dict | None = None,
