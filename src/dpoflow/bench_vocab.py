@@ -146,7 +146,7 @@ def run_vocab(out_dir: str = "bench", shape: str = "qwen2.5-0.5b", layers: int |
             for contender, result in {"reference": row["reference"], **row["dpo"], **row["sft"]}.items()))
         rows.append(row)
     device = torch.cuda.get_device_name() if _cuda() else f"{torch.get_num_threads()} CPU threads"
-    report = {"shape": shape, "layers": layers, "pairs": batch, "lengths": lengths, "steps": steps,
+    report = {"shape": shape, "layers": layers, "pairs": batch, "lengths": list(lengths), "steps": steps,
               "precision": precision, "device": device, "memory": "peak GPU memory" if _cuda() else "peak RSS",
               "rows": rows}
     if fit:
