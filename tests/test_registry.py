@@ -1,6 +1,9 @@
 """The model lifecycle: the selection and gate rules (pure functions, numbers worked by hand), then
 register → select → gate → promote → rollback against a real sqlite MLflow registry."""
 
+import json
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
@@ -169,7 +172,7 @@ def test_champion_from_another_eval_set_is_judged_head_to_head(store, tiny_model
     old = _register(_model_copy(tiny_model_dir, store / "old", 1),
                     {"win_rate": 0.9, "win_rate_ci_low": 0.8, "win_rate_ci_high": 0.95, "kl": 1.0, "n_prompts": 50,
                      "eval_set_hash": "old-set"}, 0.1)
-    run_promote("m", old)
+    run_promote("m", old, force=True)
     new = _register(_model_copy(tiny_model_dir, store / "new", 2),
                     {"win_rate": 0.8, "win_rate_ci_low": 0.7, "win_rate_ci_high": 0.88, "kl": 1.0, "n_prompts": 50,
                      "eval_set_hash": "new-set"}, 0.1)
@@ -190,3 +193,112 @@ def test_champion_from_another_eval_set_is_judged_head_to_head(store, tiny_model
     reasons = next(v for v in tracking.model_versions("m") if v["version"] == new)["tags"]["dpoflow.gate_reasons"]
     assert f"head-to-head vs champion v{old}" in reasons
     assert decision == ("fail: head-to-head" not in reasons)
+
+
+@pytest.fixture
+def server(tmp_path, monkeypatch):
+    """A real MLflow tracking server on loopback (sqlite behind it): what two overlapping runs share."""
+    from dpoflow.pipeline.containers import mlflow_server
+
+    monkeypatch.chdir(tmp_path)
+    with mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "artifacts", tmp_path / "server.log") as url:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        yield url
+
+
+FIGURES = {"weak": (0.8, 0.7, 0.87), "strong": (0.9, 0.84, 0.94)}
+
+
+def _two_gated_challengers(root, tiny_model_dir):
+    """Champion v1, then two runs' candidates (weak, strong), both gated against v1 and passing: the
+    state two overlapping runs reach before either promotes."""
+    from dpoflow.registry import run_gate, run_promote
+
+    def register(seed, win, low, high):
+        figures = {"win_rate": win, "win_rate_ci_low": low, "win_rate_ci_high": high, "kl": 1.0, "n_prompts": 100,
+                   "eval_set_hash": "e1"}
+        return _register(_model_copy(tiny_model_dir, root / f"m{seed}", seed), figures, 0.1)
+
+    champion = register(10, 0.7, 0.6, 0.78)
+    run_promote("m", champion, force=True, log=lambda *_: None)
+    weak, strong = register(11, *FIGURES["weak"]), register(12, *FIGURES["strong"])
+    for version in (weak, strong):
+        assert run_gate("m", version, min_win_rate=0.6, log=lambda *_: None)
+        assert tags_of(version)["dpoflow.gated_against"] == champion
+    return champion, weak, strong
+
+
+def _promote(version):
+    from dpoflow.registry import run_gate, run_promote
+
+    return run_promote("m", version, regate=lambda: run_gate("m", version, min_win_rate=0.6, log=lambda *_: None),
+                       log=lambda *_: None)
+
+
+def test_promotion_is_compare_and_set_in_either_order(server, tmp_path, tiny_model_dir):
+    """Both runs passed the gate against v1. Whichever promotes second finds the champion moved and
+    is gated against the first: the strong one wins in both orders, every decision tagged."""
+    from dpoflow import tracking
+
+    champion, weak, strong = _two_gated_challengers(tmp_path, tiny_model_dir)
+    # the strong run promotes first; the weak one, gated against v1 minutes ago, must not take over
+    assert _promote(strong)["promoted"]
+    assert _promote(weak) == {"champion": strong, "previous_champion": None, "promoted": False}
+    assert tracking.version_by_alias("m", "champion")["version"] == strong
+    assert tracking.version_by_alias("m", "previous-champion")["version"] == champion
+    weak_tags = tags_of(weak)
+    assert weak_tags["dpoflow.promote"] == (f"refused: the champion moved from v{champion} to v{strong} and the gate "
+                                            "against it did not pass")
+    assert weak_tags["dpoflow.gated_against"] == strong and weak_tags["dpoflow.gate"] == "fail"
+    assert f"fail: champion v{strong} win rate 0.900 on the same eval set" in weak_tags["dpoflow.gate_reasons"]
+    assert tags_of(strong)["dpoflow.promote"] == f"champion v{champion} -> v{strong}"
+    assert "- promotion: refused: the champion moved" in tracking.client().get_model_version("m", weak).description
+
+    # the other order on a fresh registry name: the weak one first, then the strong one is gated
+    # against it (not against v1) and takes over
+    tracking.client().delete_registered_model("m")
+    champion, weak, strong = _two_gated_challengers(tmp_path / "again", tiny_model_dir)
+    assert _promote(weak)["promoted"]
+    assert _promote(strong) == {"champion": strong, "previous_champion": weak, "promoted": True}
+    assert tags_of(strong)["dpoflow.gated_against"] == weak
+    assert f"pass: champion v{weak} win rate 0.800 on the same eval set" in tags_of(strong)["dpoflow.gate_reasons"]
+    assert tags_of(strong)["dpoflow.promote"] == f"champion v{weak} -> v{strong}"
+
+
+def test_two_processes_promoting_at_once_are_serialised_by_the_alias_lock(server, tmp_path, tiny_model_dir):
+    """Two processes promote at the same moment against one server: the lock lets one in at a time, so
+    the champion ends as the strong one whatever the order, and the lock is gone after."""
+    import subprocess
+    import sys
+
+    from dpoflow import tracking
+
+    champion, weak, strong = _two_gated_challengers(tmp_path, tiny_model_dir)
+    script = ("import json, sys; sys.path.insert(0, {tests!r}); from test_registry import _promote; "
+              "print(json.dumps(_promote(sys.argv[1])))").format(tests=str(Path(__file__).parent))
+    # the lock is held: both wait (nothing moves) until it is released
+    with tracking.alias_lock("m", holder="this test"):
+        racers = [subprocess.Popen([sys.executable, "-c", script, v], stdout=subprocess.PIPE, text=True)
+                  for v in (weak, strong)]
+        with pytest.raises(subprocess.TimeoutExpired):
+            racers[0].wait(timeout=8)
+        assert tracking.version_by_alias("m", "champion")["version"] == champion
+    results = [json.loads(r.communicate(timeout=120)[0].strip().splitlines()[-1]) for r in racers]
+    assert all(r.returncode == 0 for r in racers)
+    assert tracking.version_by_alias("m", "champion")["version"] == strong
+    assert results[1]["promoted"] and results[1]["champion"] == strong
+    # the weak one either went first (then was replaced) or found the strong one and was refused
+    assert results[0]["promoted"] == (tracking.version_by_alias("m", "previous-champion")["version"] == weak)
+    assert not tracking.client().search_registered_models("name = 'm.alias-lock'")
+
+
+def test_a_stale_lock_is_broken_and_a_held_one_times_out_naming_its_holder(server):
+    from dpoflow import tracking
+
+    tracking.client().create_registered_model("m.alias-lock", tags={"holder": "a killed promote"})
+    with pytest.raises(tracking.LockTimeout, match="held by a killed promote"):
+        with tracking.alias_lock("m", holder="me", timeout_s=1.0):
+            pass
+    with tracking.alias_lock("m", holder="me", stale_s=0.0):  # its holder is gone: broken, then taken
+        assert tracking.client().get_registered_model("m.alias-lock").tags["holder"] == "me"
+    assert not tracking.client().search_registered_models("name = 'm.alias-lock'")

@@ -33,7 +33,7 @@ def test_mlflow_models_serve_answers_with_the_champion(tmp_path, tiny_model_dir,
     run_id = tracking.start_parent_run("dpoflow", "serve")
     version = run_register(tiny_model_dir, {"win_rate": 0.8, "beta": 0.1}, {"beta": 0.1}, model_name="m",
                            run_id=run_id, log=lambda *_: None)
-    run_promote("m", version, log=lambda *_: None)
+    run_promote("m", version, force=True, log=lambda *_: None)
     local = tracking.download_model("models:/m@champion")
     from mlflow.models import Model
 

@@ -240,13 +240,15 @@ def cmd_promote(args) -> int:
         return 0
     if not args.version:
         raise ValueError("give --version N to promote (it must pass the gate) or --rollback")
-    if not args.force and not run_gate(name, args.version, min_win_rate=cfg.registry.min_win_rate,
-                                       min_diversity=cfg.registry.min_diversity,
-                                       max_length_ratio=cfg.registry.max_length_ratio):
+
+    def gate() -> bool:
+        return run_gate(name, args.version, min_win_rate=cfg.registry.min_win_rate,
+                        min_diversity=cfg.registry.min_diversity, max_length_ratio=cfg.registry.max_length_ratio)
+
+    if not args.force and not gate():
         print(f"promote: v{args.version} did not pass the gate; champion unchanged (--force overrides)")
         return 1
-    run_promote(name, args.version)
-    return 0
+    return 0 if run_promote(name, args.version, regate=gate, force=args.force)["promoted"] else 1
 
 
 def cmd_compile(args) -> int:

@@ -4,7 +4,8 @@
               (the registry answers: which data, code, config, reference, how good) and alias `candidate`
     select    the sweep's best version (rule in `select_best`); `candidate` then points at it
     gate      `champion` only for a version that clears the bar (rule in `gate_decision`)
-    promote   alias `champion` -> the version; the old champion keeps `previous-champion`
+    promote   alias `champion` -> the version, compare-and-set: only if `champion` is still the version
+              the gate compared against (else gated again); the old champion keeps `previous-champion`
     rollback  `champion` <-> `previous-champion` (`dpoflow promote --rollback`)
 
 The rules are pure functions of the versions' tags, so they are tested without a store; the step
@@ -94,6 +95,8 @@ def model_card(name: str, version: str, tags: dict) -> str:
              f"{figure('length_policy', 1)} vs {figure('length_reference', 1)} tokens",
              "", "## Gate", f"- decision: {tag('gate', 'not gated yet')}"]
     lines += [f"- {reason}" for reason in tags.get("dpoflow.gate_reasons", "").split("; ") if reason]
+    if "dpoflow.promote" in tags:
+        lines.append(f"- promotion: {tag('promote')}")
     lines += ["", "## Lineage", f"- git {tag('git_sha')}, config hash {tag('config_hash')}",
               f"- image {tag('image')} (id {tag('image_id', '') or '-'}, git {tag('image_git_sha')})",
               f"- MLflow run {tag('mlflow_run_id')} (parent {tag('parent_run_id')})",
@@ -225,42 +228,72 @@ def run_gate(model_name: str, version: str, *, min_win_rate: float, head_to_head
                                     max_length_ratio=max_length_ratio)
     if champion_version is not None and champion_version["version"] == version:
         passed, reasons = False, ["already the champion: nothing to promote"]
+    # what promote compares and sets against: the champion this decision was made against
     tracking.set_version_tags(model_name, version, {"dpoflow.gate": "pass" if passed else "fail",
-                                                     "dpoflow.gate_reasons": "; ".join(reasons)})
+                                                     "dpoflow.gate_reasons": "; ".join(reasons),
+                                                     "dpoflow.gated_against": champion["version"] if champion
+                                                     else "none"})
     write_card(model_name, version)
     log(f"gate: {'PASS' if passed else 'FAIL'} for {model_name} v{version}: " + "; ".join(reasons))
     return passed
 
 
-def run_promote(model_name: str, version: str, log=print) -> dict:
-    """`champion` -> version; the former champion keeps `previous-champion`."""
+def run_promote(model_name: str, version: str, *, regate=None, force: bool = False, log=print) -> dict:
+    """Compare-and-set: `champion` -> version only if `champion` still points where it did when the
+    version was gated (tag `dpoflow.gated_against`). Two runs that overlap may both pass the gate
+    against the same champion; the second to promote finds the champion moved and calls `regate()`
+    (the gate again, now against the new champion) and promotes only if that passes. The check and
+    the move happen under the registry's alias lock. The former champion keeps `previous-champion`.
+    `force` skips the check (an operator's `dpoflow promote --force`)."""
     from dpoflow import tracking
 
-    old = tracking.version_by_alias(model_name, "champion")
-    if old is not None and old["version"] != version:
-        tracking.set_alias(model_name, "previous-champion", old["version"])
-        tracking.set_version_tags(model_name, old["version"], {"dpoflow.status": "previous-champion"})
-    tracking.set_alias(model_name, "champion", version)
-    tracking.set_version_tags(model_name, version, {"dpoflow.status": "champion"})
+    with tracking.alias_lock(model_name, holder=f"promote of {model_name} v{version}"):
+        old = tracking.version_by_alias(model_name, "champion")
+        current = old["version"] if old else "none"
+        gated_against = _tags(model_name, version).get("dpoflow.gated_against")
+        if not force and gated_against != current:
+            log(f"promote: {model_name} champion is v{current}, not v{gated_against} as when v{version} was gated: "
+                "gating again against it")
+            if regate is None or not regate():
+                tracking.set_version_tags(model_name, version, {
+                    "dpoflow.promote": f"refused: the champion moved from v{gated_against} to v{current} and the "
+                                       "gate against it did not pass"})
+                write_card(model_name, version)
+                log(f"promote: v{version} not promoted; champion stays v{current}")
+                return {"champion": old["version"] if old else None, "previous_champion": None, "promoted": False}
+        if old is not None and old["version"] != version:
+            tracking.set_alias(model_name, "previous-champion", old["version"])
+            tracking.set_version_tags(model_name, old["version"], {"dpoflow.status": "previous-champion"})
+        tracking.set_alias(model_name, "champion", version)
+        tracking.set_version_tags(model_name, version, {"dpoflow.status": "champion", "dpoflow.promote": (
+            "forced" if force else f"champion v{current} -> v{version}")})
     for changed in {version, old["version"] if old else version}:
         write_card(model_name, changed)
     log(f"promote: {model_name} v{version} is champion" + (f" (previous: v{old['version']})" if old else ""))
-    return {"champion": version, "previous_champion": old["version"] if old else None}
+    return {"champion": version, "previous_champion": old["version"] if old else None, "promoted": True}
+
+
+def _tags(model_name: str, version: str) -> dict:
+    from dpoflow import tracking
+
+    return next(v for v in tracking.model_versions(model_name) if v["version"] == str(version))["tags"]
 
 
 def rollback(model_name: str, log=print) -> dict:
     """Swap `champion` and `previous-champion` (one command undoes a promotion)."""
     from dpoflow import tracking
 
-    previous = tracking.version_by_alias(model_name, "previous-champion")
-    current = tracking.version_by_alias(model_name, "champion")
-    if previous is None:
-        raise ValueError(f"{model_name} has no 'previous-champion' version to roll back to")
-    tracking.set_alias(model_name, "champion", previous["version"])
-    tracking.set_version_tags(model_name, previous["version"], {"dpoflow.status": "champion"})
+    with tracking.alias_lock(model_name, holder=f"rollback of {model_name}"):
+        previous = tracking.version_by_alias(model_name, "previous-champion")
+        current = tracking.version_by_alias(model_name, "champion")
+        if previous is None:
+            raise ValueError(f"{model_name} has no 'previous-champion' version to roll back to")
+        tracking.set_alias(model_name, "champion", previous["version"])
+        tracking.set_version_tags(model_name, previous["version"], {"dpoflow.status": "champion"})
+        if current is not None:
+            tracking.set_alias(model_name, "previous-champion", current["version"])
+            tracking.set_version_tags(model_name, current["version"], {"dpoflow.status": "rolled-back"})
     if current is not None:
-        tracking.set_alias(model_name, "previous-champion", current["version"])
-        tracking.set_version_tags(model_name, current["version"], {"dpoflow.status": "rolled-back"})
         write_card(model_name, current["version"])
     write_card(model_name, previous["version"])
     log(f"rollback: {model_name} champion v{current['version'] if current else '-'} -> v{previous['version']}")

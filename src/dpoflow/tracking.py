@@ -9,6 +9,7 @@ system metrics) and completed by the eval and register tasks. Models are logged 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -357,6 +358,47 @@ def delete_alias(name: str, alias: str) -> None:
         retrying(client().delete_registered_model_alias, name, alias)
     except Exception:
         pass
+
+
+class LockTimeout(TimeoutError):
+    pass
+
+
+@contextlib.contextmanager
+def alias_lock(name: str, *, holder: str, timeout_s: float = 600.0, stale_s: float = 900.0):
+    """Hold the lock on `name`'s aliases: only one promotion or rollback reads and moves `champion` at
+    a time, on any MLflow backend. The lock is a registered model `<name>.alias-lock`: creating it is
+    atomic (the store refuses a second model of that name), deleting it releases. A lock older than
+    `stale_s` (its holder was killed) is broken; waiting longer than `timeout_s` raises LockTimeout
+    naming the holder."""
+    c, lock = client(), f"{name}.alias-lock"
+    deadline, delay = time.monotonic() + timeout_s, 0.1
+    while True:
+        try:
+            retrying(c.create_registered_model, lock, tags={"holder": holder},
+                     description=f"held while {holder} moves the aliases of {name}; deleted when done")
+            break
+        except Exception as error:
+            if "already exists" not in str(error).lower() and "RESOURCE_ALREADY_EXISTS" not in str(error):
+                raise
+        try:
+            held = c.get_registered_model(lock)
+        except Exception:  # released between our create and this read
+            continue
+        age = time.time() - held.creation_timestamp / 1000
+        if age > stale_s:
+            with contextlib.suppress(Exception):
+                c.delete_registered_model(lock)
+            continue
+        if time.monotonic() > deadline:
+            raise LockTimeout(f"{name}: the alias lock is held by {held.tags.get('holder', '?')} for {age:.0f} s; "
+                              f"delete the registered model {lock!r} if that holder is gone")
+        time.sleep(delay)
+        delay = min(delay * 2, 2.0)
+    try:
+        yield
+    finally:
+        retrying(c.delete_registered_model, lock)
 
 
 def set_version_description(name: str, version: str, text: str) -> None:

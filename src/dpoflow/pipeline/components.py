@@ -147,11 +147,12 @@ def gate(registry_cfg: str, eval_cfg: str, version: str, data: Input[Dataset], m
     return gate_task(registry=registry_cfg, eval=eval_cfg, version=version, data=data, mlflow_uri=mlflow_uri)
 
 
-def promote(registry_cfg: str, version: str, mlflow_uri: str) -> str:
-    """Alias `champion` -> the version; the former champion keeps `previous-champion`."""
+def promote(registry_cfg: str, eval_cfg: str, version: str, data: Input[Dataset], mlflow_uri: str) -> str:
+    """Alias `champion` -> the version if `champion` is still the one the gate compared against (else
+    the version is gated again against the new one); the former champion keeps `previous-champion`."""
     from dpoflow.pipeline.tasks import promote_task
 
-    return promote_task(registry=registry_cfg, version=version, mlflow_uri=mlflow_uri)
+    return promote_task(registry=registry_cfg, eval=eval_cfg, version=version, data=data, mlflow_uri=mlflow_uri)
 
 
 def multinode_dpo(beta: float, dpo_cfg: str, image: str, nodes: int, gpus_per_node: int, pvc_name: str,

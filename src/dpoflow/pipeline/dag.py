@@ -171,8 +171,8 @@ def build_pipeline(image: str = DEFAULT_IMAGE, config: Config | None = None, par
         gate = c["gate"](registry_cfg=data.outputs["registry_cfg"], eval_cfg=data.outputs["eval_cfg"],
                          version=select.output, data=dataset, mlflow_uri=mlflow_uri)
         with dsl.If(gate.output == "pass", name="gate-passed"):
-            promote = c["promote"](registry_cfg=data.outputs["registry_cfg"], version=select.output,
-                                   mlflow_uri=mlflow_uri)
+            promote = c["promote"](registry_cfg=data.outputs["registry_cfg"], eval_cfg=data.outputs["eval_cfg"],
+                                   version=select.output, data=dataset, mlflow_uri=mlflow_uri)
         # the tasks that talk to MLflow retry (a tracking server restart must not fail the run);
         # the registry tasks must never be served from KFP's cache: they read and move aliases
         for task in tracked + [select, gate, promote]:

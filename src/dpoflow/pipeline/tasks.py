@@ -668,15 +668,10 @@ def select_task(*, registry: str, versions: list, parent_run_id: str, mlflow_uri
     return version
 
 
-def gate_task(*, registry: str, eval: str, version: str, data, mlflow_uri: str) -> str:
-    """'pass' or 'fail' (the reasons are tags on the version); a champion evaluated on another set
-    is judged head to head against the candidate on this run's prompts."""
+def _gate(registry_cfg: RegistryConfig, eval_cfg: EvalConfig, version: str, data) -> bool:
+    """The gate; a champion evaluated on another set is judged head to head against the candidate
+    on this run's prompts."""
     from dpoflow.registry import run_gate
-
-    _setup(mlflow_uri, "")
-    registry_cfg, eval_cfg = _model(RegistryConfig, registry), _model(EvalConfig, eval)
-    if not registry_cfg.enabled:
-        return "fail"
 
     def duel(champion_version: str) -> dict:
         from dpoflow.evaluation.evaluate import head_to_head
@@ -686,13 +681,25 @@ def gate_task(*, registry: str, eval: str, version: str, data, mlflow_uri: str) 
         return head_to_head(eval_cfg, download_model(f"models:/{name}/{version}"),
                             download_model(f"models:/{name}/{champion_version}"), data.path)
 
-    passed = run_gate(registry_cfg.model_name, version, min_win_rate=registry_cfg.min_win_rate, head_to_head=duel,
-                      min_diversity=registry_cfg.min_diversity, max_length_ratio=registry_cfg.max_length_ratio)
-    return "pass" if passed else "fail"
+    return run_gate(registry_cfg.model_name, version, min_win_rate=registry_cfg.min_win_rate, head_to_head=duel,
+                    min_diversity=registry_cfg.min_diversity, max_length_ratio=registry_cfg.max_length_ratio)
 
 
-def promote_task(*, registry: str, version: str, mlflow_uri: str) -> str:
+def gate_task(*, registry: str, eval: str, version: str, data, mlflow_uri: str) -> str:
+    """'pass' or 'fail' (the reasons are tags on the version)."""
+    _setup(mlflow_uri, "")
+    registry_cfg = _model(RegistryConfig, registry)
+    if not registry_cfg.enabled:
+        return "fail"
+    return "pass" if _gate(registry_cfg, _model(EvalConfig, eval), version, data) else "fail"
+
+
+def promote_task(*, registry: str, eval: str, version: str, data, mlflow_uri: str) -> str:
+    """Compare-and-set promotion: when another run moved `champion` since this run's gate, the
+    candidate is gated again against the new champion first."""
     from dpoflow.registry import run_promote
 
     _setup(mlflow_uri, "")
-    return json.dumps(run_promote(_model(RegistryConfig, registry).model_name, version))
+    registry_cfg = _model(RegistryConfig, registry)
+    return json.dumps(run_promote(registry_cfg.model_name, version,
+                                  regate=lambda: _gate(registry_cfg, _model(EvalConfig, eval), version, data)))
