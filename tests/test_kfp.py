@@ -315,7 +315,8 @@ def test_manifests_render_and_validate(overlay):
     kinds = {(o["kind"], o["metadata"]["name"]) for o in objects}
     assert {("Deployment", "dpoflow-mlflow"), ("Service", "dpoflow-mlflow"), ("StatefulSet", "dpoflow-postgres"),
             ("Secret", "dpoflow-s3"), ("Secret", "dpoflow-mlflow"), ("Role", "dpoflow-pipeline"),
-            ("RoleBinding", "dpoflow-pipeline"), ("PersistentVolumeClaim", "dpoflow-workspace")} <= kinds
+            ("RoleBinding", "dpoflow-pipeline"), ("PersistentVolumeClaim", "dpoflow-workspace"),
+            ("ServiceAccount", "dpoflow-serving")} <= kinds
     for obj in objects:
         kubernetes_validate.validate(obj, "1.32.0", strict=True)
     mlflow = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "dpoflow-mlflow")

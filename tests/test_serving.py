@@ -87,3 +87,105 @@ def test_mlflow_models_serve_answers_with_the_champion(tmp_path, tiny_model_dir,
             break
     else:
         pytest.fail("the model server still answers 30 s after SIGTERM")
+
+
+def _strict(schema):
+    """A CRD's structural schema as JSON Schema that, like `kubectl apply --validate=strict`, refuses
+    unknown fields (objects with declared properties and no preserve-unknown-fields)."""
+    if isinstance(schema, dict):
+        schema = {k: _strict(v) for k, v in schema.items()}
+        if ("properties" in schema and "additionalProperties" not in schema
+                and not schema.get("x-kubernetes-preserve-unknown-fields")):
+            schema["additionalProperties"] = False
+    elif isinstance(schema, list):
+        schema = [_strict(s) for s in schema]
+    return schema
+
+
+def validate_inference_service(obj: dict) -> None:
+    """Against KServe's own v1beta1 InferenceService schema (tests/data: from its CRD, see the file's
+    `source`), offline."""
+    import gzip
+
+    import jsonschema
+
+    vendored = json.loads(gzip.open(Path(__file__).parent / "data/kserve-inferenceservice-v1beta1.json.gz").read())
+    jsonschema.validate(obj, _strict(vendored["schema"]))
+    assert len(obj["metadata"]["name"]) <= 45 and obj["metadata"]["name"].replace("-", "").isalnum()
+
+
+def test_the_inference_service_schema_refuses_what_a_cluster_would():
+    import jsonschema
+
+    from dpoflow.deploy import inference_service
+
+    good = inference_service(model_name="m", version={"version": "3", "tags": {}}, alias="champion", uri="s3://b/m")
+    validate_inference_service(good)
+    typo = json.loads(json.dumps(good))
+    typo["spec"]["predictor"]["model"]["storageURI"] = typo["spec"]["predictor"]["model"].pop("storageUri")
+    with pytest.raises(jsonschema.ValidationError, match="storageURI"):
+        validate_inference_service(typo)
+    wrong_type = json.loads(json.dumps(good))
+    wrong_type["spec"]["predictor"]["minReplicas"] = "one"
+    with pytest.raises(jsonschema.ValidationError, match="'one' is not of type 'integer'"):
+        validate_inference_service(wrong_type)
+
+
+@pytest.mark.slow
+def test_deploy_serves_the_champions_own_files_and_follows_a_promotion(tmp_path, tiny_model_dir, monkeypatch):
+    """`dpoflow deploy` against a real MLflow server that proxies its artifacts: the InferenceService
+    validates against KServe's schema and its storageUri is where that version's weights really are
+    (mapped back to the server's artifact folder, they load and hash to the version's model_sha); a
+    new champion gives a new storageUri; bad input is named."""
+    import yaml
+
+    from dpoflow import tracking
+    from dpoflow.pipeline.containers import mlflow_server
+    from dpoflow.registry import model_sha, run_promote, run_register
+    from test_registry import _model_copy
+
+    monkeypatch.chdir(tmp_path)
+    artifacts = tmp_path / "artifacts"
+    with mlflow_server(f"sqlite:///{tmp_path / 'mlflow.db'}", artifacts, tmp_path / "server.log") as url:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+        versions = []
+        for seed in (1, 2):
+            run_id = tracking.start_parent_run("dpoflow", f"deploy-{seed}")
+            folder = _model_copy(tiny_model_dir, tmp_path / f"m{seed}", seed)
+            versions.append(run_register(folder, {"win_rate": 0.8, "beta": 0.1}, {"beta": 0.1}, model_name="m",
+                                         run_id=run_id, log=lambda *_: None))
+
+        def deploy(*extra):
+            return subprocess.run([str(BIN / "dpoflow"), "deploy", "--set", "registry.model_name=m", *extra],
+                                  capture_output=True, text=True, env=env, cwd=tmp_path)
+
+        missing = deploy("--artifact-root", "s3://mlflow/artifacts")
+        assert missing.returncode == 1 and f"models:/m@champion is not in the MLflow registry at {url}" in missing.stderr
+
+        for version, seed in zip(versions, (1, 2), strict=True):
+            run_promote("m", version, force=True, log=lambda *_: None)
+            no_root = deploy()
+            assert no_root.returncode == 1 and "give --artifact-root" in no_root.stderr
+            done = deploy("--artifact-root", "s3://mlflow/artifacts/", "--namespace", "serving", "-o", "isvc.yaml")
+            assert done.returncode == 0, done.stderr
+            service = yaml.safe_load((tmp_path / "isvc.yaml").read_text())
+            validate_inference_service(service)
+            annotations, model = service["metadata"]["annotations"], service["spec"]["predictor"]["model"]
+            assert annotations["dpoflow/version"] == version and annotations["dpoflow/alias"] == "champion"
+            assert service["metadata"] == {**service["metadata"], "name": "m", "namespace": "serving"}
+            assert model["modelFormat"] == {"name": "huggingface"} and "--model_name=m" in model["args"]
+            assert model["storageUri"].startswith("s3://mlflow/artifacts/") and "//" not in model["storageUri"][5:]
+            files = artifacts / model["storageUri"].removeprefix("s3://mlflow/artifacts/")
+            assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in files.iterdir()}
+            assert model_sha(files) == model_sha(tmp_path / f"m{seed}") == annotations["dpoflow/model-sha"]
+            from transformers import AutoModelForCausalLM
+
+            assert AutoModelForCausalLM.from_pretrained(files).config.vocab_size > 0
+            assert f"serving m v{version} from {model['storageUri']}" in done.stdout
+        cpu = yaml.safe_load(deploy("--version", versions[0], "--storage-uri", "pvc://models/m1", "--gpus", "0").stdout)
+        validate_inference_service(cpu)
+        assert cpu["spec"]["predictor"]["model"]["storageUri"] == "pvc://models/m1"
+        assert "--backend=huggingface" in cpu["spec"]["predictor"]["model"]["args"]
+        assert "nvidia.com/gpu" not in cpu["spec"]["predictor"]["model"]["resources"]["limits"]
+        assert cpu["metadata"]["annotations"]["dpoflow/version"] == versions[0]

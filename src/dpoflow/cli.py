@@ -251,6 +251,27 @@ def cmd_promote(args) -> int:
     return 0 if run_promote(name, args.version, regate=gate, force=args.force)["promoted"] else 1
 
 
+def cmd_deploy(args) -> int:
+    import yaml
+
+    from dpoflow.deploy import run_deploy
+
+    cfg = load_config(args.config, args.overrides)
+    service = run_deploy(cfg.registry.model_name, alias=args.alias, version=args.version,
+                         artifact_root=args.artifact_root, uri=args.storage_uri, name=args.name,
+                         namespace=args.namespace, gpus=args.gpus, service_account=args.service_account or None,
+                         max_model_len=args.max_model_len)
+    text = yaml.safe_dump(service, sort_keys=False)
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"deploy: {args.output}: InferenceService {service['metadata']['name']} serving "
+              f"{cfg.registry.model_name} v{service['metadata']['annotations']['dpoflow/version']} from "
+              f"{service['spec']['predictor']['model']['storageUri']} (kubectl apply -f {args.output})")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def cmd_compile(args) -> int:
     from dpoflow.pipeline.client import PIPELINE_FILE, compile_all, render_dag
 
@@ -392,6 +413,25 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--rollback", action="store_true", help="swap champion and previous-champion")
     promote.add_argument("--force", action="store_true", help="promote without the gate")
     promote.set_defaults(func=cmd_promote)
+
+    deploy = sub.add_parser("deploy", help="a KServe InferenceService for a registered version (the champion)",
+                            description="Render the InferenceService (serving.kserve.io/v1beta1, Hugging Face "
+                            "runtime) that serves models:/<registry.model_name>@<alias>, pinned to the version the "
+                            "alias points at now; apply it with kubectl apply -f.")
+    _add_common(deploy, out=False)
+    deploy.add_argument("--alias", default="champion", help="registry alias to serve (default: champion)")
+    deploy.add_argument("--version", help="serve this version instead of an alias")
+    deploy.add_argument("--artifact-root", help="the store behind the MLflow server's artifact proxy (its "
+                        "--artifacts-destination, e.g. s3://mlflow/artifacts): maps mlflow-artifacts:/ URIs")
+    deploy.add_argument("--storage-uri", help="read the weights from here instead of the version's artifacts")
+    deploy.add_argument("--name", help="InferenceService name (default: from registry.model_name)")
+    deploy.add_argument("--namespace", help="namespace (default: kubectl's)")
+    deploy.add_argument("--gpus", type=int, default=1, help="GPUs for the predictor (0: CPU, Hugging Face backend)")
+    deploy.add_argument("--max-model-len", type=int, help="vLLM's longest sequence (default: the model's)")
+    deploy.add_argument("--service-account", default="dpoflow-serving",
+                        help="service account holding the object store's credentials ('' for none)")
+    deploy.add_argument("-o", "--output", help="write the YAML here (default: stdout)")
+    deploy.set_defaults(func=cmd_deploy)
 
     compile_ = sub.add_parser("compile", help="write pipelines/dpo_alignment.yaml and components/*.yaml",
                               description="Compile the KFP pipeline (upload it in the Kubeflow UI) and every "
