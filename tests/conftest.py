@@ -85,3 +85,27 @@ def vouch(folder):
 
     write_manifest(folder, "test fixture", "hand-made")
     return folder
+
+
+def _strict(schema):
+    """A CRD's structural schema as JSON Schema that, like `kubectl apply --validate=strict`, refuses
+    unknown fields (objects with declared properties and no preserve-unknown-fields)."""
+    if isinstance(schema, dict):
+        schema = {k: _strict(v) for k, v in schema.items()}
+        if ("properties" in schema and "additionalProperties" not in schema
+                and not schema.get("x-kubernetes-preserve-unknown-fields")):
+            schema["additionalProperties"] = False
+    elif isinstance(schema, list):
+        schema = [_strict(s) for s in schema]
+    return schema
+
+
+def validate_against_crd(obj: dict, vendored: str) -> None:
+    """Validate `obj` offline against a custom resource's own schema, kept in tests/data/<vendored>
+    (taken from the project's CRD: the file's `source` names it)."""
+    import gzip
+
+    import jsonschema
+
+    document = json.loads(gzip.open(Path(__file__).parent / "data" / vendored).read())
+    jsonschema.validate(obj, _strict(document["schema"]))

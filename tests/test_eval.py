@@ -5,7 +5,12 @@ import pytest
 from dpoflow.config import DataConfig, EvalConfig
 from dpoflow.data.step import run_data
 from dpoflow.evaluation.evaluate import run_eval
-from dpoflow.evaluation.stats import bootstrap_mean_interval, wilson_interval, win_rate_summary
+from dpoflow.evaluation.stats import (
+    bootstrap_mean_interval,
+    reward_margin_summary,
+    wilson_interval,
+    win_rate_summary,
+)
 
 
 @pytest.mark.parametrize("verdicts, rate, low, high", [
@@ -47,6 +52,19 @@ def test_bootstrap_interval_covers_the_mean():
     low, high = bootstrap_mean_interval(values)
     mean = sum(values) / len(values)
     assert low < mean < high and high - low < 1.0
+
+
+@pytest.mark.parametrize("policy, reference, margin, low, high", [
+    ([], [], 0.0, 0.0, 0.0),                          # n = 0
+    ([0.9], [0.4], 0.5, 0.5, 0.5),                    # n = 1: one margin, no spread to resample
+    ([0.7] * 6, [0.2] * 6, 0.5, 0.5, 0.5),            # every margin equal
+    ([1.0, 0.0] * 20, [0.0] * 40, 0.5, 0.35, 0.65),   # half 1, half 0: about ±1.96 x 0.5/sqrt(40)
+])
+def test_reward_margin_interval_edges(policy, reference, margin, low, high):
+    result = reward_margin_summary(policy, reference)
+    assert result["reward_margin"] == pytest.approx(margin)
+    assert (result["reward_margin_ci_low"], result["reward_margin_ci_high"]) == pytest.approx((low, high), abs=0.02)
+    assert result["reward_margin_ci_low"] <= result["reward_margin"] <= result["reward_margin_ci_high"]
 
 
 def test_model_against_itself(tmp_path, tiny_model_dir):

@@ -31,7 +31,8 @@ def compiled(tmp_path_factory):
 def test_compiled_files_are_current(compiled):
     """`make compile` output is committed; it must be what the code compiles to now."""
     fresh = sorted(p.relative_to(compiled) for p in compiled.rglob("*.yaml"))
-    committed = sorted(p.relative_to(ROOT) for p in [*ROOT.glob("pipelines/*.yaml"), *ROOT.glob("components/*.yaml")])
+    committed = sorted(p.relative_to(ROOT) for p in [*ROOT.glob("pipelines/*.yaml"), *ROOT.glob("components/*.yaml"),
+                                                     *ROOT.glob("manifests/trainer/*.yaml")])
     assert fresh == committed
     for path in fresh:
         assert (compiled / path).read_text() == (ROOT / path).read_text(), f"{path} is stale: run `make compile`"
@@ -326,3 +327,25 @@ def test_manifests_render_and_validate(overlay):
     assert any("trainjobs" in rule["resources"] and "create" in rule["verbs"] for rule in role["rules"])
     namespaces = {o["metadata"].get("namespace") for o in objects if o["kind"] != "Namespace"}
     assert namespaces == {"dpoflow-dev" if overlay == "local" else "kubeflow-user"}
+
+
+def test_the_trainer_runtime_is_what_the_trainer_accepts():
+    """The ClusterTrainingRuntime of multi-node DPO against Kubeflow Trainer's own CRD schema (unknown
+    fields refused), and what the SDK's container backend reads from it."""
+    import jsonschema
+
+    from conftest import validate_against_crd
+    from dpoflow.trainjob import RUNTIME_FILE
+
+    runtime = yaml.safe_load((ROOT / RUNTIME_FILE).read_text())
+    validate_against_crd(runtime, "trainer-clustertrainingruntime-v1alpha1.json.gz")
+    broken = json.loads(json.dumps(runtime))
+    broken["spec"]["mlPolicy"]["numNode"] = broken["spec"]["mlPolicy"].pop("numNodes")
+    with pytest.raises(jsonschema.ValidationError, match="numNode"):
+        validate_against_crd(broken, "trainer-clustertrainingruntime-v1alpha1.json.gz")
+    from kubeflow.trainer.backends.container.runtime_loader import get_training_runtime_from_sources
+
+    loaded = get_training_runtime_from_sources("dpoflow-dpo", [f"file://{ROOT / RUNTIME_FILE}"])
+    from dpoflow.pipeline.components import DEFAULT_IMAGE
+
+    assert (loaded.trainer.image, loaded.trainer.framework) == (DEFAULT_IMAGE, "torch")

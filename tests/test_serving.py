@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import validate_against_crd
+
 BIN = Path(sys.executable).parent
 
 
@@ -89,28 +91,8 @@ def test_mlflow_models_serve_answers_with_the_champion(tmp_path, tiny_model_dir,
         pytest.fail("the model server still answers 30 s after SIGTERM")
 
 
-def _strict(schema):
-    """A CRD's structural schema as JSON Schema that, like `kubectl apply --validate=strict`, refuses
-    unknown fields (objects with declared properties and no preserve-unknown-fields)."""
-    if isinstance(schema, dict):
-        schema = {k: _strict(v) for k, v in schema.items()}
-        if ("properties" in schema and "additionalProperties" not in schema
-                and not schema.get("x-kubernetes-preserve-unknown-fields")):
-            schema["additionalProperties"] = False
-    elif isinstance(schema, list):
-        schema = [_strict(s) for s in schema]
-    return schema
-
-
 def validate_inference_service(obj: dict) -> None:
-    """Against KServe's own v1beta1 InferenceService schema (tests/data: from its CRD, see the file's
-    `source`), offline."""
-    import gzip
-
-    import jsonschema
-
-    vendored = json.loads(gzip.open(Path(__file__).parent / "data/kserve-inferenceservice-v1beta1.json.gz").read())
-    jsonschema.validate(obj, _strict(vendored["schema"]))
+    validate_against_crd(obj, "kserve-inferenceservice-v1beta1.json.gz")
     assert len(obj["metadata"]["name"]) <= 45 and obj["metadata"]["name"].replace("-", "").isalnum()
 
 

@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from dpoflow import __version__
 from dpoflow.config import ConfigError, config_dict, config_hash, load_config
 from dpoflow.pipeline.tasks import beta_threads, set_threads, step_dirs
 from dpoflow.redact import redact
@@ -127,9 +128,12 @@ def _relaunch(num_processes: int, accelerate_config: str | None) -> int:
 def cmd_dpo(args) -> int:
     from dpoflow.dpo.train import run_dpo
 
+    overrides = args.overrides + ([f"dpo.nodes={args.nodes}"] if args.nodes else [])
+    cfg = load_config(args.config, overrides)
+    if cfg.dpo.nodes > 1 and not os.environ.get("DPOFLOW_LAUNCHED"):
+        return _dpo_trainjob(args, cfg, overrides)
     if _needs_launch(args):
         return _relaunch(args.num_processes, args.accelerate_config)
-    cfg = load_config(args.config, args.overrides)
     if not os.environ.get("DPOFLOW_LAUNCHED"):  # one process: the thread count `dpoflow run` gives a β task
         set_threads(beta_threads(len(cfg.run.betas)))
     paths = step_dirs(cfg)
@@ -143,6 +147,40 @@ def cmd_dpo(args) -> int:
     if summary:
         print(f"dpo: {summary['steps']} steps, {summary['s_per_step']} s/step, {summary['tokens_per_s']} tokens/s "
               f"-> {out_dir / 'model'}")
+    return 0
+
+
+def _dpo_trainjob(args, cfg, overrides: list[str]) -> int:
+    """`dpoflow dpo` with dpo.nodes > 1: the same command on every node of a TrainJob, its paths as the
+    nodes see the shared folder."""
+    import yaml
+
+    from dpoflow.trainjob import in_workspace, run_trainjob
+
+    paths = step_dirs(cfg)
+    root = Path(args.shared) if args.shared else paths["root"]
+    out_dir = _out_dir(args, cfg, "dpo")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.chmod(0o777)  # written by the nodes (the image's uid 1000)
+    job_dir = root / ".trainjobs"
+    job_dir.mkdir(parents=True, exist_ok=True)
+    config = job_dir / f"config-{os.getpid()}.yaml"  # the resolved config, read by every node
+    config.write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
+    argv = ["dpo", "-c", in_workspace(config, root), "--pairs", in_workspace(args.pairs or paths["pairs"], root),
+            "--reference-model", in_workspace(args.reference_model or paths["reference_model"], root),
+            "--out", in_workspace(out_dir, root)]
+    if cfg.dpo.reference == "cached":
+        argv += ["--reference-dir", in_workspace(args.reference_dir or paths["reference"], root)]
+    init = _init_model(args.init_model or cfg.model.policy_init)
+    if init:
+        argv += ["--init-model", in_workspace(init, root)]
+    if args.resume:
+        argv.append("--resume")
+    job = run_trainjob(argv, root=root, nodes=cfg.dpo.nodes, processes_per_node=args.num_processes,
+                       image=args.image)
+    config.unlink()
+    print(f"dpo: TrainJob {job['name']} ({job['nodes']} nodes x {job['processes_per_node']} process(es)) in "
+          f"{job['seconds']} s -> {out_dir / 'model'}")
     return 0
 
 
@@ -356,6 +394,11 @@ def build_parser() -> argparse.ArgumentParser:
     dpo.add_argument("--reference-dir", help="output of `dpoflow reference` (dpo.reference=cached)")
     dpo.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     _add_launch(dpo)
+    dpo.add_argument("--nodes", type=int, help="run as a Kubeflow Trainer TrainJob over N nodes (sets dpo.nodes): "
+                     "here one container of --image per node, --num-processes per node")
+    dpo.add_argument("--image", default=f"dpoflow/dpoflow:{__version__}", help="the nodes' image (dpo.nodes > 1)")
+    dpo.add_argument("--shared", help="the folder every node mounts as /workspace (dpo.nodes > 1; default: the run's "
+                     "folder, <output_dir>/<run name>): every input and --out must be under it")
     dpo.set_defaults(func=cmd_dpo)
 
     evaluation = sub.add_parser("eval", help="win rate of the policy vs the reference, reward margin, KL, report")

@@ -129,6 +129,8 @@ class DpoConfig(OptimConfig):
         "activation budget (src/dpoflow/memory.py), else the fewest parts that do")
     reference_update: Literal["fixed", "previous"] = Field(
         "fixed", description="run.rounds > 1: the reference of round r is the fixed one, or round r-1's policy")
+    nodes: int = Field(1, ge=1, description="nodes that train each β: > 1 runs DPO as a Kubeflow Trainer TrainJob "
+                       "(torchrun on every node, inputs and output on the shared volume); 1 = in the step's own process")
     lora: LoraConfig = LoraConfig()
 
 

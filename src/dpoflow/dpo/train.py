@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -240,6 +241,7 @@ def _run_dpo(cfg: DpoConfig, pairs_dir, reference_model_dir, out_dir, *, referen
         steps_run = cfg.max_steps - start
         summary = write_summary(out_dir, {
             "steps": cfg.max_steps, "pairs": len(pairs), "truncated_pairs": pairs.truncated, "processes": world,
+            "nodes": world // int(os.environ.get("LOCAL_WORLD_SIZE", world)),
             "global_batch": global_batch, "reference": cfg.reference, "reference_cache_key": expected_key,
             "beta": cfg.beta, "loss_type": cfg.loss_type, "config": cfg.model_dump(mode="json"),
             **({"init_model_sha": model_sha(init_dir)} if init_dir != model_dir else {}),

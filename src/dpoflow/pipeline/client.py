@@ -38,6 +38,15 @@ def compile_all(root: Path = Path("."), image: str | None = None, config=None) -
         path = root / COMPONENTS_DIR / f"{name}.yaml"
         compiler.Compiler().compile(component, str(path))
         written.append(path)
+    # the ClusterTrainingRuntime multi-node DPO runs on (cluster-scoped: a cluster admin applies it)
+    from dpoflow.trainjob import RUNTIME_FILE, runtime_manifest
+
+    runtime = root / RUNTIME_FILE
+    runtime.parent.mkdir(parents=True, exist_ok=True)
+    runtime.write_text("# Written by `dpoflow compile` (src/dpoflow/trainjob.py): the Kubeflow Trainer runtime of "
+                       "multi-node DPO.\n# Apply once per cluster: kubectl apply -f " + RUNTIME_FILE + "\n"
+                       + yaml.safe_dump(runtime_manifest(image), sort_keys=False))
+    written.append(runtime)
     from dpoflow.redact import redact
 
     for path in written:  # the config refuses credentials; this catches anything else secret-shaped

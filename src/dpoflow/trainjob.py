@@ -1,0 +1,174 @@
+"""DPO over several nodes as a Kubeflow Trainer TrainJob, created through the Kubeflow SDK.
+
+One call serves both places (`kubeflow.trainer.TrainerClient.train`): on a cluster the SDK's
+Kubernetes backend creates a TrainJob on the `dpoflow-dpo` ClusterTrainingRuntime
+(manifests/base/trainer-runtime.yaml: the dpoflow image, the RWX volume `dpoflow-workspace` at
+/workspace); on one machine its container backend starts one container of the same image per node on
+a per-job network, with the run's folder as /workspace. Every node runs torchrun, and every process
+`dpoflow dpo` on the paths under /workspace: inputs are read and the policy written in place on the
+shared volume, no bytes are copied in or out. The DDP math is `dpoflow dpo --num-processes`'s (global
+batch = per-device × accumulation × processes, seeded order), so N nodes × P processes give the same
+weights as N·P processes on one machine, and as one process with the same global batch.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+RUNTIME = "dpoflow-dpo"
+RUNTIME_FILE = "manifests/trainer/dpoflow-dpo-runtime.yaml"
+WORKSPACE = "/workspace"
+PVC = "dpoflow-workspace"
+
+
+def runtime_manifest(image: str) -> dict:
+    """The ClusterTrainingRuntime the TrainJobs run on (what `dpoflow compile` writes to manifests/)."""
+    node = {"name": "node", "image": image, "volumeMounts": [{"name": "workspace", "mountPath": WORKSPACE},
+                                                              {"name": "shm", "mountPath": "/dev/shm"}]}
+    return {
+        "apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "ClusterTrainingRuntime",
+        "metadata": {"name": RUNTIME, "labels": {"trainer.kubeflow.org/framework": "torch"}},
+        "spec": {"mlPolicy": {"numNodes": 1, "torch": {}}, "template": {"spec": {"replicatedJobs": [{
+            "name": "node",
+            "template": {"metadata": {"labels": {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}},
+                         "spec": {"template": {"spec": {
+                             "containers": [node],
+                             "volumes": [{"name": "workspace", "persistentVolumeClaim": {"claimName": PVC}},
+                                         {"name": "shm", "emptyDir": {"medium": "Memory"}}]}}}}}]}}},
+    }
+
+
+def node_main(argv: list[str]) -> None:
+    """What every process of every node runs (the SDK sends this function's source to the nodes)."""
+    import os
+    import sys
+
+    os.environ["DPOFLOW_LAUNCHED"] = "1"  # torchrun already made the processes: no relaunch
+    from dpoflow.cli import main
+
+    code = main(argv)
+    if code:
+        sys.exit(code)
+
+
+class TrainJobError(RuntimeError):
+    pass
+
+
+def in_workspace(path: Path, root: Path) -> str:
+    """`path` (under the shared folder `root`) as the nodes see it."""
+    try:
+        return f"{WORKSPACE}/{Path(path).resolve().relative_to(root.resolve())}"
+    except ValueError as error:
+        raise TrainJobError(f"{path} is not under the shared folder {root}: with dpo.nodes > 1 every input and the "
+                            "output must live on the volume the nodes mount (put them under it, or use dpo.nodes=1)") from error
+
+
+def _container_client(engine_url: str, runtime_file: Path):
+    from kubeflow.trainer import ContainerBackendConfig, TrainerClient
+    from kubeflow.trainer.backends.container.types import TrainingRuntimeSource
+
+    # auto_remove=False: the SDK would delete the job's folder with the job, and here that folder is
+    # the run's shared volume
+    return TrainerClient(ContainerBackendConfig(
+        container_runtime="podman" if "podman" in engine_url else "docker", container_host=engine_url,
+        pull_policy="Never", auto_remove=False,
+        runtime_source=TrainingRuntimeSource(sources=[f"file://{runtime_file}"])))
+
+
+def run_trainjob(dpo_argv: list[str], *, root: Path, nodes: int, processes_per_node: int, image: str,
+                 env: dict[str, str] | None = None, timeout_s: float = 86400.0, log=print) -> dict:
+    """Run `dpoflow dpo <dpo_argv>` (paths already under /workspace) as a TrainJob of `nodes` nodes on
+    this machine's container engine, with `root` as /workspace. Streams node 0's log, raises
+    TrainJobError naming the node that failed and its last lines, removes the job's containers."""
+    from kubeflow.trainer import CustomTrainer
+    from kubeflow.trainer.options import Name
+
+    from dpoflow.pipeline.containers import docker_api
+
+    name = f"dpoflow-dpo-{os.getpid()}-{int(time.time()) % 100000}"
+    jobs = root / ".trainjobs"
+    jobs.mkdir(parents=True, exist_ok=True)
+    runtime_file = jobs / f"{RUNTIME}.yaml"
+    import yaml
+
+    runtime_file.write_text(yaml.safe_dump(runtime_manifest(image), sort_keys=False))
+    # the SDK mounts ~/.kubeflow/trainer/containers/<job> (resolved) at /workspace: point it at root
+    workdir = Path.home() / ".kubeflow" / "trainer" / "containers" / name
+    workdir.parent.mkdir(parents=True, exist_ok=True)
+    workdir.unlink(missing_ok=True)
+    workdir.symlink_to(root.resolve(), target_is_directory=True)
+    root.chmod(root.stat().st_mode | 0o777)  # the nodes run as the image's uid 1000
+    resources = {"cpu": 1} if not processes_per_node or processes_per_node <= 1 else {"gpu": processes_per_node}
+    trainer = CustomTrainer(func=node_main, func_args={"argv": dpo_argv}, num_nodes=nodes,
+                            resources_per_node=resources, image=image,
+                            env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})})
+    with docker_api(log=log) as url:
+        client = _container_client(url, runtime_file)
+        started = time.monotonic()
+        try:
+            client.train(runtime=RUNTIME, trainer=trainer, options=[Name(name=name)])
+            log(f"trainjob: {name}: {nodes} nodes x {processes_per_node} process(es) of {image}, "
+                f"/workspace = {root}")
+            _follow(client, name, timeout_s, log)
+            return {"name": name, "nodes": nodes, "processes_per_node": processes_per_node,
+                    "seconds": round(time.monotonic() - started, 1)}
+        finally:
+            _remove(client, name)
+            workdir.unlink(missing_ok=True)
+
+
+def _follow(client, name: str, timeout_s: float, log) -> None:
+    """Stream node 0's log until the job completes; on failure name the node and its last lines."""
+    deadline = time.monotonic() + timeout_s
+    seen = 0
+    while True:
+        job = client.get_job(name)
+        lines = _node_log(client.backend, name, "node-0")
+        for line in lines[seen:]:
+            log(f"  node-0 | {line}")
+        seen = len(lines)
+        if job.status == "Complete":
+            return
+        failed = [step.name for step in job.steps if step.status == "Failed"]
+        if failed:
+            raise TrainJobError(f"TrainJob {name} failed: " + "; ".join(
+                f"{step} exited with code {_exit_code(client.backend, name, step)}; its last lines:\n    "
+                + "\n    ".join(_own_lines(_node_log(client.backend, name, step))[-12:]) for step in failed))
+        if time.monotonic() > deadline:
+            raise TrainJobError(f"TrainJob {name} did not finish in {timeout_s:.0f} s")
+        time.sleep(2)
+
+
+def _own_lines(lines: list[str]) -> list[str]:
+    """A node's log up to torchrun's own report of the failure (what the process itself said)."""
+    for index, line in enumerate(lines):
+        if "elastic/multiprocessing/api.py" in line and "failed (exitcode" in line:
+            return lines[:index]
+    return lines
+
+
+def _container(backend, name: str, step: str) -> dict:
+    # the SDK's get_job_logs(step="node-0") returns every node's log: read one node's container
+    return next(c for c in backend._get_job_containers(name) if c["labels"].get(f"{backend.label_prefix}/step") == step)
+
+
+def _node_log(backend, name: str, step: str) -> list[str]:
+    # read through the engine's client: the SDK's podman adapter returns podman-py 5.8's log generator
+    # unread when not following
+    logs = backend._adapter.get_container(_container(backend, name, step)["id"]).logs(stream=False)
+    chunks = [logs] if isinstance(logs, bytes | str) else list(logs)
+    return "".join(c.decode("utf-8", "replace") if isinstance(c, bytes) else c for c in chunks).splitlines()
+
+
+def _exit_code(backend, name: str, step: str):
+    return backend._adapter.container_status(_container(backend, name, step)["id"])[1]
+
+
+def _remove(client, name: str) -> None:
+    try:
+        client.delete_job(name)
+    except Exception:  # never created, or already gone
+        pass

@@ -1,0 +1,127 @@
+"""`dpoflow dpo --nodes 2`: a Kubeflow Trainer TrainJob through the Kubeflow SDK's container backend, two
+containers of the dpoflow image (one per node) on a per-job network, torchrun + gloo between them, the
+inputs and the output on one shared folder. The DDP equivalence across nodes, a killed node, an image
+that does not exist; nothing left running after any of them."""
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import assert_same_weights
+from dpoflow.config import DpoConfig
+from dpoflow.dpo.train import run_dpo
+from dpoflow.training import checkpoint_problem
+from test_containers import IMAGE, _engine, containers_ready  # noqa: F401 (the fixture skips without an image)
+
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+SETTINGS = dict(max_steps=5, per_device_batch_size=4, learning_rate=1e-3, max_length=64, log_every=1, seed=3)
+LABEL = "trainer.kubeflow.org/trainjob-name"
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def shared(tmp_path, pairs_dir, tiny_model_dir):
+    """The volume every node mounts: the pairs, the reference model and its log-probs under one folder."""
+    from dpoflow.dpo.reference import run_reference
+
+    root = tmp_path / "shared"
+    shutil.copytree(pairs_dir, root / "prefs")
+    shutil.copytree(tiny_model_dir, root / "sft" / "model")
+    run_reference(root / "prefs", root / "sft" / "model", root / "reference", max_length=64)
+    subprocess.run(["chmod", "-R", "a+rX", str(root)], check=True)  # pytest's folders are private to root
+    return root
+
+
+def _dpo(shared: Path, out: str, *extra: str, **settings) -> subprocess.Popen:
+    command = [str(BIN / "dpoflow"), "dpo", "--nodes", "2", "--shared", str(shared), "--image", IMAGE,
+               "--pairs", str(shared / "prefs"), "--reference-model", str(shared / "sft" / "model"),
+               "--reference-dir", str(shared / "reference"), "--out", str(shared / out), *extra]
+    command += [f"--set=dpo.{k}={v}" for k, v in {**SETTINGS, **settings}.items()]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=shared.parent)
+
+
+def _left_behind() -> list[str]:
+    containers = subprocess.run([_engine(), "ps", "-a", "--filter", f"label={LABEL}", "--format", "{{.Names}}"],
+                                capture_output=True, text=True).stdout.split()
+    networks = subprocess.run([_engine(), "network", "ls", "--format", "{{.Name}}"], capture_output=True,
+                              text=True).stdout.split()
+    return containers + [n for n in networks if n.startswith("dpoflow-dpo-")]
+
+
+def test_two_nodes_give_the_weights_and_metrics_of_one_process(tmp_path, shared):
+    # one process with the global batch of 2 nodes x 1 process x 4 pairs
+    run_dpo(DpoConfig(**{**SETTINGS, "per_device_batch_size": 8}), shared / "prefs", shared / "sft" / "model",
+            tmp_path / "one", reference_dir=shared / "reference")
+    started = time.monotonic()
+    two = _dpo(shared, "two")
+    stdout, stderr = two.communicate(timeout=900)
+    assert two.returncode == 0, stderr[-3000:]
+    print(f"2 nodes x 1 process: {time.monotonic() - started:.1f} s wall (containers included)")
+    assert "node-0 | " in stdout  # rank 0's log streamed
+    summary = json.loads((shared / "two" / "train_summary.json").read_text())
+    assert (summary["nodes"], summary["processes"], summary["global_batch"]) == (2, 2, 8)
+    assert json.loads((tmp_path / "one" / "train_summary.json").read_text())["nodes"] == 1
+    assert_same_weights(tmp_path / "one", shared / "two", atol=1e-5)
+    for a, b in zip(_metrics(tmp_path / "one"), _metrics(shared / "two"), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)  # a lost x world factor would double it
+        assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-5)
+    assert _left_behind() == []
+
+
+def test_a_killed_node_fails_the_job_naming_it_and_the_rerun_resumes_to_the_same_weights(tmp_path, shared):
+    long = dict(max_steps=300, checkpoint_every=10)
+    run_dpo(DpoConfig(**{**SETTINGS, **long, "per_device_batch_size": 8}), shared / "prefs",
+            shared / "sft" / "model", tmp_path / "one", reference_dir=shared / "reference")
+    job = _dpo(shared, "two", **long)
+    deadline = time.monotonic() + 600
+    # a complete checkpoint on the shared volume, then the kill
+    while not any(not checkpoint_problem(p) for p in (shared / "two").glob("checkpoints/step-*")):
+        assert job.poll() is None, job.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no checkpoint in 600 s"
+        time.sleep(0.5)
+    node = subprocess.run([_engine(), "ps", "--filter", "label=trainer.kubeflow.org/step=node-1", "--format",
+                           "{{.Names}}"], capture_output=True, text=True).stdout.split()
+    assert len(node) == 1
+    subprocess.run([_engine(), "kill", node[0]], check=True, capture_output=True)
+    _, stderr = job.communicate(timeout=300)
+    assert job.returncode == 1
+    assert "node-1 exited with code 137" in stderr and "its last lines" in stderr
+    assert not (shared / "two" / "model").exists()
+    assert _left_behind() == []
+
+    resumed = _dpo(shared, "two", "--resume", **long)
+    stdout, stderr = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0, stderr[-3000:]
+    assert json.loads((shared / "two" / "timing.json").read_text())["resumed_from"] > 0
+    assert_same_weights(tmp_path / "one", shared / "two", atol=1e-5)
+    assert _left_behind() == []
+
+
+def test_a_node_that_cannot_start_fails_at_once_with_the_reason(shared):
+    started = time.monotonic()
+    job = subprocess.run([str(BIN / "dpoflow"), "dpo", "--nodes", "2", "--shared", str(shared), "--image",
+                          "dpoflow/no-such-image:0", "--pairs", str(shared / "prefs"), "--reference-model",
+                          str(shared / "sft" / "model"), "--reference-dir", str(shared / "reference"), "--out",
+                          str(shared / "never")], capture_output=True, text=True, cwd=shared.parent, timeout=300)
+    assert job.returncode == 1 and time.monotonic() - started < 120
+    assert "dpoflow/no-such-image:0" in job.stderr and "not found locally" in job.stderr
+    assert _left_behind() == []
+
+
+def test_an_input_off_the_shared_volume_is_named(shared, tmp_path, tiny_model_dir):
+    job = subprocess.run([str(BIN / "dpoflow"), "dpo", "--nodes", "2", "--shared", str(shared), "--pairs",
+                          str(shared / "prefs"), "--reference-model", str(tiny_model_dir), "--reference-dir",
+                          str(shared / "reference"), "--out", str(shared / "x")], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=120)
+    assert job.returncode == 1
+    assert f"{tiny_model_dir} is not under the shared folder {shared}" in job.stderr
