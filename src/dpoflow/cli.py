@@ -160,8 +160,8 @@ def _dpo_trainjob(args, cfg, overrides: list[str]) -> int:
     paths = step_dirs(cfg)
     root = Path(args.shared) if args.shared else paths["root"]
     out_dir = _out_dir(args, cfg, "dpo")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out_dir.chmod(0o777)  # written by the nodes (the image's uid 1000)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    out_dir.parent.chmod(0o777)  # the nodes (the image's uid 1000) stage the output beside it, then rename it
     job_dir = root / ".trainjobs"
     job_dir.mkdir(parents=True, exist_ok=True)
     config = job_dir / f"config-{os.getpid()}.yaml"  # the resolved config, read by every node

@@ -168,7 +168,9 @@ def _exit_code(backend, name: str, step: str):
 
 
 def _remove(client, name: str) -> None:
+    """The job's containers and network (the SDK leaves the network when no container started)."""
     try:
         client.delete_job(name)
-    except Exception:  # never created, or already gone
+    except Exception:  # no container was created, or they are already gone
         pass
+    client.backend._adapter.delete_network(f"{name}-net")
