@@ -28,6 +28,23 @@ def test_select_highest_interval_lower_bound_within_the_kl_budget():
     assert select_best(SWEEP, max_kl=0.5) == (None, "no candidate within registry.max_kl=0.5 (KLs: [5.2, 2.1, 0.8])")
 
 
+def test_select_skips_a_judge_hack_that_would_hide_a_sound_candidate():
+    """The demo's round 2 (run.rounds=2): β 0.1 and 0.5 win every prompt but pad their answers (1.31x
+    the reference's length); β 2.0 wins less and is sound. Select hands the gate the sound one."""
+    hacked = {"diversity_ratio": 0.51, "length_policy": 42.9, "length_reference": 32.7}
+    rows = [{**row("1", 0.5, 1.0, 0.989, 1.0, 9.2), **hacked}, {**row("2", 0.1, 1.0, 0.989, 1.0, 20.4), **hacked},
+            {**row("3", 2.0, 0.973, 0.949, 0.986, 2.3), "diversity_ratio": 0.84, "length_policy": 36.5,
+             "length_reference": 32.7}]
+    assert select_best(rows)[0]["version"] == "1"  # without the floors: the padded one (lower KL of the tie)
+    best, reason = select_best(rows, min_diversity=0.5, max_length_ratio=1.25)
+    assert best["version"] == "3"
+    assert reason.endswith("2 candidate(s) below registry.min_diversity=0.5 or above registry.max_length_ratio=1.25 "
+                           "skipped")
+    assert gate_decision(best, 0.55, min_diversity=0.5, max_length_ratio=1.25)[0]
+    # when every candidate is hacked, select still picks one and the gate refuses it with the reason
+    assert select_best(rows[:2], min_diversity=0.5, max_length_ratio=1.25)[0]["version"] == "1"
+
+
 def test_gate_rules():
     good = row("4", 0.5, 0.70, 0.58, 0.80, 1.0)
     assert gate_decision(good, 0.6) == (True, ["pass: win rate 0.700 vs registry.min_win_rate 0.6",

@@ -114,18 +114,31 @@ def write_card(model_name: str, version: str) -> None:
         tracking.set_version_description(model_name, str(version), model_card(model_name, str(version), found["tags"]))
 
 
-def select_best(rows: list[dict], max_kl: float | None = None) -> tuple[dict | None, str]:
+def _hacked(row: dict, min_diversity: float, max_length_ratio: float | None) -> bool:
+    """The gate's judge-hack checks (where the row carries the figures): collapsed or padded samples."""
+    diversity = row.get("diversity_ratio", math.nan)
+    growth = row.get("length_policy", math.nan) / row.get("length_reference", math.nan)
+    return bool((min_diversity and diversity < min_diversity) or (max_length_ratio and growth > max_length_ratio))
+
+
+def select_best(rows: list[dict], max_kl: float | None = None, *, min_diversity: float = 0.0,
+                max_length_ratio: float | None = None) -> tuple[dict | None, str]:
     """The sweep's best candidate: the highest lower bound of the win-rate interval (the figure we
-    are most sure of), among candidates within the KL budget; ties go to the lower KL. Returns
-    (row, reason); row is None when no candidate is within the budget."""
+    are most sure of), among candidates within the KL budget whose samples the gate would not call a
+    judge hack (so a hacked β does not hide a sound one from the gate); ties go to the lower KL.
+    Returns (row, reason); row is None when no candidate qualifies."""
     within = [r for r in rows if max_kl is None or r["kl"] <= max_kl]
     if not within:
         return None, f"no candidate within registry.max_kl={max_kl} (KLs: {[round(r['kl'], 3) for r in rows]})"
-    best = sorted(within, key=lambda r: (-r["win_rate_ci_low"], r["kl"]))[0]
+    sound = [r for r in within if not _hacked(r, min_diversity, max_length_ratio)] or within
+    best = sorted(sound, key=lambda r: (-r["win_rate_ci_low"], r["kl"]))[0]
     reason = (f"highest win-rate interval lower bound {best['win_rate_ci_low']:.3f} (β {best['beta']}, win rate "
               f"{best['win_rate']:.3f}, KL {best['kl']:.3f})")
     if len(within) < len(rows):
         reason += f"; {len(rows) - len(within)} candidate(s) above registry.max_kl={max_kl} skipped"
+    if len(sound) < len(within):
+        reason += (f"; {len(within) - len(sound)} candidate(s) below registry.min_diversity={min_diversity} or above "
+                   f"registry.max_length_ratio={max_length_ratio} skipped")
     return best, reason
 
 
@@ -185,14 +198,15 @@ def _row(version: dict) -> dict:
     return row
 
 
-def run_select(model_name: str, versions: list[str], *, max_kl: float | None, log=print) -> str:
+def run_select(model_name: str, versions: list[str], *, max_kl: float | None, min_diversity: float = 0.0,
+               max_length_ratio: float | None = None, log=print) -> str:
     """Pick the sweep's best among `versions`; tag it with the table of all and the reason; point
     `candidate` at it. Returns its version, or "" when none qualifies."""
     from dpoflow import tracking
 
     wanted = {str(v) for v in versions}
     rows = [_row(v) for v in tracking.model_versions(model_name) if v["version"] in wanted]
-    best, reason = select_best(rows, max_kl)
+    best, reason = select_best(rows, max_kl, min_diversity=min_diversity, max_length_ratio=max_length_ratio)
     table = json.dumps([{k: r[k] for k in ("version", "beta", "win_rate", "win_rate_ci_low", "kl")} for r in rows])
     if best is None:
         log(f"select: {reason}")

@@ -662,7 +662,8 @@ def select_task(*, registry: str, versions: list, parent_run_id: str, mlflow_uri
     versions = [v for v in versions if v]
     if not registry_cfg.enabled or not versions:
         return ""
-    version = run_select(registry_cfg.model_name, versions, max_kl=registry_cfg.max_kl)
+    version = run_select(registry_cfg.model_name, versions, max_kl=registry_cfg.max_kl,
+                         min_diversity=registry_cfg.min_diversity, max_length_ratio=registry_cfg.max_length_ratio)
     if version:
         tracking.set_version_tags(registry_cfg.model_name, version, {"dpoflow.selected_in": parent_run_id})
     return version
