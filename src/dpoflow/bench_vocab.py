@@ -179,7 +179,12 @@ def _fits(shape, layers, vocab, batch, lengths, steps, precision, log) -> dict:
         if low.get("out_of_memory") or high.get("out_of_memory"):
             fits[name] = {"out_of_memory": True}
             continue
-        per_pair = max(1e-9, (high["peak_memory_mb"] - low["peak_memory_mb"]) / batch)
+        per_pair = (high["peak_memory_mb"] - low["peak_memory_mb"]) / batch
+        if per_pair < 1.0:  # the two peaks are set by fixed costs: no per-pair figure to extrapolate from
+            fits[name] = {"fixed_mb": round(high["peak_memory_mb"]), "per_pair_mb": None,
+                          "pairs_in_budget": {f"{gb} GB": None for gb in BUDGETS_GB}}
+            log(f"fits {name}: the peak did not grow from {batch} to {2 * batch} pairs: measure larger batches")
+            continue
         fixed = low["peak_memory_mb"] - per_pair * batch
         fits[name] = {"fixed_mb": round(fixed), "per_pair_mb": round(per_pair, 1),
                       "pairs_in_budget": {f"{gb} GB": max(0, int((gb * 1024 - fixed) // per_pair))
@@ -229,8 +234,8 @@ def vocab_table(report: dict) -> str:
             if fit.get("out_of_memory"):
                 lines.append(f"| {name} | OOM | | " + " | ".join("" for _ in BUDGETS_GB) + " |")
                 continue
-            lines.append(f"| {name} | {fit['fixed_mb']} | {fit['per_pair_mb']} | "
-                         + " | ".join(str(n) for n in fit["pairs_in_budget"].values()) + " |")
+            lines.append(f"| {name} | {fit['fixed_mb']} | {fit['per_pair_mb'] or 'not resolved'} | "
+                         + " | ".join("-" if n is None else str(n) for n in fit["pairs_in_budget"].values()) + " |")
     return "\n".join(lines) + "\n"
 
 
