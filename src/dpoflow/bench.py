@@ -401,11 +401,12 @@ def _sft_worker(kind: str, settings: dict, work: Path, steps: int, batch: int, m
             times.append(time.perf_counter())
 
     frame = pd.read_parquet(work / "sft-data" / "train.parquet")[["prompt", "completion"]]
-    args = trl.SFTConfig(output_dir=str(work / f"trl-sft-{os.getpid()}"), per_device_train_batch_size=batch,
-                         max_steps=steps + 1, learning_rate=LEARNING_RATE, lr_scheduler_type="constant",
-                         warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0, optim="adamw_torch", logging_steps=1,
-                         report_to=[], use_cpu=True, max_length=max_length, save_strategy="no", disable_tqdm=True,
-                         bf16=False, gradient_checkpointing=False, seed=0, packing=False, **settings)
+    args = trl.SFTConfig(**{"output_dir": str(work / f"trl-sft-{os.getpid()}"), "per_device_train_batch_size": batch,
+                            "max_steps": steps + 1, "learning_rate": LEARNING_RATE, "lr_scheduler_type": "constant",
+                            "warmup_steps": 0, "max_grad_norm": 1.0, "weight_decay": 0.0, "optim": "adamw_torch",
+                            "logging_steps": 1, "report_to": [], "use_cpu": True, "max_length": max_length,
+                            "save_strategy": "no", "disable_tqdm": True, "bf16": False, "gradient_checkpointing": False,
+                            "seed": 0, "packing": False, **settings})
     trainer = trl.SFTTrainer(model=load_model(str(work / "model")), args=args,
                              train_dataset=datasets.Dataset.from_pandas(frame),
                              processing_class=load_tokenizer(str(work / "model")), callbacks=[Timer()])
@@ -422,8 +423,10 @@ def run_worker(kind: str, settings: dict, work: Path, steps: int, batch: int, ma
                precision: str = "fp32", name: str | None = None) -> dict:
     """One contender (`kind` with `settings`) in its own process; its result line."""
     if precision != "fp32" or _cuda():  # the same precision on both sides; TRL off its CPU default
-        extra = {"precision": precision} if kind == "dpoflow" else {"bf16": precision == "bf16", "use_cpu": False}
-        settings = {**settings, **extra}
+        if kind in ("dpoflow", "sft-dpoflow"):
+            settings = {**settings, "precision": precision}
+        elif kind not in ("reference", "generate-dpoflow", "generate-hf"):  # TRL's trainers
+            settings = {**settings, "bf16": precision == "bf16", "use_cpu": False}
     command = [sys.executable, "-m", "dpoflow.bench", kind, json.dumps(settings), str(work), str(steps), str(batch),
                str(max_length)]
     done = subprocess.run(command, capture_output=True, text=True)

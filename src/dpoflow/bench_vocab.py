@@ -74,6 +74,8 @@ def worker(kind: str, settings: dict, work: Path, max_length: int) -> dict:
     from dpoflow.generation import generate_ids
 
     model, tokenizer = load_model(str(work / "model")).eval(), load_tokenizer(str(work / "model"))
+    if torch.cuda.is_available():  # as the reference and DPO steps run there: the GPU, bf16
+        model = model.to("cuda", dtype=torch.bfloat16)
     prompts = pd.read_parquet(work / "pairs" / "train.parquet")["prompt"].tolist()
     encoded = [tokenize_prompt(tokenizer, text) for text in (prompts * settings["prompts"])[:settings["prompts"]]]
     k, new, top_p = settings["samples"], settings["max_new_tokens"], settings["top_p"]
@@ -82,8 +84,8 @@ def worker(kind: str, settings: dict, work: Path, max_length: int) -> dict:
         generate_ids(model, tokenizer, encoded, num_samples=k, max_new_tokens=new, top_p=top_p)
     else:  # HF generate on the same rows, left-padded
         width = max(len(ids) for ids in encoded)
-        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(row)) + row for row in encoded])
-        mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in encoded])
+        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(row)) + row for row in encoded], device=model.device)
+        mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in encoded], device=model.device)
         torch.manual_seed(0)
         with torch.no_grad():
             model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, top_p=top_p,
