@@ -1,14 +1,16 @@
 """DPO over several nodes as a Kubeflow Trainer TrainJob, created through the Kubeflow SDK.
 
-One call serves both places (`kubeflow.trainer.TrainerClient.train`): on a cluster the SDK's
-Kubernetes backend creates a TrainJob on the `dpoflow-dpo` ClusterTrainingRuntime
-(manifests/base/trainer-runtime.yaml: the dpoflow image, the RWX volume `dpoflow-workspace` at
-/workspace); on one machine its container backend starts one container of the same image per node on
-a per-job network, with the run's folder as /workspace. Every node runs torchrun, and every process
-`dpoflow dpo` on the paths under /workspace: inputs are read and the policy written in place on the
-shared volume, no bytes are copied in or out. The DDP math is `dpoflow dpo --num-processes`'s (global
-batch = per-device × accumulation × processes, seeded order), so N nodes × P processes give the same
-weights as N·P processes on one machine, and as one process with the same global batch.
+`kubeflow.trainer.TrainerClient.train` with a `CustomTrainer` whose function runs `dpoflow dpo`:
+here with the SDK's container backend, one container of the dpoflow image per node on a per-job
+network, the run's folder mounted as /workspace in every node. Every node runs torchrun, and every
+process `dpoflow dpo` on the paths under /workspace: inputs are read and the policy written in place
+on the shared volume, no bytes are copied in or out. The runtime is `dpoflow-dpo`, the
+ClusterTrainingRuntime that `dpoflow compile` writes to manifests/trainer/ for clusters (the dpoflow
+image, the RWX volume `dpoflow-workspace` at /workspace); the SDK's Kubernetes backend takes the same
+`train` call on a cluster, which the pipeline does not make yet. The DDP math is `dpoflow dpo
+--num-processes`'s (global batch = per-device × accumulation × processes, seeded order), so N nodes
+× P processes give the same weights as N·P processes on one machine, and as one process with the
+same global batch.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+
+import yaml
 
 RUNTIME = "dpoflow-dpo"
 RUNTIME_FILE = "manifests/trainer/dpoflow-dpo-runtime.yaml"
@@ -92,8 +96,6 @@ def run_trainjob(dpo_argv: list[str], *, root: Path, nodes: int, processes_per_n
     jobs = root / ".trainjobs"
     jobs.mkdir(parents=True, exist_ok=True)
     runtime_file = jobs / f"{RUNTIME}.yaml"
-    import yaml
-
     runtime_file.write_text(yaml.safe_dump(runtime_manifest(image), sort_keys=False))
     # the SDK mounts ~/.kubeflow/trainer/containers/<job> (resolved) at /workspace: point it at root
     workdir = Path.home() / ".kubeflow" / "trainer" / "containers" / name
@@ -101,7 +103,9 @@ def run_trainjob(dpo_argv: list[str], *, root: Path, nodes: int, processes_per_n
     workdir.unlink(missing_ok=True)
     workdir.symlink_to(root.resolve(), target_is_directory=True)
     root.chmod(root.stat().st_mode | 0o777)  # the nodes run as the image's uid 1000
-    resources = {"cpu": 1} if not processes_per_node or processes_per_node <= 1 else {"gpu": processes_per_node}
+    # the SDK's container backend starts one process per node unless given a GPU count, which (here)
+    # only sets torchrun's --nproc_per_node: the processes per node, gloo on CPU
+    resources = {"cpu": 1} if processes_per_node <= 1 else {"gpu": processes_per_node}
     trainer = CustomTrainer(func=node_main, func_args={"argv": dpo_argv}, num_nodes=nodes,
                             resources_per_node=resources, image=image,
                             env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})})
