@@ -1,5 +1,6 @@
 """The model lifecycle: the selection and gate rules (pure functions, numbers worked by hand), then
-register → select → gate → promote → rollback against a real sqlite MLflow registry."""
+register → select → gate → promote → rollback against a real sqlite MLflow registry; compare-and-set
+promotion and its alias lock against a real MLflow server (both orders, two processes at once)."""
 
 import json
 from pathlib import Path

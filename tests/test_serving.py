@@ -1,5 +1,7 @@
 """The registered champion answers generation requests under `mlflow models serve` (a real server on
-loopback, stopped after), and the same files still load with plain transformers."""
+loopback, stopped after), and the same files still load with plain transformers; `dpoflow deploy`
+renders a KServe InferenceService that validates against KServe's schema and reads exactly the
+champion's files."""
 
 import json
 import os
