@@ -90,9 +90,12 @@ def test_readme_commands_parse():
 
     from dpoflow.cli import build_parser
 
+    # indented ones too (the cluster steps: compile --image, submit, schedule: the most flags)
     lines = [line.split("#")[0].strip() for line in (ROOT / "README.md").read_text().splitlines()
-             if line.startswith(".venv/bin/dpoflow")]
-    assert len(lines) >= 4
+             if line.strip().startswith(".venv/bin/dpoflow")]
+    commands = {shlex.split(line)[1] for line in lines}
+    assert {"compile", "submit", "schedule", "deploy", "dpo", "run", "runs", "promote", "register"} <= commands
+    assert sum(line.startswith(".venv/bin/dpoflow compile --image") for line in lines) == 1
     parser = build_parser()
     for line in lines:
         command = line.removeprefix(".venv/bin/dpoflow ")
