@@ -131,7 +131,7 @@ def cmd_dpo(args) -> int:
     overrides = args.overrides + ([f"dpo.nodes={args.nodes}"] if args.nodes else [])
     cfg = load_config(args.config, overrides)
     if cfg.dpo.nodes > 1 and not os.environ.get("DPOFLOW_LAUNCHED"):
-        return _dpo_trainjob(args, cfg, overrides)
+        return _dpo_trainjob(args, cfg)
     if _needs_launch(args):
         return _relaunch(args.num_processes, args.accelerate_config)
     if not os.environ.get("DPOFLOW_LAUNCHED"):  # one process: the thread count `dpoflow run` gives a β task
@@ -150,11 +150,9 @@ def cmd_dpo(args) -> int:
     return 0
 
 
-def _dpo_trainjob(args, cfg, overrides: list[str]) -> int:
+def _dpo_trainjob(args, cfg) -> int:
     """`dpoflow dpo` with dpo.nodes > 1: the same command on every node of a TrainJob, its paths as the
     nodes see the shared folder."""
-    import yaml
-
     from dpoflow.trainjob import in_workspace, run_trainjob
 
     paths = step_dirs(cfg)
@@ -162,11 +160,7 @@ def _dpo_trainjob(args, cfg, overrides: list[str]) -> int:
     out_dir = _out_dir(args, cfg, "dpo")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     out_dir.parent.chmod(0o777)  # the nodes (the image's uid 1000) stage the output beside it, then rename it
-    job_dir = root / ".trainjobs"
-    job_dir.mkdir(parents=True, exist_ok=True)
-    config = job_dir / f"config-{os.getpid()}.yaml"  # the resolved config, read by every node
-    config.write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
-    argv = ["dpo", "-c", in_workspace(config, root), "--pairs", in_workspace(args.pairs or paths["pairs"], root),
+    argv = ["--pairs", in_workspace(args.pairs or paths["pairs"], root),
             "--reference-model", in_workspace(args.reference_model or paths["reference_model"], root),
             "--out", in_workspace(out_dir, root)]
     if cfg.dpo.reference == "cached":
@@ -176,9 +170,8 @@ def _dpo_trainjob(args, cfg, overrides: list[str]) -> int:
         argv += ["--init-model", in_workspace(init, root)]
     if args.resume:
         argv.append("--resume")
-    job = run_trainjob(argv, root=root, nodes=cfg.dpo.nodes, processes_per_node=args.num_processes,
-                       image=args.image)
-    config.unlink()
+    job = run_trainjob(argv, config=config_dict(cfg), root=root, nodes=cfg.dpo.nodes,
+                       processes_per_node=args.num_processes, image=args.image)
     print(f"dpo: TrainJob {job['name']} ({job['nodes']} nodes x {job['processes_per_node']} process(es)) in "
           f"{job['seconds']} s -> {out_dir / 'model'}")
     return 0

@@ -81,7 +81,7 @@ def run_deploy(model_name: str, *, alias: str | None = "champion", version: str 
     from dpoflow import tracking
 
     if version:
-        found = next((v for v in tracking.model_versions(model_name) if v["version"] == str(version)), None)
+        found = tracking.model_version(model_name, version)
         what = f"models:/{model_name}/{version}"
     else:
         found = tracking.version_by_alias(model_name, alias)

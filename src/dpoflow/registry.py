@@ -109,15 +109,21 @@ def write_card(model_name: str, version: str) -> None:
     """(Re)write a version's model card from its tags: after register, gate, promote and rollback."""
     from dpoflow import tracking
 
-    found = next((v for v in tracking.model_versions(model_name) if v["version"] == str(version)), None)
+    found = tracking.model_version(model_name, version)
     if found is not None:
         tracking.set_version_description(model_name, str(version), model_card(model_name, str(version), found["tags"]))
 
 
+def _hack_figures(row: dict) -> tuple[float, float]:
+    """(distinct-2 as a fraction of the reference's, mean length as a multiple of the reference's); NaN
+    where the row does not carry the figures."""
+    return (row.get("diversity_ratio", math.nan),
+            row.get("length_policy", math.nan) / row.get("length_reference", math.nan))
+
+
 def _hacked(row: dict, min_diversity: float, max_length_ratio: float | None) -> bool:
     """The gate's judge-hack checks (where the row carries the figures): collapsed or padded samples."""
-    diversity = row.get("diversity_ratio", math.nan)
-    growth = row.get("length_policy", math.nan) / row.get("length_reference", math.nan)
+    diversity, growth = _hack_figures(row)
     return bool((min_diversity and diversity < min_diversity) or (max_length_ratio and growth > max_length_ratio))
 
 
@@ -164,11 +170,10 @@ def gate_decision(candidate: dict, min_win_rate: float, champion: dict | None = 
     check(candidate["win_rate"] >= min_win_rate,
           f"win rate {candidate['win_rate']:.3f} vs registry.min_win_rate {min_win_rate}")
     check(candidate["win_rate_ci_low"] > 0.5, f"win-rate interval lower bound {candidate['win_rate_ci_low']:.3f} > 0.5")
-    diversity = candidate.get("diversity_ratio", math.nan)
+    diversity, growth = _hack_figures(candidate)
     if min_diversity and not math.isnan(diversity):
         check(diversity >= min_diversity, f"distinct-2 {diversity:.2f} x the reference's vs registry.min_diversity "
               f"{min_diversity}")
-    growth = candidate.get("length_policy", math.nan) / candidate.get("length_reference", math.nan)
     if max_length_ratio and not math.isnan(growth):
         check(growth <= max_length_ratio, f"mean completion length {growth:.2f} x the reference's vs "
               f"registry.max_length_ratio {max_length_ratio}")
@@ -229,7 +234,7 @@ def run_gate(model_name: str, version: str, *, min_win_rate: float, head_to_head
     if not version:
         log("gate: nothing selected; champion unchanged")
         return False
-    candidate = _row(next(v for v in tracking.model_versions(model_name) if v["version"] == version))
+    candidate = _row(tracking.model_version(model_name, version))
     champion_version = tracking.version_by_alias(model_name, "champion")
     champion, duel = None, None
     if champion_version is not None and champion_version["version"] != version:
@@ -264,7 +269,7 @@ def run_promote(model_name: str, version: str, *, regate=None, force: bool = Fal
     with tracking.alias_lock(model_name, holder=f"promote of {model_name} v{version}"):
         old = tracking.version_by_alias(model_name, "champion")
         current = old["version"] if old else "none"
-        gated_against = _tags(model_name, version).get("dpoflow.gated_against")
+        gated_against = tracking.model_version(model_name, version)["tags"].get("dpoflow.gated_against")
         if not force and gated_against != current:
             log(f"promote: {model_name} champion is v{current}, not v{gated_against} as when v{version} was gated: "
                 "gating again against it")
@@ -285,12 +290,6 @@ def run_promote(model_name: str, version: str, *, regate=None, force: bool = Fal
         write_card(model_name, changed)
     log(f"promote: {model_name} v{version} is champion" + (f" (previous: v{old['version']})" if old else ""))
     return {"champion": version, "previous_champion": old["version"] if old else None, "promoted": True}
-
-
-def _tags(model_name: str, version: str) -> dict:
-    from dpoflow import tracking
-
-    return next(v for v in tracking.model_versions(model_name) if v["version"] == str(version))["tags"]
 
 
 def rollback(model_name: str, log=print) -> dict:

@@ -340,6 +340,16 @@ def model_versions(name: str) -> list[dict]:
     return sorted(map(_version, found), key=lambda v: int(v["version"]))
 
 
+def model_version(name: str, version: str) -> dict | None:
+    """Version `version` of `name` ({version, run_id, tags}), None when there is no such version."""
+    try:
+        return _version(client().get_model_version(name, str(version)))
+    except Exception as error:
+        if "RESOURCE_DOES_NOT_EXIST" not in str(error) and "not found" not in str(error).lower():
+            raise
+        return None
+
+
 def version_by_alias(name: str, alias: str) -> dict | None:
     c = client()
     try:

@@ -82,11 +82,12 @@ def _container_client(engine_url: str, runtime_file: Path):
         runtime_source=TrainingRuntimeSource(sources=[f"file://{runtime_file}"])))
 
 
-def run_trainjob(dpo_argv: list[str], *, root: Path, nodes: int, processes_per_node: int, image: str,
+def run_trainjob(dpo_argv: list[str], *, config: dict, root: Path, nodes: int, processes_per_node: int, image: str,
                  env: dict[str, str] | None = None, timeout_s: float = 86400.0, log=print) -> dict:
-    """Run `dpoflow dpo <dpo_argv>` (paths already under /workspace) as a TrainJob of `nodes` nodes on
-    this machine's container engine, with `root` as /workspace. Streams node 0's log, raises
-    TrainJobError naming the node that failed and its last lines, removes the job's containers."""
+    """Run `dpoflow dpo -c <config> <dpo_argv>` (paths already under /workspace; the resolved config is
+    written beside the job for every node to read) as a TrainJob of `nodes` nodes on this machine's
+    container engine, with `root` as /workspace. Streams node 0's log, raises TrainJobError naming the
+    node that failed and its last lines, removes the job's containers."""
     from kubeflow.trainer import CustomTrainer
     from kubeflow.trainer.options import Name
 
@@ -97,6 +98,8 @@ def run_trainjob(dpo_argv: list[str], *, root: Path, nodes: int, processes_per_n
     jobs.mkdir(parents=True, exist_ok=True)
     runtime_file = jobs / f"{RUNTIME}.yaml"
     runtime_file.write_text(yaml.safe_dump(runtime_manifest(image), sort_keys=False))
+    config_file = jobs / f"config-{name}.yaml"
+    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
     # the SDK mounts ~/.kubeflow/trainer/containers/<job> (resolved) at /workspace: point it at root
     workdir = Path.home() / ".kubeflow" / "trainer" / "containers" / name
     workdir.parent.mkdir(parents=True, exist_ok=True)
@@ -106,7 +109,8 @@ def run_trainjob(dpo_argv: list[str], *, root: Path, nodes: int, processes_per_n
     # the SDK's container backend starts one process per node unless given a GPU count, which (here)
     # only sets torchrun's --nproc_per_node: the processes per node, gloo on CPU
     resources = {"cpu": 1} if processes_per_node <= 1 else {"gpu": processes_per_node}
-    trainer = CustomTrainer(func=node_main, func_args={"argv": dpo_argv}, num_nodes=nodes,
+    argv = ["dpo", "-c", in_workspace(config_file, root), *dpo_argv]
+    trainer = CustomTrainer(func=node_main, func_args={"argv": argv}, num_nodes=nodes,
                             resources_per_node=resources, image=image,
                             env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})})
     with docker_api(log=log) as url:
@@ -117,6 +121,7 @@ def run_trainjob(dpo_argv: list[str], *, root: Path, nodes: int, processes_per_n
             log(f"trainjob: {name}: {nodes} nodes x {processes_per_node} process(es) of {image}, "
                 f"/workspace = {root}")
             _follow(client, name, timeout_s, log)
+            config_file.unlink()
             return {"name": name, "nodes": nodes, "processes_per_node": processes_per_node,
                     "seconds": round(time.monotonic() - started, 1)}
         finally:
