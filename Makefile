@@ -17,15 +17,19 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# kustomize, pinned, for the test that renders manifests/ (kubectl's own kustomize serves users)
+$(BIN)/kustomize: .ci/kustomize.py | $(BIN)/python
+	$(BIN)/python .ci/kustomize.py $@
+
+install: $(STAMP) $(BIN)/kustomize
 
 run: $(STAMP)
 	$(BIN)/dpoflow run
 
-test: $(STAMP)
+test: $(STAMP) $(BIN)/kustomize
 	$(BIN)/python -m pytest -q tests
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(BIN)/kustomize
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 lint: $(STAMP)

@@ -10,6 +10,16 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def require(missing: str) -> None:
+    """A test whose tool is missing (`missing` says which and how to get it; '' = nothing missing)
+    skips — except under CI=true (.ci/run), where it fails: CI runs every test or says what it lacked."""
+    if not missing:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{missing} (CI=true: a missing tool fails the run instead of skipping)", pytrace=False)
+    pytest.skip(missing)
+
+
 def write_jsonl(path: Path, rows) -> Path:
     with open(path, "wb") as handle:
         handle.writelines(row if isinstance(row, bytes) else (json.dumps(row) + "\n").encode() for row in rows)

@@ -6,8 +6,6 @@ import signal
 
 import pytest
 
-pytest.importorskip("trl")
-
 
 @pytest.mark.slow
 def test_bench_against_trl_reports_the_headline_keys_at_equal_loss(tmp_path):

@@ -3,7 +3,7 @@
 shared but the pipeline root, MLflow over HTTP. Same numbers as the process runner; a failing task
 fails the run naming it; an interrupted run leaves no container, server or engine service behind.
 
-Where containers cannot start here (no engine, no image), these tests skip and say why."""
+Where containers cannot start here (no engine, no image), these tests skip and say why (under CI=true they fail)."""
 
 import json
 import os
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import require
 from dpoflow import __version__
 from test_pipeline import env_for, run_args
 
@@ -43,8 +44,8 @@ def _unavailable() -> str:
 def containers_ready():
     reason = _unavailable()
     if reason:
-        print(f"container tests skipped: {reason}")
-        pytest.skip(reason)
+        print(f"container tests cannot run: {reason}")
+    require(reason)
 
 
 def _run(tmp_path: Path, name: str, *settings: str, runner: str = "container", db: str = "mlflow.db"):
@@ -134,19 +135,23 @@ def test_a_failing_task_fails_the_run_naming_the_task_and_its_error(tmp_path):
 
 
 def test_a_task_that_exits_at_once_reports_its_exit_code(tmp_path):
-    """The race kfp 2.17 loses under podman: a container gone before its exit code is read."""
+    """The races podman's Docker API loses with containers that exit at once: kfp 2.17 read a 0 for a
+    container already gone; a followed log of an exited container sometimes never ended (about one in
+    a hundred here: CI hung). Many short containers: each exit code and its log line, none left."""
     import docker
 
     from dpoflow.pipeline.containers import ContainerTasks, docker_api
 
+    expected = [3, 0, 7] * 10
     with docker_api() as _:
         client = docker.from_env()
         tasks = ContainerTasks("exit-code", {"DPOFLOW_IMAGE_ID": "x"})
         codes = [tasks.run_container(client, IMAGE, ["sh", "-c", f"echo ValueError: {code}; exit {code}"], {})
-                 for code in (3, 0, 7)]
+                 for code in expected]
         client.close()
-    assert codes == [3, 0, 7]
-    assert [(f["exit_code"], f["tail"]) for f in tasks.failures] == [(3, ["ValueError: 3"]), (7, ["ValueError: 7"])]
+    assert codes == expected
+    assert [(f["exit_code"], f["tail"]) for f in tasks.failures] == \
+        [(code, [f"ValueError: {code}"]) for code in expected if code]
     assert _left_behind("exit-code") == []
 
 

@@ -6,13 +6,12 @@ import copy
 import json
 
 import pytest
+import trl
 
 from conftest import make_pairs
 from dpoflow.dpo.losses import preference_loss
 from dpoflow.dpo.reference import compute_logps
 from dpoflow.modeling import build_model, load_tokenizer
-
-trl = pytest.importorskip("trl")
 
 
 @pytest.fixture(scope="module")

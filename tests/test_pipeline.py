@@ -15,6 +15,8 @@ from urllib.parse import quote
 
 import pytest
 
+from conftest import require
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["run.name=tiny", "run.betas=[0.1,0.5]", "data.demo.n_reviews=400", "data.eval_fraction=0.3",
         "model.preset=tiny", "model.vocab_size=400", "sft.max_steps=30", "sft.per_device_batch_size=16",
@@ -247,11 +249,10 @@ def _check_mlflow(db, summary):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("chromium") is None,
-                    reason="Debian's chromium is not installed (.ci/run installs it when it can: apt-get install chromium)")
 def test_pages_in_a_real_browser(learned_run):
     """The eval report, the frontier page and the MLflow UI's comparison of the β runs, opened in
     headless Chromium: no console errors, and the screenshots show the plots (asserted on pixels)."""
+    require("" if shutil.which("chromium") else "chromium is not installed (.ci/run installs it: apt-get install chromium)")
     from mlflow import MlflowClient
 
     from browser import colored_pixels, screenshot

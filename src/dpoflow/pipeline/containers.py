@@ -193,17 +193,18 @@ class ContainerTasks:
                                           labels={RUN_LABEL: self.run, TASK_LABEL: task}, environment=environment,
                                           **run_args)
         tail: deque[str] = deque(maxlen=self.tail_lines)
+        pending = ""
+
+        def show(text: str) -> None:
+            nonlocal pending
+            print(text, end="")
+            *lines, pending = (pending + text).split("\n")
+            tail.extend(lines)
+
         try:
-            pending = ""
-            for chunk in container.logs(stream=True, follow=True):
-                text = chunk.decode(errors="replace")
-                print(text, end="")
-                pending += text
-                *lines, pending = pending.split("\n")
-                tail.extend(lines)
+            code = follow_logs(container, show)
             if pending:
                 tail.append(pending)
-            code = int(container.wait()["StatusCode"])
         except KeyboardInterrupt:  # Ctrl-C / SIGTERM: stop() gives the task its grace period, then removes it
             raise
         except BaseException:
@@ -220,6 +221,41 @@ class ContainerTasks:
         checkpoints first) and remove them; no new one starts. Returns how many were running."""
         self.stopping.set()
         return remove_containers(self.run, grace_s)
+
+
+def follow_logs(container, show, settle_s: float = 5.0) -> int:
+    """Pass a container's log to `show` as it comes, until the container exits; return its exit code.
+
+    The exit is awaited beside the log stream, not after it: podman 4.3's Docker API sometimes never
+    ends a followed log of a container that has already exited (seen here about once in 100 short
+    containers: the run hung). When the stream has not ended `settle_s` after the exit, it is closed
+    and the rest of the log read whole, from where the stream stopped."""
+    import codecs
+
+    stream = container.logs(stream=True, follow=True)
+    received, decoder, lock = bytearray(), codecs.getincrementaldecoder("utf-8")("replace"), threading.Lock()
+
+    def read() -> None:
+        with contextlib.suppress(Exception):  # the stream closed below, or the container removed
+            for chunk in stream:
+                with lock:
+                    received.extend(chunk)
+                    show(decoder.decode(chunk))
+
+    reader = threading.Thread(target=read, name="container-log", daemon=True)
+    reader.start()
+    code = int(container.wait()["StatusCode"])
+    reader.join(settle_s)
+    if reader.is_alive():
+        stream.close()
+        reader.join(settle_s)
+        with lock:
+            rest = container.logs(stream=False)[len(received):]
+            received.extend(rest)
+            show(decoder.decode(rest, final=True))
+    else:
+        show(decoder.decode(b"", final=True))
+    return code
 
 
 def _remove(container) -> None:
