@@ -106,6 +106,19 @@ def _model_copy(src, dst, seed):
     return dst
 
 
+def _same_weights(src, dst):
+    """A copy of a model whose weights are the same tensors in another file (safetensors metadata
+    differs): registered as a version of its own, it generates exactly what `src` does."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    weights_file = dst / "model.safetensors"
+    save_file(load_file(weights_file), weights_file, metadata={"format": "pt", "copy": "same tensors"})
+    return dst
+
+
 def _register(model_dir, figures, beta):
     from dpoflow import tracking
     from dpoflow.registry import run_register
@@ -178,7 +191,9 @@ def test_register_select_gate_promote_rollback_in_a_real_store(store, tiny_model
 
 def test_champion_from_another_eval_set_is_judged_head_to_head(store, tiny_model_dir):
     """The champion's figures are for another eval set: the gate samples both models on this run's
-    prompts and judges them (real generation, real judge)."""
+    prompts and judges them (real generation, real judge). The challenger has the champion's weights,
+    so with the same seeds every completion is the same and every verdict a tie: exactly 1.5 of 3,
+    whose Wilson interval (worked by hand) is [0.12533, 0.87467] — not below 0.5, so the gate passes."""
     from dpoflow.config import EvalConfig
     from dpoflow.evaluation.evaluate import head_to_head
     from dpoflow.registry import run_gate, run_promote
@@ -191,7 +206,7 @@ def test_champion_from_another_eval_set_is_judged_head_to_head(store, tiny_model
                     {"win_rate": 0.9, "win_rate_ci_low": 0.8, "win_rate_ci_high": 0.95, "kl": 1.0, "n_prompts": 50,
                      "eval_set_hash": "old-set"}, 0.1)
     run_promote("m", old, force=True)
-    new = _register(_model_copy(tiny_model_dir, store / "new", 2),
+    new = _register(_same_weights(store / "old", store / "new"),
                     {"win_rate": 0.8, "win_rate_ci_low": 0.7, "win_rate_ci_high": 0.88, "kl": 1.0, "n_prompts": 50,
                      "eval_set_hash": "new-set"}, 0.1)
     cfg = EvalConfig(max_new_tokens=4)
@@ -200,17 +215,22 @@ def test_champion_from_another_eval_set_is_judged_head_to_head(store, tiny_model
     def duel(champion_version):
         from dpoflow.tracking import download_model
 
-        duels.append(champion_version)
-        return head_to_head(cfg, download_model(f"models:/m/{new}"), download_model(f"models:/m/{champion_version}"),
-                            data)
+        result = head_to_head(cfg, download_model(f"models:/m/{new}"), download_model(f"models:/m/{champion_version}"),
+                              data)
+        duels.append((champion_version, result))
+        return result
 
     decision = run_gate("m", new, min_win_rate=0.6, head_to_head=duel)
-    assert duels == [old]
+    [(against, result)] = duels
+    assert against == old
+    assert (result["wins"], result["ties"], result["losses"], result["win_rate"]) == (0, 3, 0, 0.5)
+    assert result["win_rate_ci_low"] == pytest.approx(0.12533, abs=1e-5)
+    assert result["win_rate_ci_high"] == pytest.approx(0.87467, abs=1e-5)
     from dpoflow import tracking
 
-    reasons = next(v for v in tracking.model_versions("m") if v["version"] == new)["tags"]["dpoflow.gate_reasons"]
-    assert f"head-to-head vs champion v{old}" in reasons
-    assert decision == ("fail: head-to-head" not in reasons)
+    tags = next(v for v in tracking.model_versions("m") if v["version"] == new)["tags"]
+    assert f"head-to-head vs champion v{old}: win rate 0.500 [0.125, 0.875] not below 0.5" in tags["dpoflow.gate_reasons"]
+    assert decision is True and tags["dpoflow.gate"] == "pass"
 
 
 @pytest.fixture
