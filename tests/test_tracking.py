@@ -60,18 +60,45 @@ def test_unreachable_server_fails_fast_naming_the_uri(monkeypatch, tmp_path):
     assert result.returncode == 1 and uri in result.stderr and "tracking.enabled=false" in result.stderr
 
 
-def test_sqlite_locked_is_retried_with_backoff():
+@pytest.mark.slow
+def test_sqlite_locked_is_retried_with_backoff(monkeypatch, tmp_path):
+    """A real lock: another connection holds the MLflow sqlite file EXCLUSIVE for longer than the
+    busy wait MLflow sets (20 s), so the first write fails 'database is locked'; `retrying` backs off
+    and the second attempt lands once the holder lets go. Other errors are not retried."""
+    import sqlite3
+
+    from dpoflow import tracking
     from dpoflow.tracking import retrying
 
-    attempts = []
+    db = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    run = tracking.start_parent_run("locked", "p")
+    holder = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")
+    released = threading.Event()
 
-    def flaky():
-        attempts.append(1)
-        if len(attempts) < 3:
-            raise RuntimeError("(sqlite3.OperationalError) database is locked")
-        return "ok"
+    def release_after(seconds):
+        time.sleep(seconds)
+        holder.execute("COMMIT")
+        released.set()
 
-    assert retrying(flaky) == "ok" and len(attempts) == 3
+    attempts, errors = [], []
+
+    def log():
+        attempts.append(time.monotonic())
+        try:
+            return tracking.client().log_metric(run, "loss", 1.0, step=1)
+        except Exception as error:
+            errors.append(str(error))
+            raise
+
+    threading.Thread(target=release_after, args=(21.0,), daemon=True).start()
+    started = time.monotonic()
+    retrying(log)
+    assert released.is_set() and time.monotonic() - started >= 21.0
+    assert len(attempts) == 2 and "database is locked" in errors[0]
+    assert attempts[1] - attempts[0] >= 20.0 + 0.2  # MLflow's busy wait, then the first backoff
+    assert [(m.step, m.value) for m in tracking.client().get_metric_history(run, "loss")] == [(1, 1.0)]
     with pytest.raises(ValueError, match="other"):
         retrying(lambda: (_ for _ in ()).throw(ValueError("other")))  # other errors are not retried
 
@@ -138,8 +165,14 @@ def test_live_metrics_and_a_server_restart_mid_run(tmp_path, monkeypatch, tiny_m
             stop_server(server)
 
 
+@pytest.mark.slow
 def test_live_metrics_buffer_is_thread_safe_and_ordered(monkeypatch, tmp_path):
-    """Against the default sqlite store: metrics from a producer thread arrive complete and in order."""
+    """Against the default sqlite store: four producer threads at once, flushes every 10 ms, and a
+    real lock held on the database longer than MLflow's busy wait (20 s: a flush fails and keeps its
+    metrics): every value arrives, each key's history in the order it was produced (MLflow returns
+    it by timestamp, step: the time a value was produced, not sent)."""
+    import sqlite3
+
     from mlflow import MlflowClient
 
     from dpoflow import tracking
@@ -147,13 +180,30 @@ def test_live_metrics_buffer_is_thread_safe_and_ordered(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     parent = tracking.start_parent_run("live", "p")
-    live = tracking.LiveMetrics(parent, flush_every_s=0.05)
-    producer = threading.Thread(target=lambda: [live(step, {"loss": float(step)}) for step in range(1, 301)])
-    producer.start()
-    producer.join()
+    live = tracking.LiveMetrics(parent, flush_every_s=0.01)
+    monkeypatch.setattr(tracking, "retrying", lambda fn, *a, **k: fn(*a, **k))  # a locked flush fails at once
+    holder = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None, timeout=30, check_same_thread=False)
+
+    def produce(key):
+        for step in range(1, 201):
+            live(step, {key: float(step)})
+            if step == 100 and key == "t0":  # hold the database while the others keep producing
+                holder.execute("BEGIN EXCLUSIVE")
+                time.sleep(21.0)
+                holder.execute("COMMIT")
+            time.sleep(0.001)
+
+    producers = [threading.Thread(target=produce, args=(f"t{i}",)) for i in range(4)]
+    for producer in producers:
+        producer.start()
+    for producer in producers:
+        producer.join()
     assert live.close() == 0
-    history = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(parent, "loss")
-    assert sorted((m.step, m.value) for m in history) == [(s, float(s)) for s in range(1, 301)]
+    assert live.failures >= 1  # the held lock made at least one flush fail
+    history = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for i in range(4):
+        assert [(m.step, m.value) for m in history.get_metric_history(parent, f"t{i}")] == \
+            [(s, float(s)) for s in range(1, 201)], f"t{i}"
 
 
 def test_runs_table_and_compare(monkeypatch, tmp_path):
