@@ -147,10 +147,29 @@ def test_unknown_judge_is_a_clear_error():
         load_judge("llm")
 
 
+def _full_logit_logratio(policy, reference, prompt: list[int], completion: list[int]) -> float:
+    """log π(y|x) − log π_ref(y|x) with plain forwards over the whole vocabulary (no chunking, no
+    packing, no padding): the textbook computation dpoflow's scorer must equal."""
+    import torch
+
+    ids = torch.tensor([prompt + completion])
+    total = 0.0
+    for model, sign in ((policy, 1.0), (reference, -1.0)):
+        with torch.no_grad():
+            logps = model(input_ids=ids).logits[0, :-1].double().log_softmax(-1)
+        total += sign * float(logps[len(prompt) - 1:].gather(1, ids[0, len(prompt):, None]).sum())
+    return total
+
+
 def test_kl_is_estimated_at_temperature_one_on_sampled_ids(tmp_path, tiny_model_dir):
-    """KL against a different model is clearly positive, and it does not depend on the judging
-    temperature (the KL samples are always drawn at temperature 1)."""
-    from dpoflow.modeling import build_model, load_tokenizer
+    """KL(π‖π_ref) recomputed from samples.parquet's own ids with full-logit forwards (float64) equals
+    each sample's log-ratio (3e-5, fp32's resolution) and the reported KL (1e-5); it does not depend
+    on the judging temperature (the KL samples are always drawn at temperature 1); a model against
+    itself has KL 0."""
+    import pandas as pd
+
+    from dpoflow.dpo.logprobs import tokenize_prompt
+    from dpoflow.modeling import build_model, load_model, load_tokenizer
 
     other = tmp_path / "other"
     tokenizer = load_tokenizer(str(tiny_model_dir))
@@ -159,4 +178,19 @@ def test_kl_is_estimated_at_temperature_one_on_sampled_ids(tmp_path, tiny_model_
     run_data(DataConfig(demo={"n_reviews": 400}, eval_fraction=0.5), tmp_path / "data")
     results = [run_eval(EvalConfig(max_prompts=40, max_new_tokens=12, temperature=t), other, tiny_model_dir,
                         tmp_path / "data", tmp_path / f"eval{t}", beta=0.1)["kl"] for t in (0.7, 0.3)]
-    assert results[0] > 0.05 and results[0] == pytest.approx(results[1], rel=1e-6)  # self-KL is < 1e-4
+    assert results[0] == pytest.approx(results[1], rel=1e-6)
+
+    samples = pd.read_parquet(tmp_path / "eval0.7" / "samples.parquet")
+    prompts = pd.read_parquet(tmp_path / "data" / "prompts_eval.parquet").head(40)
+    assert samples.prompt.tolist() == prompts.prompt.tolist()
+    policy, reference = load_model(str(other)), load_model(str(tiny_model_dir))
+    recomputed = [_full_logit_logratio(policy, reference, tokenize_prompt(tokenizer, p, m), list(ids))
+                  for p, m, ids in zip(prompts.prompt, prompts.prompt_messages, samples.kl_completion_ids)]
+    # each log-ratio is a difference of two fp32 sums near -100 (one fp32 step there: 7.6e-6)
+    assert recomputed == pytest.approx(samples.kl_sample_logratio.tolist(), abs=3e-5)
+    assert sum(recomputed) / len(recomputed) == pytest.approx(results[0], abs=1e-5) and results[0] > 0.05
+    itself = run_eval(EvalConfig(max_prompts=40, max_new_tokens=12), tiny_model_dir, tiny_model_dir, tmp_path / "data",
+                      tmp_path / "self", beta=0.1)
+    assert itself["kl"] == 0.0
+
+

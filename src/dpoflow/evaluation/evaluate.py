@@ -9,8 +9,9 @@ Both models sample with identical settings and seeds; the judge scores both comp
         sequence KL, on the sampled token ids
     mean completion lengths (tokens) of both, and win rate per policy-length bucket (length bias)
 Writes metrics.json, samples.parquet (both completions, scores, verdict, judge A/B order and
-failure per item) and a self-contained report.html. Win rate and reward margin are computed by the
-HF `evaluate` modules in evaluation/metrics (one implementation of the math).
+failure per item, and each KL sample's token ids and log-ratio) and a self-contained report.html.
+Win rate and reward margin are computed by the HF `evaluate` modules in evaluation/metrics (one
+implementation of the math).
 """
 
 from __future__ import annotations
@@ -120,7 +121,9 @@ def _run_eval(cfg: EvalConfig, policy_dir, reference_model_dir, data_dir, out_di
                             "policy_score": policy_scores, "reference_score": reference_scores, "verdict": verdicts,
                             "judge_order": orders, "judge_failure": failures,
                             "policy_length": policy_lengths.tolist(), "reference_length": reference_lengths.tolist(),
-                            "kl_sample_logratio": kl_per_sample})
+                            "kl_sample_logratio": kl_per_sample,
+                            # the exact ids KL was scored on: anyone can recompute it from this file
+                            "kl_completion_ids": [[int(t) for t in ids] for ids in kl_ids]})
     samples.to_parquet(out_dir / "samples.parquet", index=False)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     write_report(out_dir / "report.html", metrics, samples, training_metrics)
