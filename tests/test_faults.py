@@ -98,28 +98,47 @@ def test_sigkill_during_dpo_then_rerun_resumes_to_the_same_weights(tmp_path, pai
 
 @pytest.mark.parametrize("step", ["sft", "prefs", "eval"])
 def test_sigkill_during_a_step_leaves_nothing_a_later_step_takes(tmp_path, demo_data, tiny_sft, step):
-    """A step killed half-way: its half-written output is never used; the rerun makes it whole."""
+    """A step killed half-way, once it has written part of its output (sft: a checkpoint; prefs: its
+    train split, while it samples the eval split; eval: while it generates): the half-written folder
+    is never used, and the rerun makes it whole (sft resumes from its checkpoint)."""
+    import psutil
+
     out = tmp_path / step
+    partial = out.with_name(f"{step}.partial")
     args = {"sft": ["--set", "sft.max_steps=300", "--set", "model.preset=tiny", "--set", "model.vocab_size=400",
-                    "--set", "sft.checkpoint_every=0", "--data", str(demo_data)],
-            "prefs": ["--set", "prefs.max_prompts=400", "--set", "prefs.max_new_tokens=24", "--set",
-                      "prefs.max_eval_prompts=8", "--data", str(demo_data), "--model", str(tiny_sft / "model")],
-            "eval": ["--set", "eval.max_new_tokens=32", "--policy", str(tiny_sft / "model"), "--reference-model",
+                    "--set", "sft.checkpoint_every=5", "--data", str(demo_data)],
+            "prefs": ["--set", "prefs.max_prompts=16", "--set", "prefs.max_new_tokens=24", "--set",
+                      "prefs.max_eval_prompts=400", "--data", str(demo_data), "--model", str(tiny_sft / "model")],
+            "eval": ["--set", "eval.max_new_tokens=96", "--policy", str(tiny_sft / "model"), "--reference-model",
                      str(tiny_sft / "model"), "--data", str(demo_data)]}[step]
     command = [str(BIN / "dpoflow"), step, *args, "--out", str(out)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
-    _wait_for(out.with_name(f"{step}.partial"))
-    time.sleep(2.0)
+
+    def written() -> bool:  # what the step has written so far, or (eval) CPU time spent inside its work
+        if step == "sft":
+            return any(partial.glob("checkpoints/step-*/trainer_state.json"))
+        if step == "prefs":
+            return (partial / "train.parquet").exists()
+        return partial.exists() and sum(psutil.Process(process.pid).cpu_times()[:2]) > 6.0  # of ~20 s
+
+    deadline = time.time() + 300
+    while not written():
+        assert process.poll() is None and time.time() < deadline, f"{step} ended before it had written anything"
+        time.sleep(0.05)
     assert process.poll() is None, "the step finished before it could be killed"
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert not out.exists()
-    if step == "prefs":  # what a later step does with the half-written folder: refuse it
-        refused = subprocess.run([str(BIN / "dpoflow"), "reference", "--pairs", str(out.with_name("prefs.partial")),
+    assert not out.exists() and partial.exists()
+    if step == "prefs":  # what a later step does with the half-written folder (train.parquet, no eval): refuse it
+        assert (partial / "train.parquet").exists() and not (partial / "eval.parquet").exists()
+        refused = subprocess.run([str(BIN / "dpoflow"), "reference", "--pairs", str(partial),
                                   "--model", str(tiny_sft / "model"), "--out", str(tmp_path / "ref")],
                                  capture_output=True, text=True, cwd=tmp_path)
         assert refused.returncode == 1 and "no MANIFEST.json" in refused.stderr
-    assert subprocess.run(command, cwd=tmp_path, capture_output=True).returncode == 0
+    rerun = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    if step == "sft":
+        assert "resuming from step" in rerun.stdout + rerun.stderr
     manifest = verify(out)
     assert {"sft": "model/model.safetensors", "prefs": "train.parquet", "eval": "metrics.json"}[step] in manifest["files"]
 
@@ -422,7 +441,7 @@ UNICODE = ["Ein schöner Film, très émouvant — ¡qué bueno!", "Η ταιν�
            "Фильм был прекрасный и трогательный", "الفيلم كان رائعا ومؤثرا جدا", "הסרט היה נפלא ומרגש",
            "फ़िल्म बहुत अच्छी और भावुक थी", "ภาพยนตร์เรื่องนี้ดีมากและซาบซึ้ง", "这部电影非常好看，很感人",
            "この映画はとても良くて感動的でした", "이 영화는 정말 좋고 감동적이었어요", "Great film 🎬🍿 👩🏽‍🚀 ❤️‍🔥 10/10",
-           "Zalgo t̷e̷x̷t and <script>alert('x')</script> & \"quotes\""]
+           "<script>alert('x')</script> & \"quotes\" Zalgo t̷e̷x̷t"]  # its prompt is the first eval prompt
 
 
 def test_unicode_of_every_script_survives_data_training_and_the_report(tmp_path):
@@ -456,9 +475,12 @@ def test_unicode_of_every_script_survives_data_training_and_the_report(tmp_path)
     prompts = set(pd.read_parquet(data / "prompts_eval.parquet").prompt)
     assert set(samples.prompt) <= prompts and any(not p.isascii() for p in samples.prompt)
     report = (tmp_path / "eval" / "report.html").read_text(encoding="utf-8")
-    assert "<meta charset='utf-8'>" in report and "<script>alert" not in report
     import html
 
+    # the HTML-looking prompt is among the report's examples, shown escaped, never as markup
+    assert samples.prompt.iloc[0].startswith("<script>alert('x')</script> &")
+    assert "<meta charset='utf-8'>" in report and "<script>alert" not in report
+    assert html.escape("<script>alert('x')</script> &") in report
     assert sum(html.escape(p) in report for p in samples.prompt.head(5)) == min(5, len(samples))
 
 
