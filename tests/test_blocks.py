@@ -101,3 +101,51 @@ def test_models_that_need_more_than_a_causal_mask_keep_the_dense_mask(tiny_model
     with pytest.raises(RuntimeError, match="attention interface"):
         with checked(model, Blocks([([0, 1], 0)], total=2)):
             pass
+
+
+def _windowed(kind: str, attention: str):
+    """Tiny models whose attention needs more than a causal mask: a sliding window of 4 on every layer
+    (Mistral), on every other layer with soft-capped attention and logits (Gemma 2), on the layers past
+    the first (Qwen2 with use_sliding_window)."""
+    import transformers
+
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, vocab_size=64, pad_token_id=0)
+    config = {"mistral": lambda: transformers.MistralConfig(sliding_window=4, **common),
+              "gemma2": lambda: transformers.Gemma2Config(sliding_window=4, head_dim=16, attn_logit_softcapping=5.0,
+                                                          final_logit_softcapping=3.0, **common),
+              "qwen2": lambda: transformers.Qwen2Config(use_sliding_window=True, sliding_window=4, max_window_layers=1,
+                                                        **common)}[kind]()
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attention).eval()
+
+
+@pytest.mark.parametrize("kind, attention", [("mistral", "sdpa"), ("mistral", "eager"), ("gemma2", "eager"),
+                                             ("qwen2", "sdpa"), ("qwen2", "eager")])
+def test_sliding_window_models_score_as_their_own_forward(kind, attention):
+    """The dense-mask fallback (prefix sharing and packing without block attention) of models with a
+    sliding window: each sequence's summed log-probs equal the model's own forward over that sequence
+    alone with full logits, for sequences longer than the window. (The 4-D mask reaches attention as
+    given, so a mask without the window scored these with full attention, and eager attention added a
+    boolean mask to its scores as 0/1: it masked nothing.)"""
+    from dpoflow.dpo.logprobs import TokenizedPairs
+
+    model = _windowed(kind, attention)
+    scorer = SequenceLogProbs(model)
+    assert not scorer.blocks and scorer.window == 4
+    pairs = TokenizedPairs([[1, 5, 6, 7, 8], [1, 7], [3, 4, 5, 6, 7, 8, 9]], [[9, 10, 11, 12, 13, 14, 2], [11, 2], [20, 2]],
+                           [[12, 13, 14, 15, 16, 2], [13, 14, 15, 2], [21, 22, 23, 24, 25, 26, 2]], 0)
+
+    def own_forward(prompt, completion):
+        ids = torch.tensor([prompt + completion])
+        logps = model(input_ids=ids).logits[0, :-1].double().log_softmax(-1)
+        return float(logps[len(prompt) - 1:].gather(1, ids[0, len(prompt):, None]).sum())
+
+    with torch.no_grad():
+        expected = torch.tensor([[own_forward(p, c), own_forward(p, r)] for p, c, r in
+                                 zip(pairs.prompt_ids, pairs.chosen_ids, pairs.rejected_ids)], dtype=torch.float32)
+        for pack in (False, True):
+            sums, _ = scorer(collate_shared_prefix(pairs, range(3), 0, pack=pack, blocks=False))
+            torch.testing.assert_close(sums.view(2, 3).T, expected, atol=1e-5, rtol=0)  # chosen, then rejected
+        concat, _ = scorer(collate_pairs(pairs, range(3), 0))
+        torch.testing.assert_close(concat.view(2, 3).T, expected, atol=1e-5, rtol=0)

@@ -328,7 +328,13 @@ class SequenceLogProbs(nn.Module):
         self.model = model
         self.blocks = enable_blocks(model)
         self.budget = logit_budget(model)
-        self.softcap = getattr(model.config.get_text_config(decoder=True), "final_logit_softcapping", None)
+        config = model.config.get_text_config(decoder=True)
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+        # a 4-D mask reaches attention as given: a sliding window must be in it (transformers adds it
+        # only to the masks it builds itself); models that mix layer kinds take one mask per kind
+        self.layer_types = set(getattr(config, "layer_types", None) or [])
+        window = getattr(config, "sliding_window", None)
+        self.window = window if window and (not self.layer_types or "sliding_attention" in self.layer_types) else None
 
     def _token_logps(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Log-prob of each target token from its predecessor's hidden state; (N, H) -> (N,), fp32, in
@@ -354,14 +360,30 @@ class SequenceLogProbs(nn.Module):
         counts = (labels != IGNORE).sum(-1)
         return sums, counts
 
+    def _dense_mask(self, batch):
+        """(rows, 1, T, T): True = may attend (SDPA), or 0 / -inf added to the scores (eager attention,
+        which adds whatever mask it gets). With a sliding window a token sees only keys fewer than
+        `window` positions back in its own sequence (transformers' rule: kv > q - window)."""
+        masks = {"full_attention": batch["attention_mask"][:, None, :, :]}
+        if self.window is not None:
+            positions = batch["position_ids"]
+            masks["sliding_attention"] = masks["full_attention"] & (
+                (positions[:, :, None] - positions[:, None, :]) < self.window)[:, None]
+            if len(self.layer_types) < 2:  # one kind of layer, all windowed
+                masks = {"full_attention": masks["sliding_attention"]}
+        if self.model.config._attn_implementation == "eager":
+            dtype = next(self.model.parameters()).dtype
+            masks = {kind: torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+                ~mask, torch.finfo(dtype).min) for kind, mask in masks.items()}
+        return masks if len(masks) > 1 else masks["full_attention"]
+
     def _forward_shared_prefix(self, batch):
         if "blocks" in batch:  # one row, attention by causal blocks
             with checked(self.model, batch["blocks"]):
                 hidden = self._hidden(batch["input_ids"], NO_MASK.to(batch["input_ids"].device), batch["position_ids"],
                                       dpoflow_blocks=batch["blocks"])
         else:
-            mask = batch["attention_mask"][:, None, :, :]  # (rows, 1, T, T) boolean: True = may attend
-            hidden = self._hidden(batch["input_ids"], mask, batch["position_ids"])
+            hidden = self._hidden(batch["input_ids"], self._dense_mask(batch), batch["position_ids"])
         token_logps = self._token_logps(hidden[batch["score_rows"], batch["score_positions"]], batch["score_targets"])
         slots, n = batch["score_index"], int(batch["num_sequences"])
         sums = torch.zeros(n, dtype=torch.float32, device=hidden.device).index_add(0, slots, token_logps)
