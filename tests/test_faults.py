@@ -170,6 +170,63 @@ def test_sigterm_checkpoints_the_current_step_and_the_rerun_resumes(tmp_path, de
     assert_same_weights(out, expected, atol=1e-6)
 
 
+def test_sigterm_stops_dpo_after_its_step_and_the_rerun_resumes_to_the_same_weights(tmp_path, pairs_dir,
+                                                                                      tiny_model_dir, reference_dir):
+    """The same for DPO: SIGTERM mid-run, exit 143 naming the step, its checkpoint on disk; the same
+    command resumes there and ends on the weights of an uninterrupted run."""
+    out = tmp_path / "out"
+    command = _dpo_command(tmp_path, out, pairs_dir, tiny_model_dir, reference_dir, max_steps=300, checkpoint_every=0)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out.with_name("out.partial") / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+        assert time.time() < deadline and process.poll() is None
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, stderr[-2000:]
+    step = int(stderr.split("terminated (SIGTERM) after step ")[1].split(":")[0])
+    assert 5 <= step < 300 and "checkpoint saved" in stderr
+    assert (out.with_name("out.partial") / "checkpoints" / f"step-{step}" / "trainer_state.json").exists()
+    rerun = subprocess.run(command, capture_output=True, text=True)
+    assert rerun.returncode == 0 and f"dpo: resuming from step {step}" in rerun.stdout, rerun.stderr[-2000:]
+    expected = tmp_path / "expected"
+    run_dpo(_dpo_cfg(max_steps=300, checkpoint_every=0), pairs_dir, tiny_model_dir, expected, reference_dir=reference_dir)
+    assert_same_weights(out, expected, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_sigterm_to_dpoflow_run_reaches_its_training_task_and_the_rerun_resumes(tmp_path):
+    """`kill <pid of dpoflow run>` (only that process, as a scheduler stops a job): the run forwards
+    SIGTERM to its tasks and waits; SFT finishes its step, checkpoints, exits; the run exits 143 and
+    leaves no task process behind; started again, SFT resumes from that checkpoint."""
+    import psutil
+
+    from test_pipeline import env_for, run_args
+
+    settings = ["registry.enabled=false", "sft.max_steps=400", "sft.log_every=1", "run.betas=[0.1]"]
+    run = subprocess.Popen(run_args(tmp_path, *settings), cwd=tmp_path, env=env_for(tmp_path), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics = tmp_path / "tiny" / "sft.partial" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert time.time() < deadline and run.poll() is None, "sft never started training"
+        time.sleep(0.1)
+    tasks = psutil.Process(run.pid).children(recursive=True)
+    run.send_signal(signal.SIGTERM)  # to `dpoflow run` alone
+    out, err = run.communicate(timeout=180)
+    assert run.returncode == 143, err[-3000:]
+    assert "dpoflow run: terminated (SIGTERM)" in err and "Traceback" not in err
+    said = (tmp_path / "tiny" / "kfp.log").read_text()  # the tasks' own output
+    step = int(said.split("sft: terminated (SIGTERM) after step ")[1].split(":")[0])
+    assert (tmp_path / "tiny" / "sft.partial" / "checkpoints" / f"step-{step}" / "trainer_state.json").exists()
+    assert not [t for t in tasks if t.is_running() and t.status() != psutil.STATUS_ZOMBIE]
+    again = subprocess.run(run_args(tmp_path, *settings), cwd=tmp_path, env=env_for(tmp_path), capture_output=True,
+                           text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"sft: resuming from step {step}" in (tmp_path / "tiny" / "kfp.log").read_text()
+
+
 # --- numbers and files that go bad --------------------------------------------------------------------
 
 def _nan_at(monkeypatch, call: int):

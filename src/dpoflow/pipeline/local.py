@@ -104,18 +104,29 @@ def _terminate(signum, frame):
     raise Terminated()
 
 
-def _stop_tasks(grace_s: float = 120.0) -> None:
-    """SIGTERM every task process of this run and wait for them: a training task saves a checkpoint
-    at the end of its current step and exits; anything still alive after `grace_s` is killed."""
+def _signal_tasks() -> list:
+    """SIGTERM every task process of this run; returns them. kfp starts each task as `sh -c "...
+    python3 -m kfp.dsl.executor_main ..."`, and a task dies with its parent (PR_SET_PDEATHSIG,
+    tasks.py): a shell that took SIGTERM would end at once and take the training process with it,
+    unsaved. The shells are left to end when their task does."""
     import psutil
 
     children = psutil.Process().children(recursive=True)
     for child in children:
         try:
-            child.terminate()
+            if child.name() not in ("sh", "dash", "bash"):
+                child.terminate()
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(children, timeout=grace_s)
+    return children
+
+
+def _stop_tasks(grace_s: float = 120.0) -> None:
+    """SIGTERM every task process of this run and wait for them: a training task saves a checkpoint
+    at the end of its current step and exits; anything still alive after `grace_s` is killed."""
+    import psutil
+
+    _, alive = psutil.wait_procs(_signal_tasks(), timeout=grace_s)
     for child in alive:
         child.kill()
 
@@ -140,10 +151,11 @@ def run_local(cfg: Config, log=print, runner: str = "process", image: str | None
     check_pipeline(cfg)
     root = (Path(cfg.run.output_dir) / cfg.run.name).resolve()
     with exclusive(root.parent / f".{cfg.run.name}.run.lock", f"run {cfg.run.name!r} in {root.parent}"):
-        previous = signal.signal(signal.SIGTERM, _terminate)
+        process_session = _ProcessSession(root) if runner == "process" else None
+        previous = signal.signal(signal.SIGTERM, process_session.on_sigterm if process_session else _terminate)
         try:
-            if runner == "process":
-                return _run_local(cfg, root, log, _ProcessSession(root))
+            if process_session:
+                return _run_local(cfg, root, log, process_session)
             from dpoflow.pipeline.components import DEFAULT_IMAGE
 
             with _ContainerSession(cfg, root, image or DEFAULT_IMAGE, log) as session:
@@ -160,12 +172,30 @@ class _ProcessSession:
 
     def __init__(self, root: Path):
         self.root = root
+        self.terminated = False
+
+    def on_sigterm(self, signum, frame) -> None:
+        """SIGTERM to `dpoflow run`: passed on to its tasks (a training task finishes its step, saves
+        a checkpoint and exits 143) while the run keeps reading their output; no task starts after
+        it, and the run ends as terminated once they have. (Raising here at once would close the
+        pipe the tasks write to: a task printing its next line would die before its checkpoint.)"""
+        self.terminated = True
+        _signal_tasks()
 
     def start(self, cfg: Config, retries: int = 0):
         from kfp import local
+        from kfp.local import subprocess_task_handler
 
         from dpoflow.pipeline.dag import build_pipeline
 
+        started = subprocess_task_handler.run_local_subprocess
+
+        def run_task(full_command, env_vars=None) -> int:
+            if self.terminated:
+                return 143  # terminated: no new task
+            return started(full_command, env_vars)
+
+        subprocess_task_handler.run_local_subprocess = run_task  # for this process's runs (one at a time)
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(self.root / ".kfp"))
         return build_pipeline(config=cfg, retries=retries), {"workspace": str(self.root)}
 
@@ -327,7 +357,13 @@ def _run_local(cfg: Config, root: Path, log, session) -> dict:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "settings have no effect in the local runner", image notes
-            pipeline(**arguments)
+            try:
+                pipeline(**arguments)
+            except RuntimeError:
+                if not getattr(session, "terminated", False):
+                    raise
+        if getattr(session, "terminated", False):  # the tasks have stopped (a failed task, to kfp)
+            raise Terminated()
     except KeyboardInterrupt as stop:
         sys.stdout, sys.stderr = terminal, errors
         session.stop(isinstance(stop, Terminated))
