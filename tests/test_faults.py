@@ -260,6 +260,38 @@ def test_nan_loss_stops_at_that_step_and_keeps_the_last_good_checkpoint(tmp_path
     assert_same_weights(out, straight, atol=1e-6)
 
 
+@pytest.mark.parametrize("step", ["dpo", "sft"])
+def test_a_nan_gradient_with_a_finite_loss_stops_at_that_step(tmp_path, monkeypatch, pairs_dir, tiny_model_dir,
+                                                              reference_dir, demo_data, step):
+    """A gradient that turns NaN while the loss stays finite (an overflow in the backward): DPO and
+    SFT stop at that step before the update, name the first bad parameter and keep the last good
+    checkpoint; nothing of the bad step is written."""
+    import accelerate
+
+    original, calls = accelerate.Accelerator.backward, []
+
+    def poisoned(self, loss, **kwargs):
+        original(self, loss, **kwargs)
+        calls.append(1)
+        if len(calls) == 5:  # one backward per step here: step 5's gradient
+            _, parameter = next(self._models[0].named_parameters())
+            parameter.grad.fill_(float("nan"))
+
+    monkeypatch.setattr(accelerate.Accelerator, "backward", poisoned)
+    out = tmp_path / step
+    with pytest.raises(TrainingError, match=rf"{step}: step 5: the gradient norm is nan \(first non-finite gradient: "
+                                            rf"\S*embed_tokens.weight\); .* last good checkpoint \S+step-4 is kept"):
+        if step == "dpo":
+            run_dpo(_dpo_cfg(), pairs_dir, tiny_model_dir, out, reference_dir=reference_dir)
+        else:
+            run_sft(SftConfig(max_steps=8, per_device_batch_size=8, max_length=64, log_every=1, checkpoint_every=2),
+                    ModelConfig(preset="tiny", vocab_size=400), demo_data, out)
+    partial = out.with_name(f"{step}.partial")
+    assert not out.exists() and sorted(p.name for p in (partial / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    assert [json.loads(line)["step"] for line in (partial / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)] == [1, 2, 3, 4]
+
+
 def test_truncated_checkpoint_is_detected_and_the_previous_one_used(tmp_path, monkeypatch, pairs_dir, tiny_model_dir,
                                                                     reference_dir, straight):
     out = tmp_path / "out"
