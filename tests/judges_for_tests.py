@@ -21,3 +21,9 @@ def broken(prompt: str, completion: str) -> float:
     if broken.calls == 3:
         return 1 / 0
     return 0.0
+
+
+def not_a_number(prompt: str, completion: str) -> float:
+    """Returns NaN on the second item it sees (a judge dividing by a zero count, say)."""
+    not_a_number.calls = getattr(not_a_number, "calls", 0) + 1
+    return float("nan") if not_a_number.calls == 2 else 1.0

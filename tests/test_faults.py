@@ -514,7 +514,7 @@ def test_bad_models_configs_and_splits_are_named_with_the_fix(tmp_path, tiny_mod
                  tmp_path / "e", beta=0.1)
 
 
-def test_a_judge_that_raises_names_itself_the_item_and_the_fix(tmp_path, demo_data, tiny_sft):
+def test_a_judge_that_raises_or_returns_nan_names_itself_the_item_and_the_fix(tmp_path, demo_data, tiny_sft):
     from dpoflow.config import PrefsConfig
     from dpoflow.evaluation.judges import JudgeError
     from dpoflow.preferences import run_prefs
@@ -522,6 +522,13 @@ def test_a_judge_that_raises_names_itself_the_item_and_the_fix(tmp_path, demo_da
     cfg = PrefsConfig(judge="callable:judges_for_tests:broken", max_prompts=4, max_eval_prompts=2, max_new_tokens=8)
     with pytest.raises(JudgeError, match=r"judge callable:judges_for_tests:broken raised ZeroDivisionError: .* on item "
                                          r"2 .* fix the judge"):
+        run_prefs(cfg, demo_data, tiny_sft / "model", tmp_path / "prefs")
+    assert not (tmp_path / "prefs").exists()
+    # a judge that returns NaN: refused at that item (a NaN score would sort as neither better nor worse)
+    cfg = PrefsConfig(judge="callable:judges_for_tests:not_a_number", max_prompts=4, max_eval_prompts=2,
+                      max_new_tokens=8)
+    with pytest.raises(JudgeError, match=r"judge callable:judges_for_tests:not_a_number returned nan on item 1 .* a "
+                                         r"judge must return a finite number"):
         run_prefs(cfg, demo_data, tiny_sft / "model", tmp_path / "prefs")
     assert not (tmp_path / "prefs").exists()
 
