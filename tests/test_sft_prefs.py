@@ -108,6 +108,32 @@ def test_pickle_checkpoint_is_refused(demo, tmp_path):
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
 
 
+def test_model_code_in_a_checkpoint_never_runs_unless_trusted(demo, tmp_path):
+    """A checkpoint that ships its own model code (auto_map to a .py in the folder): loading it with
+    the defaults refuses and runs none of that code; model.trust_remote_code: true runs it."""
+    root, _ = demo
+    marker = tmp_path / "the checkpoint's code ran"
+    folder = tmp_path / "remote"
+    model = load_model(str(root / "sft" / "model"))
+    model.save_pretrained(folder)
+    (folder / "custom_llama.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('imported')\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n\n\n"
+        "class CustomConfig(LlamaConfig):\n    model_type = 'custom_llama'\n\n\n"
+        "class CustomModel(LlamaForCausalLM):\n    config_class = CustomConfig\n")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="custom_llama", architectures=["CustomModel"],
+                  auto_map={"AutoConfig": "custom_llama.CustomConfig", "AutoModelForCausalLM": "custom_llama.CustomModel"})
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        load_model(str(folder))
+    assert not marker.exists()
+    assert not ModelConfig().trust_remote_code  # off unless set
+    loaded = load_model(str(folder), trust_remote_code=True)
+    assert marker.exists() and type(loaded).__name__ == "CustomModel"
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
 def test_models_uri_through_sqlite_mlflow(demo, tmp_path, monkeypatch):
     from dpoflow.tracking import register_model_dir
 
