@@ -328,3 +328,47 @@ def test_ctrl_c_ends_with_one_line_and_the_run_resumes(tmp_path):
     assert parent.info.status == "KILLED"
     again = dpoflow_run(tmp_path, "registry.enabled=false")
     assert "sft: reused" in again.stdout and "data: reused" in again.stdout
+
+
+@pytest.mark.slow
+def test_an_injected_mlflow_run_and_edited_or_deleted_outputs(tmp_path):
+    """MLFLOW_RUN_ID (what a KFP >= 2.17 server injects): the whole run tree goes under that run, which
+    dpoflow leaves open for its owner. Then the SFT weights are edited and the reference cache
+    deleted in place: a step reading them refuses, naming the file and the step that wrote it, and
+    the next `dpoflow run` rebuilds exactly those steps (and what depends on them), reusing the rest."""
+    from mlflow import MlflowClient
+
+    from dpoflow.manifest import verify
+
+    settings = ["registry.enabled=false", "run.betas=[0.1]"]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    injected = client.create_run(client.create_experiment("kfp-owned")).info.run_id
+    first = subprocess.run(run_args(tmp_path, *settings), capture_output=True, text=True, cwd=tmp_path,
+                           env={**env_for(tmp_path), "MLFLOW_RUN_ID": injected})
+    assert first.returncode == 0, first.stderr[-3000:]
+    run = tmp_path / "tiny"
+    assert json.loads((run / "summary.json").read_text())["mlflow_run_id"] == injected
+    children = client.search_runs([client.get_run(injected).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{injected}'")
+    assert {"beta-0.1"} <= {c.info.run_name for c in children}
+    assert client.get_run(injected).info.status == "RUNNING"  # its owner (the KFP run) ends it
+
+    weights = run / "sft" / "model" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    (run / "reference" / "reference_logps.parquet").unlink()
+    refused = subprocess.run([str(Path(sys.executable).parent / "dpoflow"), "reference", "--pairs", str(run / "prefs"),
+                              "--model", str(run / "sft" / "model"), "--out", str(tmp_path / "ref")],
+                             capture_output=True, text=True, cwd=tmp_path)
+    assert refused.returncode == 1
+    assert "model.safetensors changed after step 'sft' wrote it" in refused.stderr
+
+    again = dpoflow_run(tmp_path, *settings)
+    log = (run / "kfp.log").read_text()
+    assert "[sft] not reusable" in log and "model.safetensors changed after step 'sft' wrote it" in log
+    assert "[reference] not reusable: tiny/reference/reference_logps.parquet is missing: step 'reference' wrote it" in log
+    assert "data: reused" in again.stdout and "sft: reused" not in again.stdout
+    for step in ("sft", "reference"):
+        verify(run / step)
+    assert (run / "reference" / "reference_logps.parquet").exists()
