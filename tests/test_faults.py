@@ -370,6 +370,36 @@ def test_second_writer_of_a_step_folder_is_refused_with_the_first_ones_pid(tmp_p
     verify(out)
 
 
+def test_a_shared_reference_cache_entry_appears_whole_or_not_at_all(tmp_path, pairs_dir, tiny_model_dir):
+    """Four runs compute the same reference log-probs at once into one shared cache, beside the
+    leftover of a writer killed while staging its entry (a truncated file in `<key>.<pid>.tmp`): all
+    four finish with identical results, the cache holds exactly one whole entry, and the leftover is
+    never taken for it; a later run hits the entry."""
+    from dpoflow.dpo.reference import cache_key, load_pair_frames
+
+    cache = tmp_path / "cache"
+    key = cache_key(load_pair_frames(pairs_dir), tiny_model_dir, 64, "keep_start")
+    leftover = cache / f"{key}.4242.tmp"
+    leftover.mkdir(parents=True)
+    (leftover / "reference_logps.parquet").write_bytes(b"PAR1 truncated")
+
+    def command(n):
+        return [str(BIN / "dpoflow"), "reference", "--pairs", str(pairs_dir), "--model", str(tiny_model_dir),
+                "--out", str(tmp_path / f"out{n}"), "--cache-dir", str(cache), "--set", "dpo.max_length=64"]
+
+    runs = [subprocess.Popen(command(n), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in range(4)]
+    results = [(run.wait(), run.stdout.read(), run.stderr.read()) for run in runs]
+    assert [code for code, _, _ in results] == [0, 0, 0, 0], [err[-1500:] for _, _, err in results]
+    assert sorted(p.name for p in cache.iterdir()) == sorted([key, leftover.name])
+    entry = (cache / key / "reference_logps.parquet").read_bytes()
+    assert pd.read_parquet(cache / key / "reference_logps.parquet").shape[0] > 0
+    for n in range(4):
+        verify(tmp_path / f"out{n}")
+        assert (tmp_path / f"out{n}" / "reference_logps.parquet").read_bytes() == entry
+    later = subprocess.run(command(4), capture_output=True, text=True)
+    assert later.returncode == 0 and f"reference: cache hit {key}" in later.stdout
+
+
 # --- helpers for the CLI-level faults -------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
