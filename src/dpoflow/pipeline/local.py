@@ -7,6 +7,7 @@ log goes to outputs/<run>/kfp.log; the terminal gets one progress line per step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from dpoflow.config import Config, check_pipeline, config_dict, config_hash
@@ -155,7 +157,8 @@ def run_local(cfg: Config, log=print, runner: str = "process", image: str | None
         previous = signal.signal(signal.SIGTERM, process_session.on_sigterm if process_session else _terminate)
         try:
             if process_session:
-                return _run_local(cfg, root, log, process_session)
+                with process_session.installed():
+                    return _run_local(cfg, root, log, process_session)
             from dpoflow.pipeline.components import DEFAULT_IMAGE
 
             with _ContainerSession(cfg, root, image or DEFAULT_IMAGE, log) as session:
@@ -182,20 +185,28 @@ class _ProcessSession:
         self.terminated = True
         _signal_tasks()
 
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[_ProcessSession]:
+        """kfp's SubprocessRunner starts task processes through this session while the block runs:
+        none once the run is terminated."""
+        from kfp.local import subprocess_task_handler
+
+        original = subprocess_task_handler.run_local_subprocess
+
+        def run_task(full_command, env_vars=None) -> int:
+            return 143 if self.terminated else original(full_command, env_vars)
+
+        subprocess_task_handler.run_local_subprocess = run_task
+        try:
+            yield self
+        finally:
+            subprocess_task_handler.run_local_subprocess = original
+
     def start(self, cfg: Config, retries: int = 0):
         from kfp import local
-        from kfp.local import subprocess_task_handler
 
         from dpoflow.pipeline.dag import build_pipeline
 
-        started = subprocess_task_handler.run_local_subprocess
-
-        def run_task(full_command, env_vars=None) -> int:
-            if self.terminated:
-                return 143  # terminated: no new task
-            return started(full_command, env_vars)
-
-        subprocess_task_handler.run_local_subprocess = run_task  # for this process's runs (one at a time)
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(self.root / ".kfp"))
         return build_pipeline(config=cfg, retries=retries), {"workspace": str(self.root)}
 
