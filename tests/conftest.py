@@ -119,3 +119,15 @@ def validate_against_crd(obj: dict, vendored: str) -> None:
 
     document = json.loads(gzip.open(Path(__file__).parent / "data" / vendored).read())
     jsonschema.validate(obj, _strict(document["schema"]))
+
+
+def full_logit_logp(model, prompt: list[int], completion: list[int]) -> float:
+    """log p(completion | prompt) from the model's own forward over that sequence alone, with the
+    whole vocabulary's logits in float64 (no chunking, packing or padding): the textbook computation
+    dpoflow's scorers must equal."""
+    import torch
+
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logps = model(input_ids=ids).logits[0, :-1].double().log_softmax(-1)
+    return float(logps[len(prompt) - 1:].gather(1, ids[0, len(prompt):, None]).sum())

@@ -4,7 +4,7 @@ as the dense block mask (and the padded concatenated forward) would have them, g
 import pytest
 import torch
 
-from conftest import make_pairs
+from conftest import full_logit_logp, make_pairs
 from dpoflow.dpo.blocks import IMPLEMENTATION, Blocks, checked, supports_blocks
 from dpoflow.dpo.logprobs import SequenceLogProbs, collate_pairs, collate_shared_prefix, tokenize_pairs
 from dpoflow.modeling import load_model, load_tokenizer
@@ -136,13 +136,8 @@ def test_sliding_window_models_score_as_their_own_forward(kind, attention):
     pairs = TokenizedPairs([[1, 5, 6, 7, 8], [1, 7], [3, 4, 5, 6, 7, 8, 9]], [[9, 10, 11, 12, 13, 14, 2], [11, 2], [20, 2]],
                            [[12, 13, 14, 15, 16, 2], [13, 14, 15, 2], [21, 22, 23, 24, 25, 26, 2]], 0)
 
-    def own_forward(prompt, completion):
-        ids = torch.tensor([prompt + completion])
-        logps = model(input_ids=ids).logits[0, :-1].double().log_softmax(-1)
-        return float(logps[len(prompt) - 1:].gather(1, ids[0, len(prompt):, None]).sum())
-
     with torch.no_grad():
-        expected = torch.tensor([[own_forward(p, c), own_forward(p, r)] for p, c, r in
+        expected = torch.tensor([[full_logit_logp(model, p, c), full_logit_logp(model, p, r)] for p, c, r in
                                  zip(pairs.prompt_ids, pairs.chosen_ids, pairs.rejected_ids)], dtype=torch.float32)
         for pack in (False, True):
             sums, _ = scorer(collate_shared_prefix(pairs, range(3), 0, pack=pack, blocks=False))

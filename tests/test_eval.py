@@ -2,6 +2,7 @@
 
 import pytest
 
+from conftest import full_logit_logp
 from dpoflow.config import DataConfig, EvalConfig
 from dpoflow.data.step import run_data
 from dpoflow.evaluation.evaluate import run_eval
@@ -147,20 +148,6 @@ def test_unknown_judge_is_a_clear_error():
         load_judge("llm")
 
 
-def _full_logit_logratio(policy, reference, prompt: list[int], completion: list[int]) -> float:
-    """log π(y|x) − log π_ref(y|x) with plain forwards over the whole vocabulary (no chunking, no
-    packing, no padding): the textbook computation dpoflow's scorer must equal."""
-    import torch
-
-    ids = torch.tensor([prompt + completion])
-    total = 0.0
-    for model, sign in ((policy, 1.0), (reference, -1.0)):
-        with torch.no_grad():
-            logps = model(input_ids=ids).logits[0, :-1].double().log_softmax(-1)
-        total += sign * float(logps[len(prompt) - 1:].gather(1, ids[0, len(prompt):, None]).sum())
-    return total
-
-
 def test_kl_is_estimated_at_temperature_one_on_sampled_ids(tmp_path, tiny_model_dir):
     """KL(π‖π_ref) recomputed from samples.parquet's own ids with full-logit forwards (float64) equals
     each sample's log-ratio (3e-5, fp32's resolution) and the reported KL (1e-5); it does not depend
@@ -184,8 +171,10 @@ def test_kl_is_estimated_at_temperature_one_on_sampled_ids(tmp_path, tiny_model_
     prompts = pd.read_parquet(tmp_path / "data" / "prompts_eval.parquet").head(40)
     assert samples.prompt.tolist() == prompts.prompt.tolist()
     policy, reference = load_model(str(other)), load_model(str(tiny_model_dir))
-    recomputed = [_full_logit_logratio(policy, reference, tokenize_prompt(tokenizer, p, m), list(ids))
-                  for p, m, ids in zip(prompts.prompt, prompts.prompt_messages, samples.kl_completion_ids)]
+    recomputed = []
+    for text, messages, ids in zip(prompts.prompt, prompts.prompt_messages, samples.kl_completion_ids):
+        prompt = tokenize_prompt(tokenizer, text, messages)
+        recomputed.append(full_logit_logp(policy, prompt, list(ids)) - full_logit_logp(reference, prompt, list(ids)))
     # each log-ratio is a difference of two fp32 sums near -100 (one fp32 step there: 7.6e-6)
     assert recomputed == pytest.approx(samples.kl_sample_logratio.tolist(), abs=3e-5)
     assert sum(recomputed) / len(recomputed) == pytest.approx(results[0], abs=1e-5) and results[0] > 0.05
