@@ -225,3 +225,40 @@ def test_runs_table_and_compare(monkeypatch, tmp_path):
     assert "sorted by eval/win_rate; 2 runs" in table[-1]
     diff = compare_runs(ids[0.1][:10], ids[0.5][:10])
     assert "dpo.beta" in diff and "eval/win_rate" in diff and "dpo.loss_type" not in diff  # only what differs
+
+
+def _set_alias_at(args):
+    start, alias, version = args
+    from dpoflow import tracking
+
+    while time.time() < start:
+        pass
+    try:
+        tracking.set_alias("m", alias, version)
+        return None
+    except Exception as error:
+        return str(error)[:200]
+
+
+@pytest.mark.slow
+def test_parallel_tasks_setting_one_alias_at_once_all_succeed(monkeypatch, tmp_path):
+    """Two β register tasks set `candidate` at the same instant: MLflow's store reads "no such alias",
+    then both insert and the loser gets a UNIQUE-constraint error (CI saw it; here 2 processes start
+    each call together on a sqlite store: without the retry, about half the rounds lose one). `set_alias` retries the
+    lost insert as the update it now is: every call succeeds, the alias names one of the versions."""
+    import multiprocessing
+
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    store = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    store.create_registered_model("m")
+    for _ in range(2):
+        store.create_model_version("m", (tmp_path / "model").as_uri())
+    for round_ in range(16):  # fresh processes each round, as tasks are
+        start = time.time() + 1.0
+        with multiprocessing.get_context("fork").Pool(2) as pool:
+            errors = pool.map(_set_alias_at, [(start, f"a{round_}", "1"), (start, f"a{round_}", "2")])
+        assert errors == [None, None], errors
+        assert str(store.get_model_version_by_alias("m", f"a{round_}").version) in ("1", "2")

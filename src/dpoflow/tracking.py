@@ -78,13 +78,20 @@ def _experiment_id(mlflow, name: str) -> str:
     return mlflow.create_experiment(name, artifact_location=Path("mlartifacts").resolve().as_uri() if local else None)
 
 
-def retrying(fn, *args, attempts: int = 6, **kwargs):
-    """Call fn, retrying sqlite's 'database is locked' (parallel β tasks share one sqlite file)."""
+# a write that lost a race to insert the same row (sqlite, PostgreSQL, MySQL backends)
+LOST_RACE = ("UNIQUE constraint failed", "duplicate key value violates unique constraint", "Duplicate entry")
+
+
+def retrying(fn, *args, attempts: int = 6, upsert: bool = False, **kwargs):
+    """Call fn, retrying sqlite's 'database is locked' (parallel β tasks share one sqlite file). With
+    upsert=True fn is an insert-or-update, and losing the race to insert (two β tasks setting the same
+    alias at once: MLflow reads "no row", then both insert) is retried too: the retry updates the row."""
+    retried = ("database is locked", *(LOST_RACE if upsert else ()))
     for attempt in range(attempts):
         try:
             return fn(*args, **kwargs)
         except Exception as error:
-            if "database is locked" not in str(error) or attempt == attempts - 1:
+            if not any(text in str(error) for text in retried) or attempt == attempts - 1:
                 raise
             time.sleep(0.2 * 2 ** attempt)
 
@@ -147,13 +154,8 @@ def log_dataset(run_id: str, parquet: Path, *, name: str, digest: str) -> None:
     source = mlflow.data.from_pandas(pd.read_parquet(parquet), source=str(Path(parquet).resolve()), name=name,
                                      digest=digest[:36])
     inputs = [DatasetInput(source._to_mlflow_entity(), [InputTag("mlflow.data.context", "training")])]
-    try:
-        retrying(mlflow.MlflowClient().log_inputs, run_id, datasets=inputs)
-    except Exception as error:  # two β tasks registered the same dataset at once: link the stored one
-        if "UNIQUE constraint" not in str(error):
-            raise
-        time.sleep(0.5)
-        retrying(mlflow.MlflowClient().log_inputs, run_id, datasets=inputs)
+    # two β tasks may register the same dataset at once: the loser's retry links the stored one
+    retrying(mlflow.MlflowClient().log_inputs, run_id, datasets=inputs, upsert=True)
 
 
 def start_child_run(parent_id: str, name: str, *, params: dict, tags: dict) -> str:
@@ -360,7 +362,7 @@ def version_by_alias(name: str, alias: str) -> dict | None:
 
 
 def set_alias(name: str, alias: str, version: str) -> None:
-    retrying(client().set_registered_model_alias, name, alias, str(version))
+    retrying(client().set_registered_model_alias, name, alias, str(version), upsert=True)
 
 
 def delete_alias(name: str, alias: str) -> None:
