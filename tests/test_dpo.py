@@ -218,16 +218,22 @@ def test_gradient_accumulation_invariance(tmp_path, pairs_dir, tiny_model_dir, r
 
 @pytest.mark.slow
 def test_two_processes_gloo_equal_one(tmp_path, pairs_dir, tiny_model_dir, reference_dir):
-    run_dpo(_cfg(learning_rate=1e-3), pairs_dir, tiny_model_dir, tmp_path / "one", reference_dir=reference_dir)
+    """With a warmup and a decay: the schedule advances once per optimizer step whatever the number of
+    processes (accelerate's prepared scheduler steps once per process by default: 2 processes would
+    warm up in half the steps and decay twice as fast)."""
+    schedule = dict(learning_rate=1e-3, warmup_steps=2, scheduler="linear")
+    run_dpo(_cfg(**schedule), pairs_dir, tiny_model_dir, tmp_path / "one", reference_dir=reference_dir)
     command = [str(BIN / "dpoflow"), "dpo", "--num-processes", "2", "--pairs", str(pairs_dir),
                "--reference-model", str(tiny_model_dir), "--reference-dir", str(reference_dir), "--out",
                str(tmp_path / "two")] + [f"--set=dpo.{k}={v}" for k, v in
-                                         dict(max_steps=5, per_device_batch_size=4, learning_rate=1e-3,
-                                              max_length=64, seed=3).items()]
+                                         dict(max_steps=5, per_device_batch_size=4, max_length=64, seed=3,
+                                              log_every=1, **schedule).items()]
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "train_summary.json").read_text())["processes"] == 2
-    _same_steps(tmp_path / "one", tmp_path / "two", "loss", "rewards/margins")
+    assert [m["learning_rate"] for m in _metrics(tmp_path / "two")] == pytest.approx(
+        [1e-3 / 3, 2e-3 / 3, 1e-3, 2e-3 / 3, 1e-3 / 3], abs=1e-8)  # warmup (s+1)/3, then linear to 0 at step 5
+    _same_steps(tmp_path / "one", tmp_path / "two", "loss", "rewards/margins", "learning_rate")
     assert_same_weights(tmp_path / "one", tmp_path / "two", atol=1e-5)
 
 

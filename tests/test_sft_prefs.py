@@ -178,8 +178,8 @@ def test_sft_two_processes_equal_one(demo, tmp_path):
 
 
     root, _ = demo
-    settings = dict(max_steps=4, per_device_batch_size=8, learning_rate=1e-3, max_length=64, seed=2, warmup_steps=0,
-                    scheduler="constant", log_every=1, gradient_accumulation_steps=1)
+    settings = dict(max_steps=4, per_device_batch_size=8, learning_rate=1e-3, max_length=64, seed=2, warmup_steps=1,
+                    scheduler="linear", log_every=1, gradient_accumulation_steps=1)  # one schedule step per step
     run_sft(SftConfig(**settings), ModelConfig(base=str(root / "sft" / "base")), root / "data", tmp_path / "one")
     overrides = {**settings, "per_device_batch_size": 4}
     command = [str(Path(sys.executable).parent / "dpoflow"), "sft", "--num-processes", "2",
@@ -195,6 +195,7 @@ def test_sft_two_processes_equal_one(demo, tmp_path):
     for a, b in zip(*steps):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert a["learning_rate"] == pytest.approx(b["learning_rate"], abs=1e-9)
     assert_same_weights(tmp_path / "one", tmp_path / "two", atol=1e-5)
 
 

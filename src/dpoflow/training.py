@@ -33,7 +33,10 @@ def make_accelerator(precision: str):
     AcceleratorState._reset_state()
     cuda = torch.cuda.is_available()
     mixed = "bf16" if precision == "bf16" or (precision == "auto" and cuda) else "no"
-    return Accelerator(cpu=not cuda, mixed_precision=mixed)
+    # the schedule is over optimizer steps: by default a prepared scheduler steps once per process
+    # (accelerate assumes each process's loader covers 1/N of an epoch), which with N processes
+    # would warm up in 1/N of the steps and decay N times as fast
+    return Accelerator(cpu=not cuda, mixed_precision=mixed, step_scheduler_with_optimizer=False)
 
 
 def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
