@@ -46,7 +46,8 @@ def test_compiled_spec_holds_the_dag(compiled):
     parameters = root["inputDefinitions"]["parameters"]
     assert {"base_model", "data_source", "dvc_repo", "dvc_rev", "betas", "loss_type", "learning_rate", "max_steps",
             "gpus", "gpu_type", "judge", "min_win_rate", "model_name", "mlflow_uri", "config_overrides",
-            "node_selector", "tolerations", "mlflow_secret", "s3_secret"} <= set(parameters)
+            "node_selector", "tolerations", "mlflow_secret", "s3_secret", "dpo_nodes"} <= set(parameters)
+    assert parameters["dpo_nodes"]["defaultValue"] == 1 and parameters["dpo_nodes"]["parameterType"] == "NUMBER_INTEGER"
     assert parameters["betas"]["defaultValue"] == [0.1, 0.5, 2.0] and parameters["betas"]["parameterType"] == "LIST"
     assert parameters["gpus"]["parameterType"] == "NUMBER_INTEGER"
     assert "description" in parameters["min_win_rate"]  # the UI shows each parameter's meaning

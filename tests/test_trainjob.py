@@ -16,11 +16,12 @@ from conftest import assert_same_weights
 from dpoflow.config import DpoConfig
 from dpoflow.dpo.train import run_dpo
 from dpoflow.training import checkpoint_problem
-from test_containers import IMAGE, _engine, containers_ready  # noqa: F401 (the fixture skips without an image)
+from test_containers import IMAGE, LEARN, _engine, containers_ready  # noqa: F401 (the fixture skips without an image)
 
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
-SETTINGS = dict(max_steps=5, per_device_batch_size=4, learning_rate=1e-3, max_length=64, log_every=1, seed=3)
+SETTINGS = dict(max_steps=5, per_device_batch_size=4, learning_rate=1e-3, max_length=64, log_every=1, seed=3,
+                warmup_steps=2, scheduler="linear")
 LABEL = "trainer.kubeflow.org/trainjob-name"
 
 
@@ -49,6 +50,10 @@ def _dpo(shared: Path, out: str, *extra: str, **settings) -> subprocess.Popen:
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=shared.parent)
 
 
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
+
+
 def _left_behind() -> list[str]:
     containers = subprocess.run([_engine(), "ps", "-a", "--filter", f"label={LABEL}", "--format", "{{.Names}}"],
                                 capture_output=True, text=True).stdout.split()
@@ -75,6 +80,7 @@ def test_two_nodes_give_the_weights_and_metrics_of_one_process(tmp_path, shared)
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)  # a lost x world factor would double it
         assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-5)
+        assert a["learning_rate"] == pytest.approx(b["learning_rate"], abs=1e-9)  # one schedule step per step
     assert _left_behind() == []
 
 
@@ -127,3 +133,51 @@ def test_an_input_off_the_shared_volume_is_named(shared, tmp_path, tiny_model_di
                          cwd=tmp_path, timeout=120)
     assert job.returncode == 1
     assert f"{tiny_model_dir} is not under the shared folder {shared}" in job.stderr
+
+
+def test_the_pipeline_trains_each_beta_on_two_nodes_under_both_runners(tmp_path):
+    """`dpoflow run --set dpo.nodes=2`: every β's DPO task starts a 2-node TrainJob and hands on its
+    policy like a 1-node one. Process runner: the run's folder is the nodes' /workspace. Container
+    runner: the pipeline root (every task container mounts it at its own path) is, and the DPO tasks
+    alone get the engine's socket. Both give the weights and losses of the 1-node pipeline with the
+    same global batch (2 nodes x 4 = 1 x 8), record 2 nodes x 1 process, and register every β."""
+    from mlflow import MlflowClient
+
+    from test_pipeline import env_for, run_args
+
+    def run(out: str, *settings: str, runner: str = "process"):
+        args = run_args(tmp_path / out, "run.name=nodes", "run.betas=[0.1,0.5]", *LEARN, *settings)
+        result = subprocess.run(args + ["--runner", runner, "--image", IMAGE], capture_output=True, text=True,
+                                cwd=tmp_path, env={**env_for(tmp_path), "MLFLOW_TRACKING_URI":
+                                                   f"sqlite:///{tmp_path / (out + '.db')}"})
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return json.loads((tmp_path / out / "nodes" / "summary.json").read_text()), result.stdout
+
+    one, _ = run("one", "dpo.per_device_batch_size=8")
+    process, _ = run("process", "dpo.nodes=2", "dpo.per_device_batch_size=4")
+    container, stdout = run("container", "dpo.nodes=2", "dpo.per_device_batch_size=4", runner="container")
+    assert "dpo.nodes=2: the DPO tasks start TrainJobs on this engine" in stdout
+    # what a cluster's object store would carry: each DPO task read its inputs and wrote the policy
+    moved = container["artifact_bytes"]
+    assert moved["read"] == sum(t["read"] for t in moved["tasks"]) and "artifact_bytes" not in process
+    for policy in container["policies"].values():
+        (dpo,) = [t for t in moved["tasks"] if t["task"] == "dpo" and t["written"] == _folder_bytes(Path(policy).parent)]
+        assert dpo["read"] > 2 * (Path(policy) / "model.safetensors").stat().st_size  # reference model and init
+    assert _left_behind() == []
+    for summary, store in ((process, "process.db"), (container, "container.db")):
+        registry = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / store}")
+        assert len(registry.search_model_versions("name='dpoflow-demo'")) == 2  # every β registered
+        for name, policy in summary["policies"].items():
+            trained = Path(policy).parent
+            record = json.loads((trained / "train_summary.json").read_text())
+            assert (record["nodes"], record["processes"], record["global_batch"]) == (2, 2, 8)
+            single = Path(one["policies"][name]).parent
+            assert json.loads((single / "train_summary.json").read_text())["nodes"] == 1
+            assert_same_weights(single, trained, atol=1e-5)
+            losses = [m["loss"] for m in _metrics(trained)]
+            assert losses == pytest.approx([m["loss"] for m in _metrics(single)], abs=1e-5)
+            # the nodes cannot reach the run's MLflow: the task records their metrics.jsonl in the β run
+            (run_id,) = [r.info.run_id for r in registry.search_runs(
+                [registry.get_experiment_by_name("dpoflow").experiment_id], f"attributes.run_name = '{name}'")]
+            history = registry.get_metric_history(run_id, "loss")
+            assert [(m.step, m.value) for m in history] == [(m["step"], m["loss"]) for m in _metrics(trained)]

@@ -151,27 +151,19 @@ def cmd_dpo(args) -> int:
 
 
 def _dpo_trainjob(args, cfg) -> int:
-    """`dpoflow dpo` with dpo.nodes > 1: the same command on every node of a TrainJob, its paths as the
-    nodes see the shared folder."""
-    from dpoflow.trainjob import in_workspace, run_trainjob
+    """`dpoflow dpo` with dpo.nodes > 1: the same command on every node of a TrainJob."""
+    from dpoflow.trainjob import run_dpo_trainjob
 
     paths = step_dirs(cfg)
-    root = Path(args.shared) if args.shared else paths["root"]
     out_dir = _out_dir(args, cfg, "dpo")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    out_dir.parent.chmod(0o777)  # the nodes (the image's uid 1000) stage the output beside it, then rename it
-    argv = ["--pairs", in_workspace(args.pairs or paths["pairs"], root),
-            "--reference-model", in_workspace(args.reference_model or paths["reference_model"], root),
-            "--out", in_workspace(out_dir, root)]
-    if cfg.dpo.reference == "cached":
-        argv += ["--reference-dir", in_workspace(args.reference_dir or paths["reference"], root)]
     init = _init_model(args.init_model or cfg.model.policy_init)
-    if init:
-        argv += ["--init-model", in_workspace(init, root)]
-    if args.resume:
-        argv.append("--resume")
-    job = run_trainjob(argv, config=config_dict(cfg), root=root, nodes=cfg.dpo.nodes,
-                       processes_per_node=args.num_processes, image=args.image)
+    job = run_dpo_trainjob(config_dict(cfg), pairs=Path(args.pairs or paths["pairs"]),
+                           reference_model=Path(args.reference_model or paths["reference_model"]),
+                           reference_dir=Path(args.reference_dir or paths["reference"])
+                           if cfg.dpo.reference == "cached" else None,
+                           init_model=Path(init) if init else None, out_dir=out_dir,
+                           root=Path(args.shared) if args.shared else paths["root"], nodes=cfg.dpo.nodes,
+                           processes_per_node=args.num_processes, image=args.image, resume=args.resume)
     print(f"dpo: TrainJob {job['name']} ({job['nodes']} nodes x {job['processes_per_node']} process(es)) in "
           f"{job['seconds']} s -> {out_dir / 'model'}")
     return 0
@@ -355,8 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--runner", choices=["process", "container"], default="process",
                      help="process: tasks as subprocesses of this environment (default); container: every task in "
                           "its own container of --image, as a cluster runs them (needs podman or docker)")
-    run.add_argument("--image", help="the image of --runner container (default dpoflow/dpoflow:<version>; "
-                                     "build it with `make image`)")
+    run.add_argument("--image", help="the image of --runner container, and of the TrainJob nodes with dpo.nodes > 1 "
+                                     "(default dpoflow/dpoflow:<version>; build it with `make image`)")
     run.set_defaults(func=cmd_run)
 
     sft = sub.add_parser("sft", help="fine-tune the base on the SFT corpus; the result is the reference")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from pathlib import Path
 
 import yaml
@@ -70,6 +71,58 @@ def in_workspace(path: Path, root: Path) -> str:
                             "output must live on the volume the nodes mount (put them under it, or use dpo.nodes=1)") from error
 
 
+def node_image() -> str:
+    """The nodes' image: the one `dpoflow run --image` named, else the task's own (a container task),
+    else the dpoflow image of this version (`make image`)."""
+    from dpoflow import __version__
+
+    return os.environ.get("DPOFLOW_NODE_IMAGE") or os.environ.get("DPOFLOW_IMAGE") or f"dpoflow/dpoflow:{__version__}"
+
+
+def run_dpo_trainjob(config: dict, *, pairs: Path, reference_model: Path, reference_dir: Path | None,
+                     init_model: Path | None, out_dir: Path, root: Path, nodes: int, processes_per_node: int,
+                     image: str, resume: bool = False, env: dict[str, str] | None = None, log=print) -> dict:
+    """`dpoflow dpo` over `nodes` nodes: every path (under the shared folder `root`) as the nodes see
+    it, the output folder's parent open to the nodes' uid (they stage the output beside it, then
+    rename it). `config` holds at least the `dpo` section. Returns run_trainjob's record."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    out_dir.parent.chmod(0o777)
+    inputs = {"--pairs": pairs, "--reference-model": reference_model, "--reference-dir": reference_dir,
+              "--init-model": init_model}
+    argv = ["--out", in_workspace(out_dir, root)]
+    for flag, path in inputs.items():
+        if path is not None:
+            argv += [flag, in_workspace(path, root)]
+            readable_by_nodes(Path(path), root)
+    if resume:
+        argv.append("--resume")
+    return run_trainjob(argv, config=config, root=root, nodes=nodes, processes_per_node=processes_per_node,
+                        image=image, env=env, log=log)
+
+
+def readable_by_nodes(path: Path, root: Path) -> None:
+    """The nodes run as the image's uid 1000: the step output holding `path` (all of it: the nodes
+    verify it against its MANIFEST.json) readable by them, and every folder from `root` down to it
+    searchable. (Outputs are staged with mkdtemp and safetensors' own files: 0700, 0600.)"""
+    path, root = path.resolve(), root.resolve()
+    path = next((folder for folder in [path, *path.parents] if (folder / "MANIFEST.json").exists()
+                 and folder.is_relative_to(root)), path)
+    for folder in [path, *path.parents]:
+        if folder.is_dir():
+            _allow(folder, 0o055)
+        if folder == root:
+            break
+    for inner in path.rglob("*") if path.is_dir() else [path]:
+        if not inner.is_symlink():
+            _allow(inner, 0o055 if inner.is_dir() else 0o044)
+
+
+def _allow(path: Path, bits: int) -> None:
+    mode = path.stat().st_mode
+    if mode & bits != bits:  # (a folder someone else owns and already allows is left alone)
+        path.chmod(mode | bits)
+
+
 def _container_client(engine_url: str, runtime_file: Path):
     from kubeflow.trainer import ContainerBackendConfig, TrainerClient
     from kubeflow.trainer.backends.container.types import TrainingRuntimeSource
@@ -93,7 +146,7 @@ def run_trainjob(dpo_argv: list[str], *, config: dict, root: Path, nodes: int, p
 
     from dpoflow.pipeline.containers import docker_api
 
-    name = f"dpoflow-dpo-{os.getpid()}-{int(time.time()) % 100000}"
+    name = f"dpoflow-dpo-{uuid.uuid4().hex[:10]}"  # unique across tasks (containers share pids)
     jobs = root / ".trainjobs"
     jobs.mkdir(parents=True, exist_ok=True)
     runtime_file = jobs / f"{RUNTIME}.yaml"
@@ -105,7 +158,7 @@ def run_trainjob(dpo_argv: list[str], *, config: dict, root: Path, nodes: int, p
     workdir.parent.mkdir(parents=True, exist_ok=True)
     workdir.unlink(missing_ok=True)
     workdir.symlink_to(root.resolve(), target_is_directory=True)
-    root.chmod(root.stat().st_mode | 0o777)  # the nodes run as the image's uid 1000
+    _allow(root, 0o777)  # the nodes run as the image's uid 1000
     # the SDK's container backend starts one process per node unless given a GPU count, which (here)
     # only sets torchrun's --nproc_per_node: the processes per node, gloo on CPU
     resources = {"cpu": 1} if processes_per_node <= 1 else {"gpu": processes_per_node}

@@ -18,7 +18,7 @@ DEFAULT_IMAGE = f"dpoflow/dpoflow:{__version__}"  # make image IMAGE=<registry>/
 
 def fingerprint(config: str, config_overrides: str, base_model: str, data_kind: str, data_source: str,
                 dvc_repo: str, dvc_path: str, dvc_rev: str, betas: list, loss_type: str, learning_rate: float,
-                max_steps: int, judge: str, min_win_rate: float, model_name: str, workspace: str, mlflow_uri: str,
+                max_steps: int, judge: str, min_win_rate: float, model_name: str, dpo_nodes: int, workspace: str, mlflow_uri: str,
                 mlflow_run_id: str, compiled_rounds: int, run_info: Output[Artifact]) -> NamedTuple(
                     "FingerprintOutputs", [("config", str), ("data_md5", str), ("parent_run_id", str)]):
     """Resolve the run config from the parameters (a wrong key fails here, naming it), fingerprint the
@@ -29,7 +29,7 @@ def fingerprint(config: str, config_overrides: str, base_model: str, data_kind: 
 
     flat = dict(base_model=base_model, data_kind=data_kind, data_source=data_source, betas=betas,
                 loss_type=loss_type, learning_rate=learning_rate, max_steps=max_steps, judge=judge,
-                min_win_rate=min_win_rate, model_name=model_name)
+                min_win_rate=min_win_rate, model_name=model_name, dpo_nodes=dpo_nodes)
     out = fingerprint_task(config=config, flat=flat, config_overrides=config_overrides,
                            dvc=(dvc_repo, dvc_path, dvc_rev), workspace=workspace, mlflow_uri=mlflow_uri,
                            mlflow_run_id=mlflow_run_id, compiled_rounds=compiled_rounds, run_info=run_info)

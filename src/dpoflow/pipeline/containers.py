@@ -123,6 +123,20 @@ def image_identity(image: str) -> dict:
             "git_sha": labels.get("org.opencontainers.image.revision", "")}
 
 
+def engine_access(url: str) -> tuple[dict, dict]:
+    """(volumes, environment) that give a task container this engine's Docker API: for a DPO task
+    that starts its TrainJob's node containers itself (dpo.nodes > 1). Whoever holds the socket
+    controls the engine, so only those tasks get it. podman's service started for the run listens
+    in a private folder: its socket is opened to the tasks' uid 1000 through the mount alone."""
+    if url.startswith("unix://") or url == "default":
+        socket_path = Path(url.removeprefix("unix://")) if url != "default" else Path("/var/run/docker.sock")
+        if socket_path.parent.name.startswith("dpoflow-podman-"):
+            socket_path.chmod(0o666)
+        inside = f"/run/dpoflow/{'podman' if 'podman' in url else 'docker'}.sock"
+        return {str(socket_path): {"bind": inside, "mode": "rw"}}, {"DOCKER_HOST": f"unix://{inside}"}
+    return {}, {"DOCKER_HOST": url}
+
+
 # ---- an MLflow server for the run ----------------------------------------------------------------
 
 def _free_port() -> int:
@@ -158,13 +172,37 @@ def mlflow_server(backend_store_uri: str, artifacts: Path, log_path: Path, timeo
 
 # ---- the task containers ---------------------------------------------------------------------------
 
+def _artifact_folders(command: list[str], side: str) -> list[Path]:
+    """The input or output artifact folders of a task, from the executor input in its command."""
+    for arg in command:
+        if arg.startswith("{") and '"outputs"' in arg:
+            artifacts = json.loads(arg).get(side, {}).get("artifacts", {})
+            return [Path(a["uri"].removeprefix("file://")) for entry in artifacts.values()
+                    for a in entry.get("artifacts", [])]
+    return []
+
+
+def _bytes(paths: list[Path]) -> int:
+    """Bytes of the files under `paths` (what a cluster's task downloads or uploads for them)."""
+    total = 0
+    for path in paths:
+        if path.is_file():
+            total += path.stat().st_size
+        elif path.is_dir():
+            total += sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+    return total
+
+
 class ContainerTasks:
     """The containers of one run: started with labels, their exit codes read before removal, their
     failures kept (task, exit code, last lines), and all of them stoppable at once."""
 
-    def __init__(self, run: str, environment: dict[str, str], tail_lines: int = 30):
-        self.run, self.environment, self.tail_lines = run, environment, tail_lines
+    def __init__(self, run: str, environment: dict[str, str], tail_lines: int = 30,
+                 dpo_access: tuple[dict, dict] = ({}, {})):
+        """`dpo_access`: extra (volumes, environment) for the DPO tasks only (engine_access)."""
+        self.run, self.environment, self.tail_lines, self.dpo_access = run, environment, tail_lines, dpo_access
         self.failures: list[dict] = []
+        self.moved: list[dict] = []  # per task: the artifact bytes it read and wrote
         self.stopping = threading.Event()
         self.lock = threading.Lock()
 
@@ -189,6 +227,8 @@ class ContainerTasks:
         match = OUTPUT_FILE.search(" ".join(command))
         task = Path(match.group(1)).name if match else "?"
         environment = {**(run_args.pop("environment", None) or {}), **self.environment}
+        if task.startswith("dpo"):
+            volumes, environment = {**volumes, **self.dpo_access[0]}, {**environment, **self.dpo_access[1]}
         container = client.containers.run(image=image, command=command, detach=True, volumes=volumes,
                                           labels={RUN_LABEL: self.run, TASK_LABEL: task}, environment=environment,
                                           **run_args)
@@ -211,9 +251,12 @@ class ContainerTasks:
             _remove(container)
             raise
         _remove(container)
-        if code != 0:
-            with self.lock:
+        with self.lock:
+            if code != 0:
                 self.failures.append({"task": task, "exit_code": code, "tail": list(tail)})
+            else:
+                self.moved.append({"task": task, "read": _bytes(_artifact_folders(command, "inputs")),
+                                   "written": _bytes(_artifact_folders(command, "outputs"))})
         return code
 
     def stop(self, grace_s: float = 120.0) -> int:

@@ -59,6 +59,7 @@ def build_pipeline(image: str = DEFAULT_IMAGE, config: Config | None = None, par
         min_win_rate: float = defaults["min_win_rate"],
         model_name: str = defaults["model_name"],
         gpus: int = 0,
+        dpo_nodes: int = defaults["dpo_nodes"],
         gpu_type: str = "nvidia.com/gpu",
         node_selector: dict = {},  # noqa: B006 (KFP reads the default from the signature)
         tolerations: list = [],  # noqa: B006
@@ -87,7 +88,8 @@ def build_pipeline(image: str = DEFAULT_IMAGE, config: Config | None = None, par
             judge: evaluation judge: callable:<module>:<fn>, reward_model:<dir|models:/...> or llm.
             min_win_rate: gate: least win rate vs the reference for a champion.
             model_name: MLflow registered model name (deploy models:/<model_name>@champion).
-            gpus: GPUs of the DPO task (DDP through accelerate when > 1); 0 = CPU.
+            gpus: GPUs of the DPO task (DDP through accelerate when > 1); 0 = CPU. With dpo_nodes > 1: per node.
+            dpo_nodes: nodes that train each β: > 1 = a Kubeflow Trainer TrainJob (torchrun over the nodes).
             gpu_type: accelerator resource of the DPO task, e.g. nvidia.com/gpu.
             node_selector: nodeSelector of the DPO task as JSON, e.g. {"nvidia.com/gpu.product": "H100"}.
             tolerations: tolerations of the DPO task as a JSON list.
@@ -104,7 +106,7 @@ def build_pipeline(image: str = DEFAULT_IMAGE, config: Config | None = None, par
             config=config, config_overrides=config_overrides, base_model=base_model, data_kind=data_kind,
             data_source=data_source, dvc_repo=dvc_repo, dvc_path=dvc_path, dvc_rev=dvc_rev, betas=betas,
             loss_type=loss_type, learning_rate=learning_rate, max_steps=max_steps, judge=judge,
-            min_win_rate=min_win_rate, model_name=model_name, workspace=workspace, mlflow_uri=mlflow_uri,
+            min_win_rate=min_win_rate, model_name=model_name, dpo_nodes=dpo_nodes, workspace=workspace, mlflow_uri=mlflow_uri,
             mlflow_run_id=mlflow_run_id, compiled_rounds=rounds)
         # never cached: it tells the cached steps below whether the data (a moving DVC branch) changed
         fingerprint.set_caching_options(False)

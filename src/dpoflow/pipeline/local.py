@@ -153,7 +153,7 @@ def run_local(cfg: Config, log=print, runner: str = "process", image: str | None
     check_pipeline(cfg)
     root = (Path(cfg.run.output_dir) / cfg.run.name).resolve()
     with exclusive(root.parent / f".{cfg.run.name}.run.lock", f"run {cfg.run.name!r} in {root.parent}"):
-        process_session = _ProcessSession(root) if runner == "process" else None
+        process_session = _ProcessSession(root, image) if runner == "process" else None
         previous = signal.signal(signal.SIGTERM, process_session.on_sigterm if process_session else _terminate)
         try:
             if process_session:
@@ -173,9 +173,11 @@ class _ProcessSession:
     runner, store = "process", None
     rerun_note = "; finished steps are reused when you start it again"
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, image: str | None = None):
         self.root = root
         self.terminated = False
+        # --image: the image of the TrainJob nodes a DPO task starts (dpo.nodes > 1)
+        self.environment = {"DPOFLOW_NODE_IMAGE": image} if image else {}
 
     def on_sigterm(self, signum, frame) -> None:
         """SIGTERM to `dpoflow run`: passed on to its tasks (a training task finishes its step, saves
@@ -194,7 +196,7 @@ class _ProcessSession:
         original = subprocess_task_handler.run_local_subprocess
 
         def run_task(full_command, env_vars=None) -> int:
-            return 143 if self.terminated else original(full_command, env_vars)
+            return 143 if self.terminated else original(full_command, {**(env_vars or {}), **self.environment})
 
         subprocess_task_handler.run_local_subprocess = run_task
         try:
@@ -252,14 +254,21 @@ class _ContainerSession:
         self.stack = contextlib.ExitStack().__enter__()
         self.root.mkdir(parents=True, exist_ok=True)
         try:
-            self.stack.enter_context(containers.docker_api(self.log))
+            engine = self.stack.enter_context(containers.docker_api(self.log))
             self.identity = containers.image_identity(self.image)
             left = containers.remove_containers(self.cfg.run.name)  # a SIGKILLed run of this name leaves its own
             if left:
                 self.log(f"removed {left} container(s) an earlier run of {self.cfg.run.name} left behind")
             if self.cfg.tracking.enabled:
                 self._tracking(containers)
-            self.tasks = containers.ContainerTasks(self.cfg.run.name, {"DPOFLOW_IMAGE_ID": self.identity["id"]})
+            dpo_access = ({}, {})
+            if self.cfg.dpo.nodes > 1:  # each DPO task starts its TrainJob's nodes on this engine, over this root
+                volumes, environment = containers.engine_access(engine)
+                dpo_access = volumes, {**environment, "DPOFLOW_SHARED": str(self.pipeline_root.resolve())}
+                self.log(f"dpo.nodes={self.cfg.dpo.nodes}: the DPO tasks start TrainJobs on this engine, sharing "
+                         f"{self.pipeline_root} with their nodes")
+            self.tasks = containers.ContainerTasks(self.cfg.run.name, {"DPOFLOW_IMAGE_ID": self.identity["id"]},
+                                                   dpo_access=dpo_access)
             self.stack.enter_context(self.tasks.installed())
             self.stack.callback(self.tasks.stop, 10.0)  # whatever is still running when the run ends
         except BaseException:
@@ -316,7 +325,8 @@ class _ContainerSession:
         from dpoflow.pipeline.containers import run_outputs
         from dpoflow.pipeline.tasks import round_rel, round_run_name
 
-        (run_dir,) = set(self.pipeline_root.iterdir()) - self.runs_before
+        # (the TrainJobs of dpo.nodes > 1 keep their configs in .trainjobs/ beside the runs)
+        (run_dir,) = {p for p in self.pipeline_root.iterdir() if not p.name.startswith(".")} - self.runs_before
         found = run_outputs(run_dir)
         results, policies = {}, {}
         for folder, _ in found.get("results", []):  # also under <run>/eval/, where the process runner puts them
@@ -330,7 +340,11 @@ class _ContainerSession:
         return results, policies, json.loads((dataset / "stats.json").read_text())
 
     def lineage(self) -> dict:
-        return {"runner": self.runner, "image": self.identity}
+        """Also the artifact bytes the tasks read and wrote: what a cluster moves through its object
+        store for this run (every task downloads its inputs and uploads its outputs)."""
+        moved = self.tasks.moved
+        return {"runner": self.runner, "image": self.identity, "artifact_bytes": {
+            "read": sum(t["read"] for t in moved), "written": sum(t["written"] for t in moved), "tasks": moved}}
 
 
 def _restore_env(name: str, value: str) -> None:

@@ -50,7 +50,7 @@ FLAT_PARAMETERS = {
     "base_model": "model.base", "data_kind": "data.kind", "data_source": "data.source",
     "betas": "run.betas", "loss_type": "dpo.loss_type", "learning_rate": "dpo.learning_rate",
     "max_steps": "dpo.max_steps", "judge": "eval.judge", "min_win_rate": "registry.min_win_rate",
-    "model_name": "registry.model_name",
+    "model_name": "registry.model_name", "dpo_nodes": "dpo.nodes",
 }
 
 
@@ -536,6 +536,10 @@ def dpo_task(*, beta: float, round: int, run_info, pairs, reference_model, refer
         if stopped:
             pass_through(init_dir, out_dir, stopped)
             return
+        if dpo_cfg.nodes > 1:  # the nodes' metrics reach MLflow from metrics.jsonl, below
+            _trainjob_dpo(dpo_cfg, _in(pairs), _in(reference_model, "model"), _in(reference), init_dir, out_dir,
+                          workspace, gpus)
+            return
         if run_id:
             from dpoflow.tracking import LiveMetrics
 
@@ -553,11 +557,12 @@ def dpo_task(*, beta: float, round: int, run_info, pairs, reference_model, refer
         from dpoflow import tracking
 
         lost = live.close() if live is not None else 0
-        if reused or lost:  # replay from the step's own record
+        if reused or lost or dpo_cfg.nodes > 1:  # replay from the step's own record
             tracking.log_metric_history(run_id, out / "metrics.jsonl")
         tracking.set_tags(run_id, {"dpoflow.reused": str(reused).lower()})
     summary = json.loads((out / "train_summary.json").read_text())
     policy.metadata.update({"beta": beta, "round": round, "steps": summary["steps"], "pairs": summary["pairs"],
+                            "nodes": summary["nodes"], "processes": summary["processes"],
                             "mlflow_run_id": run_id, "policy_init": init_uri, "stopped": stopped})
 
 
@@ -569,6 +574,24 @@ def pass_through(init_dir: Path, out_dir: Path, reason: str) -> None:
         summary = json.loads((init_dir.parent / "train_summary.json").read_text())
         summary.update({"steps": 0, "stopped": reason})
         (work / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def _trainjob_dpo(cfg: DpoConfig, pairs_dir, model_dir, reference_dir, init_dir, out_dir: Path, workspace: str,
+                  gpus: int) -> None:
+    """dpo.nodes > 1: a Kubeflow Trainer TrainJob (trainjob.py) over the folder the task shares with
+    the nodes: the run's workspace (process runner), or the pipeline root every task container
+    mounts at its own path (container runner: DPOFLOW_SHARED, with the engine's socket)."""
+    from dpoflow.trainjob import node_image, run_dpo_trainjob
+
+    shared = workspace or os.environ.get("DPOFLOW_SHARED", "")
+    if not shared:
+        raise RuntimeError("dpo.nodes > 1 needs a folder this task shares with the nodes: run it with `dpoflow run` "
+                           "(--runner process or container); on a cluster, run `dpoflow dpo --nodes N` against the "
+                           "RWX volume (manifests/trainer/), or set dpo.nodes=1")
+    run_dpo_trainjob({"dpo": config_dict(cfg)}, pairs=pairs_dir, reference_model=model_dir,
+                     reference_dir=reference_dir if cfg.reference == "cached" else None, init_model=init_dir,
+                     out_dir=out_dir, root=Path(shared), nodes=cfg.nodes, processes_per_node=max(gpus, 1),
+                     image=node_image())
 
 
 def _launch_dpo(cfg: DpoConfig, pairs_dir, model_dir, reference_dir, out_dir: Path, gpus: int, run_id: str,
