@@ -160,9 +160,11 @@ def test_the_pipeline_trains_each_beta_on_two_nodes_under_both_runners(tmp_path)
     # what a cluster's object store would carry: each DPO task read its inputs and wrote the policy
     moved = container["artifact_bytes"]
     assert moved["read"] == sum(t["read"] for t in moved["tasks"]) and "artifact_bytes" not in process
-    for policy in container["policies"].values():
-        (dpo,) = [t for t in moved["tasks"] if t["task"] == "dpo" and t["written"] == _folder_bytes(Path(policy).parent)]
-        assert dpo["read"] > 2 * (Path(policy) / "model.safetensors").stat().st_size  # reference model and init
+    dpo = [t for t in moved["tasks"] if t["task"] == "dpo"]
+    policies = [Path(policy) for policy in container["policies"].values()]
+    assert sorted(t["written"] for t in dpo) == sorted(_folder_bytes(policy.parent) for policy in policies)
+    for task in dpo:  # the reference model and the initial policy (the same SFT model), the pairs, the log-probs
+        assert task["read"] > 2 * (policies[0] / "model.safetensors").stat().st_size
     assert _left_behind() == []
     for summary, store in ((process, "process.db"), (container, "container.db")):
         registry = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / store}")
