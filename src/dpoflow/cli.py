@@ -12,8 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from dpoflow import __version__
 from dpoflow.config import ConfigError, config_dict, config_hash, load_config
+from dpoflow.image import DEFAULT_IMAGE
 from dpoflow.pipeline.tasks import beta_threads, set_threads, step_dirs
 from dpoflow.redact import redact
 from dpoflow.training import TrainingError
@@ -159,8 +159,7 @@ def _dpo_trainjob(args, cfg) -> int:
     init = _init_model(args.init_model or cfg.model.policy_init)
     job = run_dpo_trainjob(config_dict(cfg), pairs=Path(args.pairs or paths["pairs"]),
                            reference_model=Path(args.reference_model or paths["reference_model"]),
-                           reference_dir=Path(args.reference_dir or paths["reference"])
-                           if cfg.dpo.reference == "cached" else None,
+                           reference_dir=Path(args.reference_dir or paths["reference"]),
                            init_model=Path(init) if init else None, out_dir=out_dir,
                            root=Path(args.shared) if args.shared else paths["root"], nodes=cfg.dpo.nodes,
                            processes_per_node=args.num_processes, image=args.image, resume=args.resume)
@@ -381,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_launch(dpo)
     dpo.add_argument("--nodes", type=int, help="run as a Kubeflow Trainer TrainJob over N nodes (sets dpo.nodes): "
                      "here one container of --image per node, --num-processes per node")
-    dpo.add_argument("--image", default=f"dpoflow/dpoflow:{__version__}", help="the nodes' image (dpo.nodes > 1)")
+    dpo.add_argument("--image", default=DEFAULT_IMAGE, help="the nodes' image (dpo.nodes > 1)")
     dpo.add_argument("--shared", help="the folder every node mounts as /workspace (dpo.nodes > 1; default: the run's "
                      "folder, <output_dir>/<run name>): every input and --out must be under it")
     dpo.set_defaults(func=cmd_dpo)

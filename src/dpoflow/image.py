@@ -12,7 +12,11 @@ import json
 import os
 from pathlib import Path
 
+from dpoflow import __version__
+
 BUILD_INFO = Path("/opt/dpoflow/image.json")
+# what `make image` builds; a cluster's is given with `dpoflow compile --image` / `make image IMAGE=...`
+DEFAULT_IMAGE = f"dpoflow/dpoflow:{__version__}"
 
 
 def build_info(path: Path = BUILD_INFO) -> dict:

@@ -74,9 +74,9 @@ def in_workspace(path: Path, root: Path) -> str:
 def node_image() -> str:
     """The nodes' image: the one `dpoflow run --image` named, else the task's own (a container task),
     else the dpoflow image of this version (`make image`)."""
-    from dpoflow import __version__
+    from dpoflow.image import DEFAULT_IMAGE
 
-    return os.environ.get("DPOFLOW_NODE_IMAGE") or os.environ.get("DPOFLOW_IMAGE") or f"dpoflow/dpoflow:{__version__}"
+    return os.environ.get("DPOFLOW_NODE_IMAGE") or os.environ.get("DPOFLOW_IMAGE") or DEFAULT_IMAGE
 
 
 def run_dpo_trainjob(config: dict, *, pairs: Path, reference_model: Path, reference_dir: Path | None,
@@ -84,37 +84,42 @@ def run_dpo_trainjob(config: dict, *, pairs: Path, reference_model: Path, refere
                      image: str, resume: bool = False, env: dict[str, str] | None = None, log=print) -> dict:
     """`dpoflow dpo` over `nodes` nodes: every path (under the shared folder `root`) as the nodes see
     it, the output folder's parent open to the nodes' uid (they stage the output beside it, then
-    rename it). `config` holds at least the `dpo` section. Returns run_trainjob's record."""
+    rename it). `config` holds at least the `dpo` section; `reference_dir` is read only with its
+    cached reference. Returns run_trainjob's record."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    out_dir.parent.chmod(0o777)
-    inputs = {"--pairs": pairs, "--reference-model": reference_model, "--reference-dir": reference_dir,
-              "--init-model": init_model}
+    _allow(out_dir.parent, 0o777)
+    if config["dpo"]["reference"] != "cached":
+        reference_dir = None
+    inputs = {flag: Path(path) for flag, path in (("--pairs", pairs), ("--reference-model", reference_model),
+                                                   ("--reference-dir", reference_dir), ("--init-model", init_model))
+              if path is not None}
     argv = ["--out", in_workspace(out_dir, root)]
     for flag, path in inputs.items():
-        if path is not None:
-            argv += [flag, in_workspace(path, root)]
-            readable_by_nodes(Path(path), root)
+        argv += [flag, in_workspace(path, root)]
+    readable_by_nodes(inputs.values(), root)
     if resume:
         argv.append("--resume")
     return run_trainjob(argv, config=config, root=root, nodes=nodes, processes_per_node=processes_per_node,
                         image=image, env=env, log=log)
 
 
-def readable_by_nodes(path: Path, root: Path) -> None:
-    """The nodes run as the image's uid 1000: the step output holding `path` (all of it: the nodes
-    verify it against its MANIFEST.json) readable by them, and every folder from `root` down to it
-    searchable. (Outputs are staged with mkdtemp and safetensors' own files: 0700, 0600.)"""
-    path, root = path.resolve(), root.resolve()
-    path = next((folder for folder in [path, *path.parents] if (folder / "MANIFEST.json").exists()
-                 and folder.is_relative_to(root)), path)
-    for folder in [path, *path.parents]:
-        if folder.is_dir():
-            _allow(folder, 0o055)
-        if folder == root:
-            break
-    for inner in path.rglob("*") if path.is_dir() else [path]:
-        if not inner.is_symlink():
-            _allow(inner, 0o055 if inner.is_dir() else 0o044)
+def readable_by_nodes(paths, root: Path) -> None:
+    """The nodes run as the image's uid 1000: the step output holding each of `paths` (all of it: the
+    nodes verify it against its MANIFEST.json) readable by them, and every folder from `root` down to
+    it searchable; each step output once (the reference model is often the initial policy too).
+    (Outputs are staged with mkdtemp and safetensors' own files: 0700, 0600.)"""
+    root = root.resolve()
+    outputs = {next((folder for folder in [path, *path.parents] if (folder / "MANIFEST.json").exists()
+                     and folder.is_relative_to(root)), path) for path in (Path(p).resolve() for p in paths)}
+    for path in outputs:
+        for folder in [path, *path.parents]:
+            if folder.is_dir():
+                _allow(folder, 0o055)
+            if folder == root:
+                break
+        for inner in path.rglob("*") if path.is_dir() else [path]:
+            if not inner.is_symlink():
+                _allow(inner, 0o055 if inner.is_dir() else 0o044)
 
 
 def _allow(path: Path, bits: int) -> None:

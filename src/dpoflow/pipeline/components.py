@@ -12,9 +12,8 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
-from dpoflow import __version__
+from dpoflow.image import DEFAULT_IMAGE
 
-DEFAULT_IMAGE = f"dpoflow/dpoflow:{__version__}"  # make image IMAGE=<registry>/dpoflow:<tag>; compile --image
 
 def fingerprint(config: str, config_overrides: str, base_model: str, data_kind: str, data_source: str,
                 dvc_repo: str, dvc_path: str, dvc_rev: str, betas: list, loss_type: str, learning_rate: float,

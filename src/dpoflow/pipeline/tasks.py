@@ -589,7 +589,7 @@ def _trainjob_dpo(cfg: DpoConfig, pairs_dir, model_dir, reference_dir, init_dir,
                            "(--runner process or container); on a cluster, run `dpoflow dpo --nodes N` against the "
                            "RWX volume (manifests/trainer/), or set dpo.nodes=1")
     run_dpo_trainjob({"dpo": config_dict(cfg)}, pairs=pairs_dir, reference_model=model_dir,
-                     reference_dir=reference_dir if cfg.reference == "cached" else None, init_model=init_dir,
+                     reference_dir=reference_dir, init_model=init_dir,
                      out_dir=out_dir, root=Path(shared), nodes=cfg.nodes, processes_per_node=max(gpus, 1),
                      image=node_image())
 
