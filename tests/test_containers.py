@@ -1,6 +1,7 @@
 """`dpoflow run --runner container`: the cluster path in real containers of the dpoflow image (built by
-`make image TORCH=cpu`; .ci/run builds it): every task in its own container as uid 1000, nothing
-shared but the pipeline root, MLflow over HTTP. Same numbers as the process runner; a failing task
+`make image TORCH=cpu`; .ci/run builds it): every task in its own container as uid 1000, MLflow over
+HTTP; step outputs copied through the pipeline root (--storage artifacts) or kept in the run folder
+every task mounts (shared, the default: test_trainjob's pipeline test). Same numbers as the process runner; a failing task
 fails the run naming it; an interrupted run leaves no container, server or engine service behind.
 
 Where containers cannot start here (no engine, no image), these tests skip and say why (under CI=true they fail)."""
@@ -48,8 +49,11 @@ def containers_ready():
     require(reason)
 
 
-def _run(tmp_path: Path, name: str, *settings: str, runner: str = "container", db: str = "mlflow.db"):
+def _run(tmp_path: Path, name: str, *settings: str, runner: str = "container", db: str = "mlflow.db",
+         storage: str = "shared"):
     args = run_args(tmp_path, *settings, f"run.name={name}") + ["--runner", runner, "--image", IMAGE]
+    if runner == "container":
+        args += ["--storage", storage]
     env = {**env_for(tmp_path), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / db}"}
     return subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, env=env)
 
@@ -79,7 +83,8 @@ def test_container_run_gives_the_process_runs_numbers_and_records_its_image(tmp_
     process = _run(tmp_path, "same", *LEARN, runner="process", db="process.db")
     assert process.returncode == 0, process.stderr[-3000:]
     started = time.time()
-    container = _run(tmp_path, "same", *LEARN, "run.output_dir=" + str(tmp_path / "ct"), db="container.db")
+    container = _run(tmp_path, "same", *LEARN, "run.output_dir=" + str(tmp_path / "ct"), db="container.db",
+                     storage="artifacts")
     assert container.returncode == 0, container.stdout[-3000:] + container.stderr[-3000:]
     assert "MLflow: server for this run at http://127.0.0.1:" in container.stdout
 
@@ -90,6 +95,7 @@ def test_container_run_gives_the_process_runs_numbers_and_records_its_image(tmp_
     assert summary["results"] == by_process["results"]
     assert any(m["kl"] > 0.01 for m in summary["results"].values())  # the policy moved: a comparison that can fail
     assert summary["runner"] == "container" and by_process["runner"] == "process" and by_process["image"] is None
+    assert summary["storage"] == "artifacts"
     assert summary["image"]["reference"] == IMAGE and summary["image"]["id"] == _image_id()
     assert summary["image"]["version"] == __version__
     # (kfp's local runner may log one "finished" line for two β iterations of a task: the registry below
@@ -103,6 +109,13 @@ def test_container_run_gives_the_process_runs_numbers_and_records_its_image(tmp_
         assert ".kfp-container" in policy and (Path(policy) / "model.safetensors").exists()
         if os.geteuid() == 0 and "podman" in _engine():
             assert Path(policy).stat().st_uid == 1000
+    # what a cluster's object store carries with artifacts (counted independently of containers._bytes):
+    # each DPO task wrote its policy folder and read the SFT model twice (reference, initial policy)
+    dpo = [t for t in summary["artifact_bytes"]["tasks"] if t["task"] == "dpo"]
+    assert sorted(t["written"] for t in dpo) == sorted(
+        sum(f.stat().st_size for f in Path(p).parent.rglob("*") if f.is_file()) for p in summary["policies"].values())
+    model_bytes = (Path(next(iter(summary["policies"].values()))) / "model.safetensors").stat().st_size
+    assert all(t["read"] > 2 * model_bytes for t in dpo)
     assert (tmp_path / "ct" / "same" / "eval" / "beta-0.5" / "report.html").exists()
     assert not (tmp_path / "ct" / "same" / "sft").exists()  # no workspace folder was shared by the tasks
 

@@ -80,6 +80,35 @@ def test_compiled_spec_holds_the_dag(compiled):
     assert "retryPolicy" in tasks["fingerprint"] and "retryPolicy" in tasks["select"]
 
 
+def test_shared_storage_mounts_the_workspace_volume_into_every_task(compiled, tmp_path):
+    """The committed pipeline (storage shared, the cluster default): every executor mounts the RWX
+    volume the Trainer runtime mounts too, at the path the workspace parameter's default lies under;
+    compiled with storage artifacts, none mounts it and the workspace is empty."""
+    from dpoflow.config import load_config
+    from dpoflow.pipeline.client import compile_all
+    from dpoflow.trainjob import runtime_manifest
+
+    def read(folder: Path):
+        spec, platform = yaml.safe_load_all((folder / "pipelines/dpo_alignment.yaml").read_text())
+        return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+    spec, executors = read(compiled)
+    runtime_volumes = runtime_manifest("x")["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"][
+        "template"]["spec"]["volumes"]
+    claim = next(v["persistentVolumeClaim"]["claimName"] for v in runtime_volumes if "persistentVolumeClaim" in v)
+    every = set(spec["deploymentSpec"]["executors"])
+    assert every == {name for name, executor in executors.items()
+                     if executor.get("pvcMount") == [{"constant": claim, "mountPath": "/workspace",
+                                                      "pvcNameParameter": {"runtimeValue": {"constant": claim}}}]}
+    assert len(every) == 11  # fingerprint ... promote: every task of the DAG
+    assert spec["root"]["inputDefinitions"]["parameters"]["workspace"]["defaultValue"] == "/workspace/demo"
+
+    compile_all(tmp_path, config=load_config(ROOT / "params.yaml"), storage="artifacts")
+    spec, executors = read(tmp_path)
+    assert not any("pvcMount" in executor for executor in executors.values())
+    assert spec["root"]["inputDefinitions"]["parameters"]["workspace"]["defaultValue"] == ""
+
+
 def test_rounds_are_unrolled_per_beta(tmp_path):
     """run.rounds=3 compiles to three dpo -> evaluate groups inside the β loop, each later round
     sampling from the previous round's policy; a run asking for other rounds than compiled is refused."""
@@ -337,8 +366,15 @@ def test_manifests_render_and_validate(overlay):
     assert "postgresql://" in args and "--allowed-hosts" in args and "s3://" in args
     role = next(o for o in objects if o["kind"] == "Role")
     assert any("trainjobs" in rule["resources"] and "create" in rule["verbs"] for rule in role["rules"])
-    namespaces = {o["metadata"].get("namespace") for o in objects if o["kind"] != "Namespace"}
-    assert namespaces == {"dpoflow-dev" if overlay == "local" else "kubeflow-user"}
+    namespace = "dpoflow-dev" if overlay == "local" else "kubeflow-user"
+    cluster_scoped = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
+    assert {o["metadata"].get("namespace") for o in objects if o["kind"] not in cluster_scoped} == {namespace}
+    # the SDK reads the ClusterTrainingRuntime as the pipeline's account, in the overlay's namespace
+    (binding,) = [o for o in objects if o["kind"] == "ClusterRoleBinding"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "dpoflow-pipeline", "namespace": namespace}]
+    (runtimes,) = [o for o in objects if o["kind"] == "ClusterRole"]
+    assert runtimes["rules"] == [{"apiGroups": ["trainer.kubeflow.org"], "resources": ["clustertrainingruntimes"],
+                                  "verbs": ["get", "list"]}]
 
 
 def test_the_trainer_runtime_is_what_the_trainer_accepts():
@@ -361,3 +397,94 @@ def test_the_trainer_runtime_is_what_the_trainer_accepts():
     from dpoflow.pipeline.components import DEFAULT_IMAGE
 
     assert (loaded.trainer.image, loaded.trainer.framework) == (DEFAULT_IMAGE, "torch")
+
+
+def test_in_a_cluster_pod_the_trainjob_goes_to_the_clusters_trainer(tmp_path, monkeypatch):
+    """Inside a pod (KUBERNETES_SERVICE_HOST; here DPOFLOW_TRAINJOB_BACKEND=kubernetes) the DPO task's
+    run_dpo_trainjob call goes through the SDK's Kubernetes backend: a TrainJob on the dpoflow-dpo
+    ClusterTrainingRuntime that Trainer's own CRD schema accepts (unknown fields refused), N nodes x
+    the task's GPUs, every path under /workspace (the volume the pod and the nodes mount). A job the
+    cluster fails before any node ran fails the task saying where to look, and is deleted. No cluster
+    runs here: a loopback server answers the Kubernetes API calls the SDK makes."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from conftest import validate_against_crd
+    from dpoflow.config import DpoConfig, config_dict
+    from dpoflow.trainjob import RUNTIME_FILE, TrainJobError, run_dpo_trainjob
+
+    runtime = yaml.safe_load((ROOT / RUNTIME_FILE).read_text())
+    created, deleted = {}, []
+    trainer = "/apis/trainer.kubeflow.org/v1alpha1"
+
+    class KubernetesApi(BaseHTTPRequestHandler):
+        def _answer(self, code: int, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):  # noqa: N802
+            path = self.path.split("?")[0]
+            if path == f"{trainer}/clustertrainingruntimes/dpoflow-dpo":
+                return self._answer(200, runtime)
+            if path.startswith(f"{trainer}/namespaces/team/trainjobs/") and path.rsplit("/", 1)[1] in created:
+                job = json.loads(json.dumps(created[path.rsplit("/", 1)[1]]))
+                job["metadata"].update(namespace="team", creationTimestamp="2026-12-04T00:00:00Z")
+                job["status"] = {"conditions": [{"type": "Failed", "status": "True", "reason": "JobSetFailed",
+                                                 "message": "no PVC", "lastTransitionTime": "2026-12-04T00:00:01Z"}]}
+                return self._answer(200, job)
+            if path == "/api/v1/namespaces/team/pods":
+                return self._answer(200, {"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": []})
+            self._answer(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound",
+                               "code": 404})
+
+        def do_POST(self):  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            assert self.path == f"{trainer}/namespaces/team/trainjobs"
+            created[body["metadata"]["name"]] = body
+            self._answer(201, body)
+
+        def do_DELETE(self):  # noqa: N802
+            deleted.append(self.path.rsplit("/", 1)[1])
+            self._answer(200, {"kind": "Status", "apiVersion": "v1", "status": "Success"})
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), KubernetesApi)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "pod",
+        "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{server.server_port}"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "pod", "context": {"cluster": "c", "user": "u", "namespace": "team"}}]}))
+    # (the kubernetes package reads KUBECONFIG when it is imported: as if it had been set at start)
+    monkeypatch.setattr("kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
+    monkeypatch.setenv("DPOFLOW_TRAINJOB_BACKEND", "kubernetes")
+    volume = tmp_path / "workspace"  # what the pod mounts at /workspace
+    run = volume / "demo"
+    try:
+        with pytest.raises(TrainJobError, match="failed before its nodes ran: see `kubectl describe trainjob"):
+            run_dpo_trainjob({"dpo": config_dict(DpoConfig(beta=0.5, reference="cached"))}, pairs=run / "prefs",
+                             reference_model=run / "sft" / "model", reference_dir=run / "reference",
+                             init_model=run / "sft" / "model", out_dir=run / "dpo" / "beta-0.5", root=volume, nodes=2,
+                             processes_per_node=4, gpus=True, image="dpoflow/dpoflow:0.1.0", log=lambda *a: None)
+    finally:
+        server.shutdown()
+    ((name, job),) = created.items()
+    validate_against_crd(job, "trainer-trainjob-v1alpha1.json.gz")
+    assert deleted == [name] and name.startswith("dpoflow-dpo-")
+    spec = job["spec"]
+    assert spec["runtimeRef"]["name"] == "dpoflow-dpo"
+    assert spec["trainer"]["numNodes"] == 2 and spec["trainer"]["image"] == "dpoflow/dpoflow:0.1.0"
+    assert spec["trainer"]["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == 4
+    command = " ".join(spec["trainer"]["command"])
+    for argument in (f"/workspace/.trainjobs/config-{name}.yaml", "--out', '/workspace/demo/dpo/beta-0.5",
+                     "--pairs', '/workspace/demo/prefs", "--reference-dir', '/workspace/demo/reference",
+                     "--init-model', '/workspace/demo/sft/model"):
+        assert argument in command, command
+    assert (volume / ".trainjobs" / f"config-{name}.yaml").exists()  # every node reads the resolved config there

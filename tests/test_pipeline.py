@@ -174,7 +174,7 @@ def test_run_on_user_pairs_and_own_model_from_the_example_config(tmp_path, tiny_
 
 def test_a_wrong_override_fails_the_first_task_naming_the_key(tmp_path):
     from dpoflow.config import ConfigError, load_config
-    from dpoflow.pipeline.tasks import pipeline_arguments, resolve_config
+    from dpoflow.pipeline.parameters import pipeline_arguments, resolve_config
 
     base = pipeline_arguments(load_config(ROOT / "params.yaml"))["config"]
     cfg = resolve_config(base, {"betas": [0.2, 0.4], "loss_type": "ipo", "base_model": ""},
@@ -192,7 +192,7 @@ def test_a_wrong_override_fails_the_first_task_naming_the_key(tmp_path):
 
 def test_an_edited_source_file_is_not_reused(tmp_path):
     from dpoflow.config import load_config
-    from dpoflow.pipeline.tasks import content_fingerprint, data_fingerprint
+    from dpoflow.pipeline.reuse import content_fingerprint, data_fingerprint
 
     source = tmp_path / "pairs.jsonl"
     source.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
@@ -289,7 +289,8 @@ def test_a_cluster_run_without_a_tracking_server_is_refused(tmp_path, monkeypatc
     from kfp.dsl import Artifact
 
     from dpoflow.config import ConfigError, load_config
-    from dpoflow.pipeline.tasks import fingerprint_task, pipeline_arguments
+    from dpoflow.pipeline.parameters import pipeline_arguments
+    from dpoflow.pipeline.tasks import fingerprint_task
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     base = pipeline_arguments(load_config(ROOT / "params.yaml"))["config"]
@@ -372,3 +373,32 @@ def test_an_injected_mlflow_run_and_edited_or_deleted_outputs(tmp_path):
     for step in ("sft", "reference"):
         verify(run / step)
     assert (run / "reference" / "reference_logps.parquet").exists()
+
+
+def test_a_pointer_artifact_carries_no_bytes_and_refuses_a_folder_rebuilt_since(tmp_path):
+    """With a workspace (shared storage) a step's KFP artifact is a pointer to its folder: no model
+    bytes in the artifact store. A reader gets the folder, and is refused (naming it) when another run
+    has since rebuilt that folder into something else, or deleted it."""
+    from types import SimpleNamespace
+
+    from dpoflow.manifest import ManifestError, building
+    from dpoflow.pipeline.reuse import LOCATION, path_of, point_to
+
+    out = tmp_path / "workspace" / "sft"
+
+    def build(text: str) -> None:
+        with building("sft", out, config=text, inputs={}) as (work, _):
+            (work / "model.safetensors").write_text(text * 1000)
+
+    build("one")
+    artifact = SimpleNamespace(path=str(tmp_path / "kfp" / "sft" / "reference_model"), metadata={})
+    point_to(artifact, out)
+    assert [p.name for p in Path(artifact.path).rglob("*")] == [LOCATION]
+    assert artifact.metadata["location"] == str(out.resolve()) and len(artifact.metadata["manifest"]) == 16
+    assert path_of(artifact, "model.safetensors").read_text() == "one" * 1000
+    build("two")  # an overlapping run of the same workspace rebuilt the step
+    with pytest.raises(ManifestError, match=f"{out} no longer holds the output"):
+        path_of(artifact)
+    shutil.rmtree(out)
+    with pytest.raises(ManifestError, match=f"{out} is gone"):
+        path_of(artifact)

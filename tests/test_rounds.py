@@ -6,8 +6,8 @@ import json
 import pandas as pd
 import pytest
 
+from dpoflow.manifest import model_sha
 from dpoflow.pipeline.tasks import stop_reason
-from dpoflow.registry import model_sha
 from test_pipeline import MODEL, dpoflow_run
 
 ROUNDS = ["run.rounds=2", "run.betas=[0.5]"]

@@ -124,8 +124,9 @@ def test_deploy_serves_the_champions_own_files_and_follows_a_promotion(tmp_path,
     import yaml
 
     from dpoflow import tracking
+    from dpoflow.manifest import model_sha
     from dpoflow.pipeline.containers import mlflow_server
-    from dpoflow.registry import model_sha, run_promote, run_register
+    from dpoflow.registry import run_promote, run_register
     from test_registry import _model_copy
 
     monkeypatch.chdir(tmp_path)

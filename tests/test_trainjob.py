@@ -50,10 +50,6 @@ def _dpo(shared: Path, out: str, *extra: str, **settings) -> subprocess.Popen:
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=shared.parent)
 
 
-def _folder_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
-
-
 def _left_behind() -> list[str]:
     containers = subprocess.run([_engine(), "ps", "-a", "--filter", f"label={LABEL}", "--format", "{{.Names}}"],
                                 capture_output=True, text=True).stdout.split()
@@ -138,8 +134,8 @@ def test_an_input_off_the_shared_volume_is_named(shared, tmp_path, tiny_model_di
 def test_the_pipeline_trains_each_beta_on_two_nodes_under_both_runners(tmp_path):
     """`dpoflow run --set dpo.nodes=2`: every β's DPO task starts a 2-node TrainJob and hands on its
     policy like a 1-node one. Process runner: the run's folder is the nodes' /workspace. Container
-    runner: the pipeline root (every task container mounts it at its own path) is, and the DPO tasks
-    alone get the engine's socket. Both give the weights and losses of the 1-node pipeline with the
+    runner (shared storage): the run folder, which every task container mounts at its own path, is;
+    the DPO tasks alone get the engine's socket. Both give the weights and losses of the 1-node pipeline with the
     same global batch (2 nodes x 4 = 1 x 8), record 2 nodes x 1 process, and register every β."""
     from mlflow import MlflowClient
 
@@ -157,14 +153,18 @@ def test_the_pipeline_trains_each_beta_on_two_nodes_under_both_runners(tmp_path)
     process, _ = run("process", "dpo.nodes=2", "dpo.per_device_batch_size=4")
     container, stdout = run("container", "dpo.nodes=2", "dpo.per_device_batch_size=4", runner="container")
     assert "dpo.nodes=2: the DPO tasks start TrainJobs on this engine" in stdout
-    # what a cluster's object store would carry: each DPO task read its inputs and wrote the policy
+    # shared storage (the cluster default): the step outputs stay in the run folder every task mounts,
+    # where the process runner puts them; only pointers travel as artifacts: all the tasks together
+    # read less than one copy of the model, and no task but evaluate (its HTML report) writes a tenth of one
+    assert container["storage"] == "shared" and "artifact_bytes" not in process
     moved = container["artifact_bytes"]
-    assert moved["read"] == sum(t["read"] for t in moved["tasks"]) and "artifact_bytes" not in process
-    dpo = [t for t in moved["tasks"] if t["task"] == "dpo"]
+    assert moved["read"] == sum(t["read"] for t in moved["tasks"])
     policies = [Path(policy) for policy in container["policies"].values()]
-    assert sorted(t["written"] for t in dpo) == sorted(_folder_bytes(policy.parent) for policy in policies)
-    for task in dpo:  # the reference model and the initial policy (the same SFT model), the pairs, the log-probs
-        assert task["read"] > 2 * (policies[0] / "model.safetensors").stat().st_size
+    assert {p.parent for p in policies} == {tmp_path / "container" / "nodes" / "dpo" / f"beta-{b}" for b in (0.1, 0.5)}
+    model_bytes = (policies[0] / "model.safetensors").stat().st_size
+    assert {t["task"] for t in moved["tasks"]} >= {"sft", "prefs", "reference", "dpo", "evaluate", "register"}
+    assert moved["read"] < model_bytes, moved
+    assert all(t["written"] < model_bytes / 10 for t in moved["tasks"] if t["task"] != "evaluate"), moved
     assert _left_behind() == []
     for summary, store in ((process, "process.db"), (container, "container.db")):
         registry = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / store}")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from dpoflow.config import ConfigError, config_dict, config_hash, load_config
 from dpoflow.image import DEFAULT_IMAGE
-from dpoflow.pipeline.tasks import beta_threads, set_threads, step_dirs
+from dpoflow.layout import STORAGE, beta_threads, set_threads, step_dirs
 from dpoflow.redact import redact
 from dpoflow.training import TrainingError
 
@@ -228,7 +228,7 @@ def cmd_bench(args) -> int:
 def cmd_run(args) -> int:
     from dpoflow.pipeline.local import run_local
 
-    run_local(load_config(args.config, args.overrides), runner=args.runner, image=args.image)
+    run_local(load_config(args.config, args.overrides), runner=args.runner, image=args.image, storage=args.storage)
     return 0
 
 
@@ -298,7 +298,7 @@ def cmd_compile(args) -> int:
     from dpoflow.pipeline.client import PIPELINE_FILE, compile_all, render_dag
 
     cfg = load_config(args.config, args.overrides)
-    for path in compile_all(Path(args.root), image=args.image, config=cfg):
+    for path in compile_all(Path(args.root), image=args.image, config=cfg, storage=args.storage):
         print(f"compile: {path}")
     print(f"compile: {render_dag(Path(args.root) / PIPELINE_FILE, Path(args.root) / PIPELINE_FILE.with_suffix('.png'))}")
     return 0
@@ -348,6 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "its own container of --image, as a cluster runs them (needs podman or docker)")
     run.add_argument("--image", help="the image of --runner container, and of the TrainJob nodes with dpo.nodes > 1 "
                                      "(default dpoflow/dpoflow:<version>; build it with `make image`)")
+    run.add_argument("--storage", choices=STORAGE, default="shared",
+                     help="--runner container: shared (default, as on a cluster): the run folder is mounted into "
+                          "every task and only pointers to the step outputs travel as artifacts; artifacts: every "
+                          "output is copied through the pipeline root (a cluster without a ReadWriteMany volume)")
     run.set_defaults(func=cmd_run)
 
     sft = sub.add_parser("sft", help="fine-tune the base on the SFT corpus; the result is the reference")
@@ -466,6 +470,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(compile_, out=False)
     compile_.add_argument("--image", help="image of every step (default: the dpoflow image of this version)")
     compile_.add_argument("--root", default=".", help="project folder to write pipelines/ and components/ in")
+    compile_.add_argument("--storage", choices=STORAGE, default="shared",
+                          help="shared (default): every task mounts the ReadWriteMany volume dpoflow-workspace and "
+                               "step outputs stay on it (no model copied between tasks); artifacts: no volume, "
+                               "every output through the artifact store")
     compile_.set_defaults(func=cmd_compile)
 
     for name, text in (("submit", "start one run of the compiled pipeline on a Kubeflow Pipelines server"),

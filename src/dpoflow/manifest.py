@@ -37,13 +37,33 @@ class ManifestError(RuntimeError):
     """A step output is incomplete or changed after its step wrote it."""
 
 
-def file_digest(path: Path, algorithm: str = "sha256") -> str:
-    """Hex digest of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.new(algorithm)
+def _feed(digest, path: Path) -> None:
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
+
+
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.new(algorithm)
+    _feed(digest, path)
     return digest.hexdigest()
+
+
+def files_digest(paths, *, names: bool = False) -> str:
+    """One sha256 (16 hex) over the files' bytes in sorted order, each preceded by its name when `names`."""
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        if names:
+            digest.update(path.name.encode())
+        _feed(digest, path)
+    return digest.hexdigest()[:16]
+
+
+def model_sha(model_dir: Path) -> str:
+    """Content hash of a model's weights (its safetensors files in name order): registering the same
+    weights twice reuses the version; a policy records the weights it started from."""
+    return files_digest(Path(model_dir).glob("*.safetensors"))
 
 
 def listed_files(folder: Path) -> list[Path]:

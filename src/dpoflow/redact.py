@@ -68,7 +68,14 @@ def redact_mapping(values: dict) -> dict:
 def found_secrets(values: dict) -> list[str]:
     """Dotted keys of `values` whose value redact_mapping would change: what a compiled pipeline
     must not carry (the caller says which to move into a Secret)."""
-    from dpoflow.config import flatten
+    found: list[str] = []
 
-    flat_old, flat_new = flatten(values), flatten(redact_mapping(values))
-    return [key for key in flat_old if flat_old[key] != flat_new[key]]
+    def compare(old: dict, new: dict, prefix: str) -> None:
+        for key, value in old.items():
+            if isinstance(value, dict):
+                compare(value, new[key], f"{prefix}{key}.")
+            elif value != new[key]:
+                found.append(f"{prefix}{key}")
+
+    compare(values, redact_mapping(values), "")
+    return found

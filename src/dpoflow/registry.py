@@ -14,24 +14,15 @@ functions around them read and write the registry through tracking.py.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
 
+from dpoflow.manifest import model_sha
+
 # tags every registered version carries (also the columns `select` compares)
 QUALITY = ("win_rate", "win_rate_ci_low", "win_rate_ci_high", "kl", "reward_margin", "implicit_accuracy", "n_prompts",
            "diversity_ratio", "length_policy", "length_reference")
-
-
-def model_sha(model_dir: Path) -> str:
-    """Content hash of a model's weights: registering the same weights twice reuses the version."""
-    digest = hashlib.sha256()
-    for path in sorted(Path(model_dir).glob("*.safetensors")):
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def _library_versions() -> dict[str, str]:

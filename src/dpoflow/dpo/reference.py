@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from dpoflow.dpo.logprobs import score_pairs, tokenize_pairs
+from dpoflow.manifest import files_digest
 
 LOGPS_FILE = "reference_logps.parquet"
 KEY_FILE = "reference.json"
@@ -33,16 +34,6 @@ class ReferenceResult:
     reused: bool
 
 
-def _hash_files(paths) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(paths):
-        digest.update(path.name.encode())
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16]
-
-
 def frame_fingerprint(frame) -> str:
     return hashlib.sha256(frame[["prompt", "chosen", "rejected"]].to_json(orient="records").encode()).hexdigest()[:16]
 
@@ -57,8 +48,9 @@ def cache_key(frames: dict, model_dir: Path, max_length: int, truncation: str) -
         )
     parts = {
         "pairs": {name: frame_fingerprint(frame) for name, frame in sorted(frames.items())},
-        "weights": _hash_files(weights),
-        "tokenizer": _hash_files([p for p in model_dir.glob("*.json") if "token" in p.name or p.name == "config.json"]),
+        "weights": files_digest(weights, names=True),
+        "tokenizer": files_digest([p for p in model_dir.glob("*.json") if "token" in p.name or p.name == "config.json"],
+                                  names=True),
         "max_length": max_length,
         "truncation": truncation,
     }

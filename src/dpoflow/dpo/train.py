@@ -122,8 +122,8 @@ def _run_dpo(cfg: DpoConfig, pairs_dir, reference_model_dir, out_dir, *, referen
              log_metrics, log) -> dict:
     from tqdm.auto import tqdm
 
+    from dpoflow.manifest import model_sha
     from dpoflow.modeling import load_model, load_tokenizer
-    from dpoflow.registry import model_sha
 
     pairs_dir, model_dir, out_dir = Path(pairs_dir), Path(reference_model_dir), Path(out_dir)
     accelerator = make_accelerator(cfg.precision)

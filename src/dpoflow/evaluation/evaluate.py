@@ -138,10 +138,10 @@ def eval_set_hash(cfg: EvalConfig, prompts: list[str], reference_model_dir: Path
     and reference weights. The registry's gate compares figures only under the same hash."""
     import hashlib
 
-    from dpoflow.dpo.reference import _hash_files
+    from dpoflow.manifest import files_digest
 
     settings = [prompts, cfg.judge, cfg.temperature, cfg.top_p, cfg.top_k, cfg.max_new_tokens, cfg.seed,
-                _hash_files(sorted(Path(reference_model_dir).glob("*.safetensors")))]
+                files_digest(Path(reference_model_dir).glob("*.safetensors"), names=True)]
     return hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]
 
 

@@ -20,8 +20,9 @@ PIPELINE_FILE = Path("pipelines/dpo_alignment.yaml")
 COMPONENTS_DIR = Path("components")
 
 
-def compile_all(root: Path = Path("."), image: str | None = None, config=None) -> list[Path]:
-    """Write the pipeline and one spec per component under `root`; return the files written."""
+def compile_all(root: Path = Path("."), image: str | None = None, config=None, storage: str = "shared") -> list[Path]:
+    """Write the pipeline and one spec per component under `root`; return the files written.
+    `storage`: shared (step outputs on the dpoflow-workspace volume) or artifacts (dag.py)."""
     from kfp import compiler
 
     from dpoflow.pipeline.components import DEFAULT_IMAGE, build_components
@@ -31,7 +32,7 @@ def compile_all(root: Path = Path("."), image: str | None = None, config=None) -
     written = []
     pipeline_file = root / PIPELINE_FILE
     pipeline_file.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_pipeline(image, config), str(pipeline_file))
+    compiler.Compiler().compile(build_pipeline(image, config, storage=storage), str(pipeline_file))
     written.append(pipeline_file)
     (root / COMPONENTS_DIR).mkdir(parents=True, exist_ok=True)
     for name, component in build_components(image).items():

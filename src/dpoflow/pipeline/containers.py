@@ -197,10 +197,12 @@ class ContainerTasks:
     """The containers of one run: started with labels, their exit codes read before removal, their
     failures kept (task, exit code, last lines), and all of them stoppable at once."""
 
-    def __init__(self, run: str, environment: dict[str, str], tail_lines: int = 30,
+    def __init__(self, run: str, environment: dict[str, str], tail_lines: int = 30, volumes: dict | None = None,
                  dpo_access: tuple[dict, dict] = ({}, {})):
-        """`dpo_access`: extra (volumes, environment) for the DPO tasks only (engine_access)."""
+        """`volumes`: mounted into every task (the shared workspace); `dpo_access`: extra (volumes,
+        environment) for the DPO tasks only (engine_access)."""
         self.run, self.environment, self.tail_lines, self.dpo_access = run, environment, tail_lines, dpo_access
+        self.volumes = volumes or {}
         self.failures: list[dict] = []
         self.moved: list[dict] = []  # per task: the artifact bytes it read and wrote
         self.stopping = threading.Event()
@@ -227,6 +229,7 @@ class ContainerTasks:
         match = OUTPUT_FILE.search(" ".join(command))
         task = Path(match.group(1)).name if match else "?"
         environment = {**(run_args.pop("environment", None) or {}), **self.environment}
+        volumes = {**volumes, **self.volumes}
         if task.startswith("dpo"):
             volumes, environment = {**volumes, **self.dpo_access[0]}, {**environment, **self.dpo_access[1]}
         container = client.containers.run(image=image, command=command, detach=True, volumes=volumes,

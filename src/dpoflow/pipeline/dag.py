@@ -13,6 +13,15 @@ where round r samples its pairs from round r-1's policy and trains on from it.
 
 `build_pipeline(image, config)` returns the pipeline function; parameter defaults come from the
 config (params.yaml), so the compiled pipeline *is* the demo until a UI user changes a parameter.
+
+Storage (`storage`, a compile-time choice because it decides what every pod mounts):
+- "shared" (the default): every task mounts the ReadWriteMany volume `dpoflow-workspace` at
+  /workspace; step outputs live in `workspace` (default /workspace/<run name>) and the artifacts
+  between tasks are pointers to them. A 7B bf16 model (~15 GB) is written once per step that makes
+  it and never copied between tasks; with artifacts a 3-β run moves ~33 model copies (~500 GB)
+  through the object store. Needs a RWX storage class (NFS, CephFS, EFS, Filestore...).
+- "artifacts": nothing mounted; every output is uploaded and every input downloaded by KFP (any
+  cluster; fine for small models).
 """
 
 
@@ -21,8 +30,10 @@ import json
 from kfp import dsl, kubernetes
 
 from dpoflow.config import Config
+from dpoflow.layout import STORAGE
 from dpoflow.pipeline.components import DEFAULT_IMAGE, build_components
-from dpoflow.pipeline.tasks import pipeline_arguments
+from dpoflow.pipeline.parameters import pipeline_arguments
+from dpoflow.trainjob import PVC, WORKSPACE
 
 PIPELINE_NAME = "dpo-alignment"
 
@@ -33,9 +44,13 @@ S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_K
                   "MLFLOW_S3_ENDPOINT_URL": "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL"}
 
 
-def build_pipeline(image: str = DEFAULT_IMAGE, config: Config | None = None, parallelism: int = 0, retries: int = 2):
+def build_pipeline(image: str = DEFAULT_IMAGE, config: Config | None = None, parallelism: int = 0, retries: int = 2,
+                   storage: str = "shared"):
     """The pipeline function for `image`; `config` gives the parameters' defaults (default: Config()).
-    `retries`: per task that talks to services (a cluster's MLflow); the local runner uses 0."""
+    `retries`: per task that talks to services (a cluster's MLflow); the local runner uses 0.
+    `storage`: where step outputs live (module doc)."""
+    if storage not in STORAGE:
+        raise ValueError(f"storage {storage!r}: choose one of {', '.join(STORAGE)}")
     c = build_components(image)
     config = config or Config()
     rounds, reference_update = config.run.rounds, config.dpo.reference_update
@@ -69,7 +84,7 @@ def build_pipeline(image: str = DEFAULT_IMAGE, config: Config | None = None, par
         config_overrides: str = "{}",
         config: str = config_default,
         mlflow_run_id: str = "",
-        workspace: str = "",
+        workspace: str = f"{WORKSPACE}/{config.run.name}" if storage == "shared" else "",
         threads_per_task: int = 0,
     ):
         """DPO alignment of a language model, tracked and registered in MLflow.
@@ -99,7 +114,7 @@ def build_pipeline(image: str = DEFAULT_IMAGE, config: Config | None = None, par
             config_overrides: further config as a JSON object of dotted keys, e.g. {"dpo.max_steps": 300}.
             config: the base config (params.yaml as JSON) the parameters above override.
             mlflow_run_id: MLflow parent run to log into (empty = MLFLOW_RUN_ID injected by KFP, else a new run).
-            workspace: local runner only: folder of the step outputs (outputs/<run>); empty on a cluster.
+            workspace: step outputs' folder on the volume all tasks mount (empty: outputs travel as artifacts).
             threads_per_task: CPU threads of each β task (0 = the library default).
         """
         fingerprint = c["fingerprint"](
@@ -187,7 +202,10 @@ def build_pipeline(image: str = DEFAULT_IMAGE, config: Config | None = None, par
         for task in uncached + [register, select, gate, promote]:
             task.set_caching_options(False)
         # every task knows its image: the lineage a registered version records (dpoflow.image)
-        for task in {id(t): t for t in tracked + [sft, prefs, reference, select, gate, promote]}.values():
+        every = {id(t): t for t in tracked + [sft, prefs, reference, select, gate, promote]}.values()
+        for task in every:
             task.set_env_variable("DPOFLOW_IMAGE", image)
+            if storage == "shared":  # the step outputs the pointers name
+                kubernetes.mount_pvc(task, pvc_name=PVC, mount_path=WORKSPACE)
 
     return dpo_alignment

@@ -1,7 +1,7 @@
 """`dpoflow run`: the KFP pipeline of dag.py executed by kfp's local runner: SubprocessRunner in this
 environment (`--runner process`, the default), or DockerRunner with every task in the dpoflow image
 (`--runner container`: the cluster path, see containers.py). Step outputs land in outputs/<run>/<step> — the same
-folders `dvc repro` writes — and finished steps are reused on a rerun (see tasks.py). The runner's own
+folders `dvc repro` writes — and finished steps are reused on a rerun (see reuse.py). The runner's own
 log goes to outputs/<run>/kfp.log; the terminal gets one progress line per step.
 """
 
@@ -23,19 +23,20 @@ from dpoflow.config import Config, check_pipeline, config_dict, config_hash
 from dpoflow.redact import redact, redact_mapping
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-STEP_LINE = re.compile(r"\[([\w .\-]+)\] (running|inputs unchanged, reusing)")
 TASK_LINE = re.compile(r"(Executing task|Task) '([\w\-]+)'(?: finished with status (\w+))?")
 ERROR_LINE = re.compile(r"^\s*([\w.]*(Error|Exception)): (.*)$")
 
 
 class _ProgressLog:
-    """sys.stdout while the runner runs: everything goes to the log file; step starts/ends become
-    one line each on the terminal."""
+    """sys.stdout while the runner runs: everything goes to the log file; task starts/ends (kfp's
+    lines) and the steps' events (reuse.step_event, in `events` when the tasks share the run folder)
+    become one line each on the terminal."""
 
-    def __init__(self, path: Path, terminal):
+    def __init__(self, path: Path, terminal, events: Path | None = None):
         self.file, self.terminal, self.lock = open(path, "a"), terminal, threading.Lock()
         self.pending, self.started, self.tasks, self.t0 = "", {}, [], time.perf_counter()
-        self.ran, self.reused = [], []
+        self.ran, self.reused, self.seconds = [], [], {}
+        self.events, self.events_read = events, events.stat().st_size if events and events.exists() else 0
 
     def write(self, text: str) -> int:
         with self.lock:  # whole lines, secrets masked (a task that prints a credential leaks nothing)
@@ -49,13 +50,27 @@ class _ProgressLog:
                 self._line(ANSI.sub("", line))
         return len(text)
 
+    def _step_events(self) -> None:
+        """The steps' events written since the last look (whole lines only)."""
+        if self.events is None or not self.events.exists():
+            return
+        with open(self.events) as handle:
+            handle.seek(self.events_read)
+            text = handle.read()
+        complete = text[:text.rfind("\n") + 1]
+        self.events_read += len(complete.encode())
+        elapsed = time.perf_counter() - self.t0
+        for event in map(json.loads, complete.splitlines()):
+            name, what = event["step"], event["event"]
+            if what == "finished":
+                self.seconds[name] = event["seconds"]
+                continue
+            (self.ran if what == "running" else self.reused).append(name)
+            self.terminal.write(f"[{elapsed:7.1f}s] {name}: {what}\n")
+
     def _line(self, line: str) -> None:
         elapsed = time.perf_counter() - self.t0
-        step = STEP_LINE.search(line)
-        if step:
-            name, what = step.groups()
-            (self.ran if what == "running" else self.reused).append(name)
-            self.terminal.write(f"[{elapsed:7.1f}s] {name}: {'running' if what == 'running' else 'reused'}\n")
+        self._step_events()
         task = TASK_LINE.search(line)
         if task and task.group(1) == "Executing task":
             self.started.setdefault(task.group(2), []).append(time.perf_counter())
@@ -74,6 +89,7 @@ class _ProgressLog:
         return False
 
     def close(self) -> None:
+        self._step_events()
         if self.pending:
             self.file.write(redact(self.pending))
         self.file.close()
@@ -136,20 +152,26 @@ def _stop_tasks(grace_s: float = 120.0) -> None:
 RUNNERS = ("process", "container")
 
 
-def run_local(cfg: Config, log=print, runner: str = "process", image: str | None = None) -> dict:
+def run_local(cfg: Config, log=print, runner: str = "process", image: str | None = None,
+              storage: str = "shared") -> dict:
     """Run the pipeline on this machine; write and return outputs/<run>/summary.json. One run of a
     name at a time (a second is refused with the first one's pid); SIGTERM stops it cleanly.
 
     runner "process": kfp's SubprocessRunner in this environment, step outputs in the run folder
     (reused on rerun). runner "container": the cluster path — the pipeline compiled for `image`,
-    loaded from its YAML, every task in its own container under kfp's DockerRunner, nothing shared
-    by the tasks but the pipeline root (artifacts) and an MLflow server over HTTP."""
+    loaded from its YAML, every task in its own container under kfp's DockerRunner, MLflow over HTTP.
+    Its `storage`: shared = the run folder mounted into every task container (a cluster's RWX volume:
+    step outputs written there, pointers between tasks); artifacts = nothing shared but the pipeline
+    root, every output copied through it."""
     import signal
 
     from dpoflow.manifest import exclusive
 
     if runner not in RUNNERS:
         raise ValueError(f"runner {runner!r}: choose one of {', '.join(RUNNERS)}")
+    if runner == "process" and storage != "shared":
+        raise ValueError("--storage artifacts needs --runner container: the process runner's tasks always share the "
+                         "run folder")
     check_pipeline(cfg)
     root = (Path(cfg.run.output_dir) / cfg.run.name).resolve()
     with exclusive(root.parent / f".{cfg.run.name}.run.lock", f"run {cfg.run.name!r} in {root.parent}"):
@@ -161,10 +183,23 @@ def run_local(cfg: Config, log=print, runner: str = "process", image: str | None
                     return _run_local(cfg, root, log, process_session)
             from dpoflow.pipeline.components import DEFAULT_IMAGE
 
-            with _ContainerSession(cfg, root, image or DEFAULT_IMAGE, log) as session:
+            with _ContainerSession(cfg, root, image or DEFAULT_IMAGE, log, storage) as session:
                 return _run_local(cfg, root, log, session)
         finally:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _workspace_outputs(cfg: Config, root: Path) -> tuple[dict, dict, dict]:
+    """(results, policies, data stats) of a run whose step outputs are in its folder."""
+    from dpoflow.layout import round_rel, round_run_name
+
+    results, policies = {}, {}
+    for beta in cfg.run.betas:
+        for r in range(1, cfg.run.rounds + 1):
+            name = round_run_name(beta, r, cfg.run.rounds)
+            results[name] = json.loads((root / round_rel("eval", beta, r) / "metrics.json").read_text())
+            policies[name] = str(root / round_rel("dpo", beta, r) / "model")
+    return results, policies, json.loads((root / "data" / "stats.json").read_text())
 
 
 class _ProcessSession:
@@ -220,15 +255,7 @@ class _ProcessSession:
         return ""
 
     def outputs(self, cfg: Config) -> tuple[dict, dict, dict]:
-        from dpoflow.pipeline.tasks import round_rel, round_run_name
-
-        results, policies = {}, {}
-        for beta in cfg.run.betas:
-            for r in range(1, cfg.run.rounds + 1):
-                name = round_run_name(beta, r, cfg.run.rounds)
-                results[name] = json.loads((self.root / round_rel("eval", beta, r) / "metrics.json").read_text())
-                policies[name] = str(self.root / round_rel("dpo", beta, r) / "model")
-        return results, policies, json.loads((self.root / "data" / "stats.json").read_text())
+        return _workspace_outputs(cfg, self.root)
 
     def lineage(self) -> dict:
         return {"runner": self.runner, "image": None}
@@ -241,8 +268,8 @@ class _ContainerSession:
 
     runner, rerun_note = "container", ""
 
-    def __init__(self, cfg: Config, root: Path, image: str, log):
-        self.cfg, self.root, self.image, self.log = cfg, root, image, log
+    def __init__(self, cfg: Config, root: Path, image: str, log, storage: str = "shared"):
+        self.cfg, self.root, self.image, self.log, self.storage = cfg, root, image, log, storage
         self.pipeline_root = root / ".kfp-container"
         self.stack, self.tasks, self.identity, self.runs_before, self.store = None, None, {}, set(), None
 
@@ -261,14 +288,20 @@ class _ContainerSession:
                 self.log(f"removed {left} container(s) an earlier run of {self.cfg.run.name} left behind")
             if self.cfg.tracking.enabled:
                 self._tracking(containers)
+            shared = {}
+            if self.storage == "shared":  # the run folder is every task's workspace, at the same path
+                self.root.chmod(0o777)  # tasks run as uid 1000
+                shared = {str(self.root): {"bind": str(self.root), "mode": "rw"}}
+                self.log(f"storage: {self.root} is mounted into every task: step outputs stay there, only "
+                         "pointers to them travel as artifacts")
             dpo_access = ({}, {})
-            if self.cfg.dpo.nodes > 1:  # each DPO task starts its TrainJob's nodes on this engine, over this root
+            if self.cfg.dpo.nodes > 1:  # each DPO task starts its TrainJob's nodes on this engine
                 volumes, environment = containers.engine_access(engine)
                 dpo_access = volumes, {**environment, "DPOFLOW_SHARED": str(self.pipeline_root.resolve())}
                 self.log(f"dpo.nodes={self.cfg.dpo.nodes}: the DPO tasks start TrainJobs on this engine, sharing "
-                         f"{self.pipeline_root} with their nodes")
+                         f"{self.root if shared else self.pipeline_root} with their nodes")
             self.tasks = containers.ContainerTasks(self.cfg.run.name, {"DPOFLOW_IMAGE_ID": self.identity["id"]},
-                                                   dpo_access=dpo_access)
+                                                   volumes=shared, dpo_access=dpo_access)
             self.stack.enter_context(self.tasks.installed())
             self.stack.callback(self.tasks.stop, 10.0)  # whatever is still running when the run ends
         except BaseException:
@@ -308,9 +341,10 @@ class _ContainerSession:
         self.pipeline_root.chmod(0o777)  # tasks run as uid 1000 and write their outputs here
         self.runs_before = set(self.pipeline_root.iterdir())
         package = self.root / "pipeline.yaml"
-        compiler.Compiler().compile(build_pipeline(self.image, cfg, retries=retries), str(package))
+        compiler.Compiler().compile(build_pipeline(self.image, cfg, retries=retries, storage=self.storage), str(package))
         local.init(runner=local.DockerRunner(network_mode="host"), pipeline_root=str(self.pipeline_root))
-        return components.load_component_from_file(str(package)), {"workspace": ""}
+        workspace = str(self.root) if self.storage == "shared" else ""
+        return components.load_component_from_file(str(package)), {"workspace": workspace}
 
     def stop(self, terminated: bool) -> None:  # the containers are not in this process group: always
         stopped = self.tasks.stop()
@@ -322,9 +356,11 @@ class _ContainerSession:
         return "\n  ".join(failure_message(f) for f in self.tasks.failures)
 
     def outputs(self, cfg: Config) -> tuple[dict, dict, dict]:
+        from dpoflow.layout import round_rel, round_run_name
         from dpoflow.pipeline.containers import run_outputs
-        from dpoflow.pipeline.tasks import round_rel, round_run_name
 
+        if self.storage == "shared":
+            return _workspace_outputs(cfg, self.root)
         # (the TrainJobs of dpo.nodes > 1 keep their configs in .trainjobs/ beside the runs)
         (run_dir,) = {p for p in self.pipeline_root.iterdir() if not p.name.startswith(".")} - self.runs_before
         found = run_outputs(run_dir)
@@ -340,10 +376,11 @@ class _ContainerSession:
         return results, policies, json.loads((dataset / "stats.json").read_text())
 
     def lineage(self) -> dict:
-        """Also the artifact bytes the tasks read and wrote: what a cluster moves through its object
-        store for this run (every task downloads its inputs and uploads its outputs)."""
+        """Also the storage and the artifact bytes the tasks read and wrote: what a cluster moves
+        through its object store for this run (every task downloads its inputs and uploads its
+        outputs; with shared storage the outputs are pointers)."""
         moved = self.tasks.moved
-        return {"runner": self.runner, "image": self.identity, "artifact_bytes": {
+        return {"runner": self.runner, "image": self.identity, "storage": self.storage, "artifact_bytes": {
             "read": sum(t["read"] for t in moved), "written": sum(t["written"] for t in moved), "tasks": moved}}
 
 
@@ -356,7 +393,9 @@ def _restore_env(name: str, value: str) -> None:
 
 def _run_local(cfg: Config, root: Path, log, session) -> dict:
     from dpoflow.evaluation.report import write_frontier
-    from dpoflow.pipeline.tasks import beta_threads, pipeline_arguments
+    from dpoflow.layout import beta_threads
+    from dpoflow.pipeline.parameters import pipeline_arguments
+    from dpoflow.pipeline.reuse import EVENTS
 
     root.mkdir(parents=True, exist_ok=True)
     resolved = redact_mapping({"config_hash": config_hash(cfg), **config_dict(cfg)})
@@ -376,7 +415,9 @@ def _run_local(cfg: Config, root: Path, log, session) -> dict:
     log(f"run {cfg.run.name}: the KFP pipeline on the local runner ({session.runner}); runner log: {log_path}")
     pipeline, runner_arguments = session.start(cfg)
     arguments.update(runner_arguments)
-    progress, started = _ProgressLog(log_path, sys.stdout), time.perf_counter()
+    workspace = runner_arguments["workspace"]
+    events = Path(workspace) / ".steps" / EVENTS if workspace else None
+    progress, started = _ProgressLog(log_path, sys.stdout, events), time.perf_counter()
     terminal, errors = sys.stdout, sys.stderr
     sys.stdout = sys.stderr = progress  # the runner's log, its warnings and the tasks' output: to kfp.log
     try:
@@ -408,10 +449,7 @@ def _run_local(cfg: Config, root: Path, log, session) -> dict:
 
     results, policies, data_stats = session.outputs(cfg)
     write_frontier(root / "frontier", results)
-    timings = {}
-    for name in progress.ran + progress.reused:
-        marker = root / ".steps" / f"{name.replace(' ', '-')}.json"
-        timings[name] = json.loads(marker.read_text())["seconds"] if name in progress.ran and marker.exists() else 0.0
+    timings = {name: progress.seconds.get(name, 0.0) for name in progress.ran + progress.reused}
     summary = {"run": cfg.run.name, "config_hash": config_hash(cfg), **session.lineage(), "results": results,
                "policies": policies, "timings_s": timings, "wall_s": round(wall, 1), "tasks": progress.tasks,
                "data": data_stats}

@@ -1,162 +1,43 @@
 """What each KFP component runs (no kfp import here: components.py holds the typed shells).
 
 A task = resolve its inputs -> call the step function -> place the output where KFP expects it ->
-record lineage (KFP artifact metadata, MLflow). Two places for outputs:
-
-- **workspace** (the local runner, `dpoflow run`): the step writes into `<workspace>/<step>` — the
-  same folders `dvc repro` writes — and the KFP output artifact is a symlink to it. A step whose
-  inputs are unchanged is reused: `<workspace>/.steps/<step>.json` records the key it was built with
-  (dpoflow's source, its config section, its upstream steps' keys, the content of external inputs).
-  A killed run, started again, redoes only what did not finish.
-- **no workspace** (a cluster): the step writes into the artifact folder that KFP uploads; reuse is
-  KFP's caching, keyed on the inputs (the data md5 is one of them, so new data re-runs the steps).
-
-Every output artifact carries `dpoflow_key` in its metadata; a downstream key includes it, so a
-change anywhere upstream invalidates everything below it.
+record lineage (KFP artifact metadata, MLflow). Where outputs live and when one is reused: reuse.py;
+the run folder's layout and thread counts: dpoflow.layout; the pipeline parameters: parameters.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import time
-from collections.abc import Callable
-from functools import lru_cache
 from pathlib import Path
 
 from dpoflow.config import (
     Config,
     ConfigError,
-    DataConfig,
     DpoConfig,
     EvalConfig,
     ModelConfig,
     PrefsConfig,
     RegistryConfig,
     SftConfig,
-    apply_overrides,
-    check_pipeline,
     config_dict,
     config_hash,
     flatten,
 )
-from dpoflow.manifest import ManifestError, building, verify
-
-# pipeline parameter -> config key. The UI shows these flat, typed parameters; everything else is
-# reachable through `config_overrides` (a JSON object of dotted keys), validated like params.yaml.
-FLAT_PARAMETERS = {
-    "base_model": "model.base", "data_kind": "data.kind", "data_source": "data.source",
-    "betas": "run.betas", "loss_type": "dpo.loss_type", "learning_rate": "dpo.learning_rate",
-    "max_steps": "dpo.max_steps", "judge": "eval.judge", "min_win_rate": "registry.min_win_rate",
-    "model_name": "registry.model_name", "dpo_nodes": "dpo.nodes",
-}
-
-
-# ---- config ---------------------------------------------------------------------------------------
-
-def resolve_config(config_json: str, flat: dict, overrides_json: str = "{}", dvc: tuple[str, str, str] = ("", "", "")
-                   ) -> Config:
-    """The run's config: the base config (params.yaml as JSON), then the flat pipeline parameters
-    (an empty string keeps the base value), then `config_overrides`; validated like params.yaml, so a
-    wrong key fails here with the key's name. `dvc` = (repo, path, rev): read the data through DVC."""
-    raw = json.loads(config_json or "{}")
-    settings = [f"{FLAT_PARAMETERS[name]}={json.dumps(value)}" for name, value in flat.items()
-                if value not in ("", None)]
-    repo, path, rev = dvc
-    if repo:
-        dvc_source = {"repo": repo, "path": path or raw.get("data", {}).get("source"), "rev": rev or None}
-        settings.append(f"data.dvc={json.dumps(dvc_source)}")
-    try:
-        overrides = json.loads(overrides_json or "{}")
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"config_overrides is not JSON: {error}") from None
-    if not isinstance(overrides, dict):
-        raise ConfigError('config_overrides must be a JSON object of dotted keys, e.g. {"dpo.max_steps": 200}')
-    settings += [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
-    from pydantic import ValidationError
-
-    from dpoflow.config import _format_validation_error
-
-    try:
-        cfg = Config.model_validate(apply_overrides(raw, settings))
-    except ValidationError as error:
-        raise ConfigError(_format_validation_error(error, "pipeline parameters")) from None
-    check_pipeline(cfg)
-    return cfg
-
-
-def pipeline_arguments(cfg: Config) -> dict:
-    """The pipeline's arguments that reproduce `cfg` (the compiled defaults come from params.yaml)."""
-    flat = flatten(config_dict(cfg))
-    arguments = {name: flat[key] for name, key in FLAT_PARAMETERS.items()}
-    arguments["base_model"] = arguments["base_model"] or ""
-    arguments["config"] = json.dumps(config_dict(cfg), sort_keys=True)
-    return arguments
-
-
-# ---- workspace and reuse ------------------------------------------------------------------------
-
-@lru_cache(maxsize=1)
-def code_hash() -> str:
-    """Hash of dpoflow's own source: a code change invalidates reused step outputs."""
-    digest = hashlib.sha256()
-    package = Path(__file__).parents[1]
-    for path in sorted(package.rglob("*.py")):
-        digest.update(str(path.relative_to(package)).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def step_key(*parts) -> str:
-    return hashlib.sha256(json.dumps([code_hash(), *parts], sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def content_fingerprint(location: str | None) -> str | None:
-    """What a step's external input holds now, so edited files are never mistaken for unchanged ones.
-
-    A local file or folder: its md5. Anything that can move without a local trace (a hub id, a
-    models:/ alias): a fresh token, so steps that read it always rerun. None: nothing external.
-    """
-    from dpoflow.data.sources import tree_md5
-
-    if location is None or location == "demo":
-        return None
-    if Path(location).exists():
-        return tree_md5(Path(location))
-    return f"unpinned-{os.urandom(8).hex()}"
-
-
-def data_fingerprint(cfg: DataConfig) -> str | None:
-    if cfg.dvc is not None:  # DVC's own md5 at the requested rev (a branch can move)
-        from dpoflow.data.sources import dvc_lookup
-
-        return dvc_lookup(cfg.dvc.repo, cfg.dvc.path, cfg.dvc.rev)[2]
-    return content_fingerprint(cfg.source)
-
-
-def beta_dir_name(beta: float) -> str:
-    """`beta-0.1`, `beta-2.0`: the same names DVC's `foreach` gives the stages of dvc.yaml."""
-    return f"beta-{beta}"
-
-
-def round_rel(step: str, beta: float, round: int) -> str:
-    """Workspace folder of a β step of on-policy round `round`: round 1 keeps the single-round names
-    (dpo/beta-0.5, as dvc.yaml writes them); round r > 1 lives in round-<r>/beta-<β>/<step>."""
-    if round == 1:
-        return f"{step}/{beta_dir_name(beta)}"
-    return f"round-{round}/{beta_dir_name(beta)}/{step}"
-
-
-def round_step_name(step: str, beta: float, round: int) -> str:
-    """`dpo beta-0.5` (round 1, as before rounds existed), `dpo round-2 beta-0.5`: log lines, .steps/ records."""
-    return f"{step} {beta_dir_name(beta)}" if round == 1 else f"{step} round-{round} {beta_dir_name(beta)}"
-
-
-def round_run_name(beta: float, round: int, rounds: int) -> str:
-    """Name of the β run (MLflow, summary.json): beta-0.5, or round-2/beta-0.5 when there are rounds."""
-    return beta_dir_name(beta) if rounds == 1 else f"round-{round}/{beta_dir_name(beta)}"
+from dpoflow.layout import beta_dir_name, round_rel, round_run_name, round_step_name, set_threads
+from dpoflow.manifest import building
+from dpoflow.pipeline.parameters import resolve_config
+from dpoflow.pipeline.reuse import (
+    content_fingerprint,
+    copy_into,
+    data_fingerprint,
+    folder_of,
+    path_of,
+    point_to,
+    produce,
+    step_key,
+)
 
 
 def stop_reason(previous: dict, min_diversity: float) -> str:
@@ -172,99 +53,6 @@ def stop_reason(previous: dict, min_diversity: float) -> str:
                 f"{previous['distinct_2_reference']:.3f}, below run.min_diversity={min_diversity}: its diversity "
                 "collapsed (judge exploitation); further rounds keep its policy")
     return ""
-
-
-def step_dirs(cfg: Config) -> dict[str, Path]:
-    """Where each step of a run reads and writes: <output_dir>/<run name>/<step> (as dvc.yaml says)."""
-    root = Path(cfg.run.output_dir) / cfg.run.name
-    pairs = root / "data" if cfg.data.kind == "preferences" else root / "prefs"
-    reference_model = root / "sft" / "model" if cfg.sft.enabled else Path(cfg.model.base or root / "base")
-    return {"root": root, "data": root / "data", "pairs": pairs, "reference_model": reference_model,
-            "reference": root / "reference", "dpo": root / "dpo" / beta_dir_name(cfg.dpo.beta),
-            "eval": root / "eval" / beta_dir_name(cfg.dpo.beta)}
-
-
-def run_step(name: str, out_dir: Path, key: str, fn: Callable[[], object], records: Path, log=print) -> float:
-    """Run `fn` unless out_dir holds a finished output built with the same key. Returns its seconds
-    (0 when reused). The record lives in `records` (<run>/.steps/), not in the step's folder, so that
-    folder is byte-identical whether `dpoflow run` or `dvc repro` produced it."""
-    marker = records / f"{name.replace(' ', '-')}.json"
-    if marker.exists() and json.loads(marker.read_text()).get("key") == key and out_dir.exists():
-        try:
-            verify(out_dir)
-            log(f"[{name}] inputs unchanged, reusing {out_dir}")
-            return 0.0
-        except ManifestError as error:
-            log(f"[{name}] not reusable: {error}; running it again")
-    marker.unlink(missing_ok=True)
-    records.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    log(f"[{name}] running -> {out_dir}")
-    fn()
-    seconds = time.perf_counter() - started
-    marker.write_text(json.dumps({"key": key, "seconds": round(seconds, 2)}) + "\n")
-    return seconds
-
-
-def _link(artifact_path: str, target: Path) -> None:
-    """Make the KFP artifact path point at `target` (a symlink locally; a copy where KFP uploads)."""
-    path = Path(artifact_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.is_dir():
-        shutil.rmtree(path)
-    path.symlink_to(Path(target).resolve(), target_is_directory=Path(target).is_dir())
-
-
-def _copy_into(artifact_path: str, target: Path) -> None:
-    path = Path(artifact_path)
-    if path.exists():
-        shutil.rmtree(path)
-    shutil.copytree(target, path, symlinks=False)
-
-
-def _in(artifact, *parts: str) -> Path:
-    """An input artifact's folder as the step should see it: the workspace folder behind the symlink,
-    relative to the project when inside it — the same path string `dvc repro` passes, so outputs that
-    record an input path stay byte-identical between `dpoflow run` and `dvc repro`."""
-    path = Path(artifact.path, *parts).resolve()
-    try:
-        return path.relative_to(Path.cwd())
-    except ValueError:
-        return path
-
-
-def produce(name: str, rel: str, artifact, key: str, workspace: str, fn: Callable[[Path], object], log=print) -> Path:
-    """Run step `name` (fn(out_dir)) into <workspace>/<rel>, reused when `key` is unchanged, and link
-    the artifact to it; with no workspace, into the artifact folder itself. Returns the folder."""
-    if workspace:
-        out_dir = Path(workspace) / rel
-        if out_dir.is_relative_to(Path.cwd()):
-            out_dir = out_dir.relative_to(Path.cwd())
-        run_step(name, out_dir, key, lambda: fn(out_dir), Path(workspace) / ".steps", log)
-        _link(artifact.path, out_dir)
-    else:
-        out_dir = Path(artifact.path)
-        fn(out_dir)
-    artifact.metadata["dpoflow_key"] = key
-    return out_dir
-
-
-def beta_threads(n_betas: int) -> int:
-    """CPU threads of each β task: kfp's local runner runs two β iterations at once, so each gets half
-    the cores. `dpoflow dpo`/`eval` (the DVC stages) use the same count: CPU float reductions depend
-    on the thread count, and `dpoflow run` and `dvc repro` must write the same bytes."""
-    return max(1, (os.cpu_count() or 1) // min(n_betas, 2))
-
-
-def set_threads(threads: int) -> None:
-    """Tasks that run side by side (the β loop) share the machine's cores instead of each taking all."""
-    if threads > 0:
-        import torch
-
-        torch.set_num_threads(threads)
-        os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
 def _die_with_parent() -> None:
@@ -373,7 +161,7 @@ def sft_task(*, sft: str, model: str, data, data_md5: str, workspace: str, refer
     if sft_cfg.enabled:
         key = step_key(upstream, sft, model, content_fingerprint(model_cfg.base))
         produce("sft", "sft", reference_model, key, workspace,
-                lambda d: run_sft(sft_cfg, model_cfg, _in(data), d))
+                lambda d: run_sft(sft_cfg, model_cfg, path_of(data), d))
         return
     base = Path(resolve_model_path(model_cfg.base)).resolve()
     target = Path(workspace) / "reference_model" if workspace else Path(reference_model.path)
@@ -382,7 +170,7 @@ def sft_task(*, sft: str, model: str, data, data_md5: str, workspace: str, refer
     target.mkdir(parents=True)
     (target / "model").symlink_to(base) if workspace else shutil.copytree(base, target / "model")
     if workspace:
-        _link(reference_model.path, target)
+        point_to(reference_model, target)
     reference_model.metadata["dpoflow_key"] = step_key(upstream, model, content_fingerprint(str(base)))
     reference_model.metadata["base"] = model_cfg.base
 
@@ -409,18 +197,19 @@ def prefs_task(*, prefs: str, model: str, rounds: int, data, reference_model, wo
     _setup("", workspace)
     prefs_cfg, model_cfg = _model(PrefsConfig, prefs), _model(ModelConfig, model)
     if prefs_cfg.enabled:
-        sampler, sampler_key, init_uri = _in(reference_model, "model"), reference_model.metadata.get("dpoflow_key"), ""
+        sampler, sampler_key, init_uri = path_of(reference_model, "model"), reference_model.metadata.get("dpoflow_key"), ""
         if model_cfg.policy_init:
             init_uri, sampler = resolve_policy_init(model_cfg.policy_init)
             sampler_key = tree_md5(sampler)
         shard = (0, rounds)
         key = step_key(data.metadata.get("dpoflow_key"), sampler_key, prefs, *([shard] if rounds > 1 else []))
-        produce("prefs", "prefs", pairs, key, workspace, lambda d: run_prefs(prefs_cfg, _in(data), sampler, d, shard, init_uri))
+        produce("prefs", "prefs", pairs, key, workspace,
+                lambda d: run_prefs(prefs_cfg, path_of(data), sampler, d, shard, init_uri))
         pairs.metadata.update({"policy_init": init_uri, "sampler": init_uri or "reference"})
     else:
-        (_link if workspace else _copy_into)(pairs.path, Path(data.path))
+        point_to(pairs, folder_of(data)) if workspace else copy_into(pairs.path, Path(data.path))
         pairs.metadata["dpoflow_key"] = data.metadata.get("dpoflow_key")
-    frame_rows = {split: _rows(Path(pairs.path) / f"{split}.parquet") for split in ("train", "eval")}
+    frame_rows = {split: _rows(path_of(pairs, f"{split}.parquet")) for split in ("train", "eval")}
     pairs.metadata.update({f"{k}_pairs": v for k, v in frame_rows.items()})
 
 
@@ -442,13 +231,13 @@ def reference_task(*, dpo: str, pairs, reference_model, workspace: str, referenc
                    dpo_cfg.max_length, dpo_cfg.truncation)
 
     def compute(out_dir: Path):
-        stopped = _in(pairs, "stopped.json")
+        stopped = path_of(pairs, "stopped.json")
         if stopped.exists():  # a stopped round: nothing to score
-            with building("reference", out_dir, config="stopped", inputs={"pairs": _in(pairs)}) as (work, _):
+            with building("reference", out_dir, config="stopped", inputs={"pairs": path_of(pairs)}) as (work, _):
                 shutil.copy(stopped, work / "stopped.json")
                 (work / "reference.json").write_text(json.dumps({"cache_key": ""}) + "\n")
             return
-        run_reference(_in(pairs), _in(reference_model, "model"), out_dir, max_length=dpo_cfg.max_length,
+        run_reference(path_of(pairs), path_of(reference_model, "model"), out_dir, max_length=dpo_cfg.max_length,
                       truncation=dpo_cfg.truncation)
 
     out = produce(name, rel, reference, key, workspace, compute)
@@ -464,7 +253,7 @@ def round_prefs_task(*, beta: float, round: int, rounds: int, run_info, data, sa
 
     _setup("", workspace, threads)
     cfg = _run_info(run_info)[0]
-    previous = json.loads((Path(previous_results.path) / "metrics.json").read_text())
+    previous = json.loads(path_of(previous_results, "metrics.json").read_text())
     reason = stop_reason(previous, cfg.run.min_diversity)
     prefs_cfg = cfg.prefs.model_copy(update={"seed": cfg.prefs.seed + 100 * (round - 1)})
     key = step_key(data.metadata.get("dpoflow_key"), sampler.metadata.get("dpoflow_key"),
@@ -476,7 +265,7 @@ def round_prefs_task(*, beta: float, round: int, rounds: int, run_info, data, sa
                 (work / "stopped.json").write_text(json.dumps({"round": round, "reason": reason}, indent=2) + "\n")
             print(f"round {round} beta {beta}: stopped: {reason}")
             return
-        run_prefs(prefs_cfg, _in(data), _in(sampler, "model"), out_dir, shard=(round - 1, rounds),
+        run_prefs(prefs_cfg, path_of(data), path_of(sampler, "model"), out_dir, shard=(round - 1, rounds),
                   sampler=f"round {round - 1} policy")
 
     produce(round_step_name("prefs", beta, round), round_rel("prefs", beta, round), pairs, key, workspace, sample)
@@ -505,7 +294,7 @@ def dpo_task(*, beta: float, round: int, run_info, pairs, reference_model, refer
     data_md5 = data.metadata.get("md5", "")  # the data step's md5 of what it read (DVC's for DVC data)
     dpo_cfg, tracking_cfg = cfg.dpo.model_copy(update={"beta": beta}), cfg.tracking
     name = round_run_name(beta, round, cfg.run.rounds)
-    init_dir, init_uri = _in(init_policy, "model"), init_policy.metadata.get("policy_init", "")
+    init_dir, init_uri = path_of(init_policy, "model"), init_policy.metadata.get("policy_init", "")
     if round == 1 and pairs.metadata.get("policy_init"):  # the same (pinned) version the pairs came from
         init_uri, init_dir = resolve_policy_init(pairs.metadata["policy_init"])
     stopped = pairs.metadata.get("stopped", "")
@@ -524,7 +313,7 @@ def dpo_task(*, beta: float, round: int, run_info, pairs, reference_model, refer
             "dpoflow.beta": beta, "dpoflow.round": round, "dpoflow.data.md5": data_md5,
             "dpoflow.config_hash": config_hash(cfg), "dpoflow.ref_cache_key": reference.metadata.get("cache_key", ""),
             **({"dpoflow.stopped": stopped} if stopped else {})})
-        train_pairs = Path(pairs.path) / "train.parquet"
+        train_pairs = path_of(pairs, "train.parquet")
         dataset_name = f"{cfg.run.name}-pairs" + (f"-round-{round}-{beta_dir_name(beta)}" if round > 1 else "")
         for run in (run_id, parent_run_id) if train_pairs.exists() else ():
             tracking.log_dataset(run, train_pairs, name=dataset_name, digest=data_md5)
@@ -537,7 +326,7 @@ def dpo_task(*, beta: float, round: int, run_info, pairs, reference_model, refer
             pass_through(init_dir, out_dir, stopped)
             return
         if dpo_cfg.nodes > 1:  # the nodes' metrics reach MLflow from metrics.jsonl, below
-            _trainjob_dpo(dpo_cfg, _in(pairs), _in(reference_model, "model"), _in(reference), init_dir, out_dir,
+            _trainjob_dpo(dpo_cfg, path_of(pairs), path_of(reference_model, "model"), path_of(reference), init_dir, out_dir,
                           workspace, gpus)
             return
         if run_id:
@@ -546,10 +335,10 @@ def dpo_task(*, beta: float, round: int, run_info, pairs, reference_model, refer
             live = LiveMetrics(run_id, tracking_cfg.flush_every_s, out_dir / "unrecorded_metrics.jsonl",
                                system_metrics=tracking_cfg.system_metrics)
         if gpus > 1:
-            _launch_dpo(dpo_cfg, _in(pairs), _in(reference_model, "model"), _in(reference), out_dir, gpus, run_id,
+            _launch_dpo(dpo_cfg, path_of(pairs), path_of(reference_model, "model"), path_of(reference), out_dir, gpus, run_id,
                         init_dir)
         else:
-            run_dpo(dpo_cfg, _in(pairs), _in(reference_model, "model"), out_dir, reference_dir=_in(reference),
+            run_dpo(dpo_cfg, path_of(pairs), path_of(reference_model, "model"), out_dir, reference_dir=path_of(reference),
                     init_model_dir=init_dir, log_metrics=live)
 
     out = produce(round_step_name("dpo", beta, round), round_rel("dpo", beta, round), policy, key, workspace, train)
@@ -579,19 +368,21 @@ def pass_through(init_dir: Path, out_dir: Path, reason: str) -> None:
 def _trainjob_dpo(cfg: DpoConfig, pairs_dir, model_dir, reference_dir, init_dir, out_dir: Path, workspace: str,
                   gpus: int) -> None:
     """dpo.nodes > 1: a Kubeflow Trainer TrainJob (trainjob.py) over the folder the task shares with
-    the nodes: the run's workspace (process runner), or the pipeline root every task container
-    mounts at its own path (container runner: DPOFLOW_SHARED, with the engine's socket)."""
-    from dpoflow.trainjob import node_image, run_dpo_trainjob
+    the nodes: on a cluster the RWX volume the pod and the nodes both mount at /workspace (storage
+    shared); here the run's workspace (mounted into the task container with --runner container), or
+    the pipeline root every task container mounts at its own path (--storage artifacts:
+    DPOFLOW_SHARED, with the engine's socket)."""
+    from dpoflow.trainjob import WORKSPACE, in_cluster, node_image, run_dpo_trainjob
 
-    shared = workspace or os.environ.get("DPOFLOW_SHARED", "")
+    shared = WORKSPACE if in_cluster() and workspace else workspace or os.environ.get("DPOFLOW_SHARED", "")
     if not shared:
-        raise RuntimeError("dpo.nodes > 1 needs a folder this task shares with the nodes: run it with `dpoflow run` "
-                           "(--runner process or container); on a cluster, run `dpoflow dpo --nodes N` against the "
-                           "RWX volume (manifests/trainer/), or set dpo.nodes=1")
+        raise RuntimeError("dpo.nodes > 1 needs a volume this task shares with the nodes: on a cluster compile the "
+                           "pipeline with shared storage (`dpoflow compile`, the default; not --storage artifacts) and "
+                           "set the pipeline parameter workspace; here run it with `dpoflow run`; or set dpo.nodes=1")
     run_dpo_trainjob({"dpo": config_dict(cfg)}, pairs=pairs_dir, reference_model=model_dir,
                      reference_dir=reference_dir, init_model=init_dir,
                      out_dir=out_dir, root=Path(shared), nodes=cfg.nodes, processes_per_node=max(gpus, 1),
-                     image=node_image())
+                     gpus=gpus > 0, image=node_image())
 
 
 def _launch_dpo(cfg: DpoConfig, pairs_dir, model_dir, reference_dir, out_dir: Path, gpus: int, run_id: str,
@@ -628,14 +419,14 @@ def eval_task(*, beta: float, round: int, run_info, policy, reference_model, dat
         stopped = policy.metadata.get("stopped", "")
         extra = {"round": round, **({"stopped": stopped} if stopped else {})}
     out = produce(round_step_name("eval", beta, round), round_rel("eval", beta, round), results, key, workspace,
-                  lambda d: run_eval(eval_cfg, _in(policy, "model"), _in(reference_model, "model"), _in(data), d,
-                                     beta=beta, pairs_dir=_in(pairs), max_length=dpo_cfg.max_length,
-                                     training_metrics=_in(policy, "metrics.jsonl"), extra_metrics=extra))
+                  lambda d: run_eval(eval_cfg, path_of(policy, "model"), path_of(reference_model, "model"), path_of(data), d,
+                                     beta=beta, pairs_dir=path_of(pairs), max_length=dpo_cfg.max_length,
+                                     training_metrics=path_of(policy, "metrics.jsonl"), extra_metrics=extra))
     figures = json.loads((out / "metrics.json").read_text())
     for metric, value in figures.items():
         if isinstance(value, int | float) and not isinstance(value, bool):
             metrics.log_metric(metric, float(value))
-    _link(report.path, out / "report.html") if workspace else shutil.copy(out / "report.html", report.path)
+    shutil.copy(out / "report.html", report.path)  # small: the UI shows it
     results.metadata.update({k: figures[k] for k in ("win_rate", "win_rate_ci_low", "win_rate_ci_high", "kl",
                                                       "reward_margin", "eval_set_hash", "round") if k in figures})
     if run_id:
@@ -643,7 +434,7 @@ def eval_task(*, beta: float, round: int, run_info, policy, reference_model, dat
 
         tracking.log_metrics(run_id, {f"eval/{k}": v for k, v in figures.items()})
         tracking.log_artifacts(run_id, [out / "report.html", out / "metrics.json",
-                                        Path(policy.path) / "train_summary.json"])
+                                        path_of(policy, "train_summary.json")])
         tracking.end_run(run_id)  # the β run spans training and evaluation
 
 
@@ -659,8 +450,8 @@ def register_task(*, run_info, policy, results, data, reference, mlflow_uri: str
     registry_cfg, run_id = cfg.registry, policy.metadata.get("mlflow_run_id", "")
     if not registry_cfg.enabled or not run_id:
         return ""
-    figures = json.loads((Path(results.path) / "metrics.json").read_text())
-    train = json.loads((Path(policy.path) / "train_summary.json").read_text())
+    figures = json.loads(path_of(results, "metrics.json").read_text())
+    train = json.loads(path_of(policy, "train_summary.json").read_text())
     lineage = {"beta": figures["beta"], "round": int(policy.metadata.get("round", 1)),
                "base_model": cfg.model.base or f"built from scratch (preset {cfg.model.preset})",
                "policy_init": policy.metadata.get("policy_init", ""), "data.md5": data_md5,
@@ -668,7 +459,7 @@ def register_task(*, run_info, policy, results, data, reference, mlflow_uri: str
                "git_sha": _git_sha() or build_info().get("git_sha", "unknown"), "config_hash": config_hash(cfg),
                "ref_cache_key": reference.metadata.get("cache_key", ""), "loss_type": train["loss_type"],
                "parent_run_id": parent_run_id, "mlflow_run_id": run_id, **image_lineage()}
-    version = run_register(Path(policy.path) / "model", figures, lineage, model_name=registry_cfg.model_name,
+    version = run_register(path_of(policy, "model"), figures, lineage, model_name=registry_cfg.model_name,
                            run_id=run_id)
     from dpoflow import tracking
 
@@ -703,7 +494,7 @@ def _gate(registry_cfg: RegistryConfig, eval_cfg: EvalConfig, version: str, data
 
         name = registry_cfg.model_name
         return head_to_head(eval_cfg, download_model(f"models:/{name}/{version}"),
-                            download_model(f"models:/{name}/{champion_version}"), data.path)
+                            download_model(f"models:/{name}/{champion_version}"), path_of(data))
 
     return run_gate(registry_cfg.model_name, version, min_win_rate=registry_cfg.min_win_rate, head_to_head=duel,
                     min_diversity=registry_cfg.min_diversity, max_length_ratio=registry_cfg.max_length_ratio)
