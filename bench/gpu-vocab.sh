@@ -16,7 +16,7 @@ python3 -c "import torch, transformers, trl; print('torch', torch.__version__, '
 PYTHONUNBUFFERED=1 python3 - "$out" "$batch" "$layers" <<'PY'
 import sys
 
-from dpoflow.bench_vocab import run_vocab
+from dpoflow_bench.vocab import run_vocab
 
 out, batch, layers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) or None
 precision = "bf16" if __import__("torch").cuda.is_available() else "fp32"

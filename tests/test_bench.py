@@ -9,7 +9,7 @@ import pytest
 
 @pytest.mark.slow
 def test_bench_against_trl_reports_the_headline_keys_at_equal_loss(tmp_path):
-    from dpoflow.bench import run_bench
+    from dpoflow_bench.suites import run_bench
 
     ctrl_c = signal.getsignal(signal.SIGINT)
     report = run_bench(steps=2, batch=2, cases=["standard"], contenders=["dpoflow", "trl"], repeats=1,
@@ -42,7 +42,7 @@ def test_bench_against_trl_reports_the_headline_keys_at_equal_loss(tmp_path):
 
 @pytest.mark.slow
 def test_scaling_writes_its_table_plot_and_json(tmp_path):
-    from dpoflow.bench import run_scaling
+    from dpoflow_bench.scaling import run_scaling
 
     report = run_scaling(str(tmp_path), steps=1, batch=1, lengths=(48, 96), sizes=("17M", "35M"), size_length=48,
                          log=lambda *_: None)
@@ -58,7 +58,7 @@ def test_scaling_writes_its_table_plot_and_json(tmp_path):
 def test_vocab_sweep_measures_every_step_at_equal_loss_on_a_real_shape(tmp_path):
     """The Qwen2.5 shape (q/k/v biases, tied head) at two vocabularies, one layer: every contender
     ran, DPO and SFT losses equal TRL's, and the table has a line per contender."""
-    from dpoflow.bench_vocab import run_vocab
+    from dpoflow_bench.vocab import run_vocab
 
     report = run_vocab(str(tmp_path), layers=1, vocabularies=(2000, 6000), batch=1, lengths=(8, 8), steps=1,
                        sft_batch=2, generate={"prompts": 2, "samples": 2, "max_new_tokens": 3, "top_p": 0.9},

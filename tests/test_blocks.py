@@ -1,12 +1,13 @@
-"""Block attention (dpo/blocks.py): packed sequences in one row attend along causal chains, exactly
+"""Block attention (lm/blocks.py): packed sequences in one row attend along causal chains, exactly
 as the dense block mask (and the padded concatenated forward) would have them, gradients included."""
 
 import pytest
 import torch
 
 from conftest import full_logit_logp, make_pairs
-from dpoflow.dpo.blocks import IMPLEMENTATION, Blocks, checked, supports_blocks
-from dpoflow.dpo.logprobs import SequenceLogProbs, collate_pairs, collate_shared_prefix, tokenize_pairs
+from dpoflow.dpo.pairs import collate_pairs, tokenize_pairs
+from dpoflow.lm.blocks import IMPLEMENTATION, Blocks, checked, supports_blocks
+from dpoflow.lm.logprobs import SequenceLogProbs, collate_shared_prefix
 from dpoflow.modeling import load_model, load_tokenizer
 
 
@@ -128,7 +129,7 @@ def test_sliding_window_models_score_as_their_own_forward(kind, attention):
     alone with full logits, for sequences longer than the window. (The 4-D mask reaches attention as
     given, so a mask without the window scored these with full attention, and eager attention added a
     boolean mask to its scores as 0/1: it masked nothing.)"""
-    from dpoflow.dpo.logprobs import TokenizedPairs
+    from dpoflow.lm.logprobs import TokenizedPairs
 
     model = _windowed(kind, attention)
     scorer = SequenceLogProbs(model)

@@ -16,10 +16,11 @@ from safetensors.torch import load_file
 
 from conftest import assert_same_weights, vouch, weights
 from dpoflow.config import DpoConfig
-from dpoflow.dpo.logprobs import IGNORE, SequenceLogProbs, TruncationError, collate_pairs, collate_shared_prefix, tokenize_pairs
 from dpoflow.dpo.losses import preference_loss, sft_loss
+from dpoflow.dpo.pairs import TruncationError, collate_pairs, tokenize_pairs
 from dpoflow.dpo.reference import ReferenceCacheError, run_reference
 from dpoflow.dpo.train import run_dpo
+from dpoflow.lm.logprobs import IGNORE, SequenceLogProbs, collate_shared_prefix
 from dpoflow.modeling import load_model, load_tokenizer
 
 BIN = Path(sys.executable).parent
@@ -113,7 +114,7 @@ def test_split_by_tokens_balances_parts():
 def test_packing_fills_rows_and_scores_like_unpacked(tiny_model_dir):
     import pandas as pd
 
-    from dpoflow.dpo.logprobs import pack_rows, score_sequences
+    from dpoflow.lm.logprobs import pack_rows, score_sequences
 
     assert pack_rows([5, 3, 2, 4, 1]) == [[0], [3, 4], [1, 2]]  # first-fit decreasing, rows <= the longest
     assert pack_rows([2, 2, 2], capacity=4) == [[0, 1], [2]]

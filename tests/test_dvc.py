@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from conftest import write_jsonl
+from dpoflow import steps
 from dpoflow.config import DataConfig, DvcSource
 from dpoflow.data.step import run_data
 
@@ -67,68 +68,29 @@ def test_dataset_at_two_revisions(tmp_path):
 # ---- dvc.yaml's dependencies: every module a stage's step imports --------------------------------
 
 ROOT = Path(__file__).resolve().parents[1]
-STEP_MODULES = {"data": "dpoflow.data.step", "sft": "dpoflow.sft", "prefs": "dpoflow.preferences",
-                "reference": "dpoflow.dpo.reference", "dpo": "dpoflow.dpo.train",
-                "eval": "dpoflow.evaluation.evaluate", "frontier": "dpoflow.evaluation.report"}
-
-
-def _module_file(name: str) -> Path | None:
-    path = ROOT / "src" / Path(*name.split("."))
-    return next((p for p in (path / "__init__.py", path.with_suffix(".py")) if p.exists()), None)
-
-
-def _imported(name: str) -> set[str]:
-    """The dpoflow modules `name` imports anywhere (at the top or inside a function), with their packages."""
-    import ast
-
-    file = _module_file(name)
-    package = name if file.name == "__init__.py" else name.rsplit(".", 1)[0]
-    found = set()
-    for node in ast.walk(ast.parse(file.read_text())):
-        if isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:  # relative
-                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + [base] * bool(base))
-            found |= {base} | {f"{base}.{alias.name}" for alias in node.names}
-    modules = set()
-    for module in found:
-        parts = module.split(".")
-        modules |= {".".join(parts[:i]) for i in range(1, len(parts) + 1) if parts[0] == "dpoflow"}
-    return {m for m in modules if _module_file(m)}
-
-
-LOADED_BY_PATH = {"dpoflow.evaluation.metrics"}  # packages that load the scripts in their folder by path
 
 
 def step_sources(stage: str) -> set[Path]:
-    """Every source file the stage's step runs: the closure of its module's dpoflow imports (the whole
-    folder of a package that loads its scripts by path)."""
-    seen, todo = set(), [STEP_MODULES[stage]]
-    while todo:
-        module = todo.pop()
-        if module not in seen:
-            seen.add(module)
-            todo += _imported(module)
-    return {(_module_file(m).parent if m in LOADED_BY_PATH else _module_file(m)).relative_to(ROOT) for m in seen}
+    """The files the stage's step runs (dpoflow.steps: also what `dpoflow run`'s reuse key hashes), from the repo root."""
+    return {Path("src") / path for path in steps.step_sources(stage)}
 
 
 def test_every_stage_depends_on_each_module_its_step_imports():
-    """dvc.yaml's code deps are checked against the imports (transitively, lazy ones included) of the
+    """dvc.yaml's code deps are exactly the imports (transitively, lazy ones included) of the
     step each stage runs: editing any of them makes that stage stale. (`dpoflow <step>` is a thin
     wrapper: cli.py is not a dependency, like the KFP shells.) Missing ones are named with the fix."""
     import yaml
 
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    assert set(stages) == set(STEP_MODULES)
-    missing = {}
+    assert set(stages) == set(steps.STEP_MODULES)
+    wrong = {}
     for stage, spec in stages.items():
-        deps = [Path(d) for d in (spec.get("do", spec)["deps"]) if d.startswith("src/")]
-        uncovered = sorted(str(f) for f in step_sources(stage) if not any(f.is_relative_to(d) for d in deps))
-        if uncovered:
-            missing[stage] = uncovered
-    assert not missing, f"add to dvc.yaml's deps (then `dvc repro` and commit dvc.lock): {missing}"
+        deps = {Path(d) for d in (spec.get("do", spec)["deps"]) if d.startswith("src/")}
+        missing = sorted(str(f) for f in step_sources(stage) if not any(f.is_relative_to(d) for d in deps))
+        extra = sorted(str(d) for d in deps if not any(f.is_relative_to(d) for f in step_sources(stage)))
+        if missing or extra:
+            wrong[stage] = {"add": missing, "remove": extra}
+    assert not wrong, f"fix dvc.yaml's deps (then `dvc repro` and commit dvc.lock): {wrong}"
     assert Path("src/dpoflow/generation.py") in step_sources("prefs")  # the closure reaches lazy imports
 
 
@@ -157,8 +119,8 @@ def test_the_lock_matches_the_code_and_an_edited_module_stales_the_stages_that_i
     assert changed_code() == {}, "dvc.lock is older than the code: run `dvc repro` and commit dvc.lock"
     with open(tmp_path / "src/dpoflow/generation.py", "a") as handle:
         handle.write("# edited\n")
-    importers = {stage for stage in STEP_MODULES if Path("src/dpoflow/generation.py") in step_sources(stage)}
-    assert importers == {"sft", "prefs", "reference", "dpo", "eval"}
+    importers = {stage for stage in steps.STEP_MODULES if Path("src/dpoflow/generation.py") in step_sources(stage)}
+    assert importers == {"prefs", "eval"}  # sampling: the judged pairs and the evaluation
     stale = changed_code()
     assert set(stale) == importers, stale
     assert all(any(entry.startswith("src/dpoflow/generation.py modified") for entry in entries) for entries in stale.values())
@@ -176,5 +138,64 @@ def test_every_dpoflow_import_resolves():
             if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith("dpoflow"):
                 module = importlib.import_module(node.module)
                 broken += [f"{file.relative_to(ROOT)}: {node.module}.{alias.name}" for alias in node.names
-                           if not hasattr(module, alias.name) and not _module_file(f"{node.module}.{alias.name}")]
+                           if not hasattr(module, alias.name) and not steps.module_file(f"{node.module}.{alias.name}")]
     assert broken == []
+
+
+def test_the_import_graph_has_no_circle_and_layers_point_down():
+    """Every dpoflow import (lazy ones included) points down: no module reaches itself again; the
+    steps import neither the pipeline nor the CLI; the CLI takes no task body."""
+    modules = {".".join(p.relative_to(ROOT / "src").with_suffix("").parts).removesuffix(".__init__")
+               for p in (ROOT / "src" / "dpoflow").rglob("*.py")}
+    graph = {m: {d for d in steps.imported(m) if not m.startswith(d + ".") and d != m} for m in modules}
+    circles, state = [], {}
+
+    def visit(module, path):
+        state[module] = "open"
+        for target in sorted(graph[module]):
+            if state.get(target) == "open":
+                circles.append(path[path.index(target):] + [module, target])
+            elif target not in state:
+                visit(target, path + [module])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])
+    assert circles == []
+    for step in steps.STEP_MODULES:
+        above = [p for p in map(str, steps.step_sources(step))
+                 if p.startswith(("dpoflow/pipeline/", "dpoflow/cli.py", "dpoflow/commands.py"))]
+        assert above == [], step
+    assert "dpoflow.pipeline.tasks" not in graph["dpoflow.cli"]
+
+
+def test_the_reuse_key_of_a_step_changes_with_the_code_it_runs_and_only_that(tmp_path, monkeypatch):
+    """`dpoflow run` reuses a step output while its key is unchanged; the key hashes the files the step
+    imports (the same files dvc.yaml lists): editing generation.py changes the keys of prefs and eval
+    only, editing the CLI or the bench changes none."""
+    import shutil
+
+    from dpoflow.pipeline.reuse import step_key
+
+    package = tmp_path / "src" / "dpoflow"
+    shutil.copytree(ROOT / "src" / "dpoflow", package, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(steps, "PACKAGE", package)
+
+    def keys() -> dict[str, str]:
+        steps.step_sources.cache_clear()
+        steps.code_digest.cache_clear()
+        return {step: step_key(step, {"same": "settings"}, "upstream-key") for step in steps.STEP_MODULES}
+
+    before = keys()
+    assert len(set(before.values())) == len(before)  # each step's own code
+    for edited in ("cli.py", "commands.py", "pipeline/local.py"):
+        with open(package / edited, "a") as handle:
+            handle.write("# edited\n")
+    assert keys() == before
+    with open(package / "generation.py", "a") as handle:
+        handle.write("# edited\n")
+    after = keys()
+    assert {step for step in before if after[step] != before[step]} == {"prefs", "eval"}
+    steps.step_sources.cache_clear()
+    steps.code_digest.cache_clear()

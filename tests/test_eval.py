@@ -155,7 +155,7 @@ def test_kl_is_estimated_at_temperature_one_on_sampled_ids(tmp_path, tiny_model_
     itself has KL 0."""
     import pandas as pd
 
-    from dpoflow.dpo.logprobs import tokenize_prompt
+    from dpoflow.lm.logprobs import tokenize_prompt
     from dpoflow.modeling import build_model, load_model, load_tokenizer
 
     other = tmp_path / "other"

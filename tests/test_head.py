@@ -1,4 +1,4 @@
-"""Log-probs through the output head in chunks (dpo/head.py) equal the full-logits log-softmax, values
+"""Log-probs through the output head in chunks (lm/head.py) equal the full-logits log-softmax, values
 and gradients, whatever the chunking, the soft-cap, a bias or the kind of head."""
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpoflow.dpo.head import BYTES_PER_LOGIT, head_logps
+from dpoflow.lm.head import BYTES_PER_LOGIT, head_logps
 
 
 def full_logps(hidden, head, targets, softcap=None):
@@ -100,7 +100,8 @@ def test_sequence_log_probs_apply_the_models_final_soft_cap():
     log-probs must be those of the model's own logits, not of the raw head."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    from dpoflow.dpo.logprobs import SequenceLogProbs, TokenizedPairs, collate_pairs
+    from dpoflow.dpo.pairs import collate_pairs
+    from dpoflow.lm.logprobs import SequenceLogProbs, TokenizedPairs
 
     torch.manual_seed(0)
     config = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

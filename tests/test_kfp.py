@@ -61,7 +61,11 @@ def test_compiled_spec_holds_the_dag(compiled):
     assert gate["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--gate-Output'] == 'pass'"
     assert set(spec["components"]["comp-condition-2"]["dag"]["tasks"]) == {"promote"}
     assert tasks["fingerprint"]["cachingOptions"] == {}  # never cached
-    assert tasks["reference"]["cachingOptions"]["enableCache"] is True  # computed once while data is unchanged
+    # shared storage (the committed default): the step keys decide reuse, KFP's cache never does
+    steps = [task for task in [*tasks.values(), *spec["components"]["comp-for-loop-1"]["dag"]["tasks"].values(),
+                               *spec["components"]["comp-condition-2"]["dag"]["tasks"].values()]
+             if not task["componentRef"]["name"].startswith(("comp-for-loop", "comp-condition"))]
+    assert len(steps) == 11 and all(task["cachingOptions"] == {} for task in steps)
     dpo = spec["deploymentSpec"]["executors"]["exec-dpo"]["container"]
     assert dpo["resources"]["accelerator"] == {
         "resourceCount": "{{$.inputs.parameters['pipelinechannel--gpus']}}",
@@ -106,6 +110,8 @@ def test_shared_storage_mounts_the_workspace_volume_into_every_task(compiled, tm
     compile_all(tmp_path, config=load_config(ROOT / "params.yaml"), storage="artifacts")
     spec, executors = read(tmp_path)
     assert not any("pvcMount" in executor for executor in executors.values())
+    tasks = spec["root"]["dag"]["tasks"]  # no volume to reuse from: KFP's cache, while data and settings are unchanged
+    assert tasks["reference"]["cachingOptions"]["enableCache"] is True and tasks["fingerprint"]["cachingOptions"] == {}
     assert spec["root"]["inputDefinitions"]["parameters"]["workspace"]["defaultValue"] == ""
 
 

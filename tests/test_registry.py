@@ -128,13 +128,13 @@ def _register(model_dir, figures, beta):
 
 
 def tags_of(version: str) -> dict:
-    from dpoflow import tracking
+    from dpoflow import mlflow_registry
 
-    return next(v for v in tracking.model_versions("m") if v["version"] == version)["tags"]
+    return next(v for v in mlflow_registry.model_versions("m") if v["version"] == version)["tags"]
 
 
 def test_register_select_gate_promote_rollback_in_a_real_store(store, tiny_model_dir):
-    from dpoflow import tracking
+    from dpoflow import mlflow_registry, tracking
     from dpoflow.registry import rollback, run_gate, run_promote, run_select
 
     versions = []
@@ -143,26 +143,26 @@ def test_register_select_gate_promote_rollback_in_a_real_store(store, tiny_model
                    "eval_set_hash": "e1"}
         versions.append(_register(_model_copy(tiny_model_dir, store / f"m{seed}", seed), figures, beta))
     assert versions == ["1", "2"]
-    assert tracking.version_by_alias("m", "candidate")["version"] == "2"
+    assert mlflow_registry.version_by_alias("m", "candidate")["version"] == "2"
     # the same weights again reuse their version
     assert _register(store / "m0", {"win_rate": 0.8, "win_rate_ci_low": 0.7, "win_rate_ci_high": 0.87, "kl": 3.0,
                                     "n_prompts": 100, "eval_set_hash": "e1"}, 0.1) == "1"
     selected = run_select("m", versions, max_kl=None)
     assert selected == "2"
-    tags = tracking.version_by_alias("m", "candidate")["tags"]
+    tags = mlflow_registry.version_by_alias("m", "candidate")["tags"]
     assert tags["dpoflow.selected"] == "true" and '"beta": 0.1' in tags["dpoflow.sweep"]
     assert run_gate("m", selected, min_win_rate=0.6)
     run_promote("m", selected)
-    assert tracking.version_by_alias("m", "champion")["version"] == "2"
+    assert mlflow_registry.version_by_alias("m", "champion")["version"] == "2"
 
     # a worse challenger on the same eval set: the champion stays, the reasons are tagged
     worse = _register(_model_copy(tiny_model_dir, store / "m3", 3),
                       {"win_rate": 0.62, "win_rate_ci_low": 0.55, "win_rate_ci_high": 0.7, "kl": 1.0, "n_prompts": 100,
                        "eval_set_hash": "e1"}, 1.0)
     assert not run_gate("m", worse, min_win_rate=0.6)
-    tags = next(v for v in tracking.model_versions("m") if v["version"] == worse)["tags"]
+    tags = next(v for v in mlflow_registry.model_versions("m") if v["version"] == worse)["tags"]
     assert tags["dpoflow.gate"] == "fail" and "champion v2 win rate 0.820" in tags["dpoflow.gate_reasons"]
-    assert tracking.version_by_alias("m", "champion")["version"] == "2"
+    assert mlflow_registry.version_by_alias("m", "champion")["version"] == "2"
 
     # a better one is promoted; the old champion keeps previous-champion; rollback swaps them back
     better = _register(_model_copy(tiny_model_dir, store / "m4", 4),
@@ -170,11 +170,11 @@ def test_register_select_gate_promote_rollback_in_a_real_store(store, tiny_model
                         "eval_set_hash": "e1"}, 0.3)
     assert run_gate("m", better, min_win_rate=0.6)
     run_promote("m", better)
-    assert tracking.version_by_alias("m", "champion")["version"] == better
-    assert tracking.version_by_alias("m", "previous-champion")["version"] == "2"
+    assert mlflow_registry.version_by_alias("m", "champion")["version"] == better
+    assert mlflow_registry.version_by_alias("m", "previous-champion")["version"] == "2"
     rollback("m")
-    assert tracking.version_by_alias("m", "champion")["version"] == "2"
-    assert tracking.version_by_alias("m", "previous-champion")["version"] == better
+    assert mlflow_registry.version_by_alias("m", "champion")["version"] == "2"
+    assert mlflow_registry.version_by_alias("m", "previous-champion")["version"] == better
     # every version's model card (the registry UI's description) follows its status and decisions
     cards = {v: tracking.client().get_model_version("m", v).description for v in ("2", worse, better)}
     assert "Status: **champion**" in cards["2"] and "win rate 0.820 (95 % interval 0.720–0.900) on 100" in cards["2"]
@@ -183,7 +183,7 @@ def test_register_select_gate_promote_rollback_in_a_real_store(store, tiny_model
     assert "- fail: champion v2 win rate 0.820 on the same eval set" in cards[worse]
     assert "Status: **rolled-back**" in cards[better] and "β 0.3" in cards[better]
     assert f"weights sha {tags_of(better)['dpoflow.model_sha']}" in cards[better]
-    path = tracking.download_model("models:/m@champion")
+    path = mlflow_registry.download_model("models:/m@champion")
     from dpoflow.modeling import load_model
 
     assert load_model(path).config.vocab_size > 0
@@ -213,7 +213,7 @@ def test_champion_from_another_eval_set_is_judged_head_to_head(store, tiny_model
     duels = []
 
     def duel(champion_version):
-        from dpoflow.tracking import download_model
+        from dpoflow.mlflow_registry import download_model
 
         result = head_to_head(cfg, download_model(f"models:/m/{new}"), download_model(f"models:/m/{champion_version}"),
                               data)
@@ -226,9 +226,9 @@ def test_champion_from_another_eval_set_is_judged_head_to_head(store, tiny_model
     assert (result["wins"], result["ties"], result["losses"], result["win_rate"]) == (0, 3, 0, 0.5)
     assert result["win_rate_ci_low"] == pytest.approx(0.12533, abs=1e-5)
     assert result["win_rate_ci_high"] == pytest.approx(0.87467, abs=1e-5)
-    from dpoflow import tracking
+    from dpoflow import mlflow_registry
 
-    tags = next(v for v in tracking.model_versions("m") if v["version"] == new)["tags"]
+    tags = next(v for v in mlflow_registry.model_versions("m") if v["version"] == new)["tags"]
     assert f"head-to-head vs champion v{old}: win rate 0.500 [0.125, 0.875] not below 0.5" in tags["dpoflow.gate_reasons"]
     assert decision is True and tags["dpoflow.gate"] == "pass"
 
@@ -276,14 +276,14 @@ def _promote(version):
 def test_promotion_is_compare_and_set_in_either_order(server, tmp_path, tiny_model_dir):
     """Both runs passed the gate against v1. Whichever promotes second finds the champion moved and
     is gated against the first: the strong one wins in both orders, every decision tagged."""
-    from dpoflow import tracking
+    from dpoflow import mlflow_registry, tracking
 
     champion, weak, strong = _two_gated_challengers(tmp_path, tiny_model_dir)
     # the strong run promotes first; the weak one, gated against v1 minutes ago, must not take over
     assert _promote(strong)["promoted"]
     assert _promote(weak) == {"champion": strong, "previous_champion": None, "promoted": False}
-    assert tracking.version_by_alias("m", "champion")["version"] == strong
-    assert tracking.version_by_alias("m", "previous-champion")["version"] == champion
+    assert mlflow_registry.version_by_alias("m", "champion")["version"] == strong
+    assert mlflow_registry.version_by_alias("m", "previous-champion")["version"] == champion
     weak_tags = tags_of(weak)
     assert weak_tags["dpoflow.promote"] == (f"refused: the champion moved from v{champion} to v{strong} and the gate "
                                             "against it did not pass")
@@ -309,34 +309,34 @@ def test_two_processes_promoting_at_once_are_serialised_by_the_alias_lock(server
     import subprocess
     import sys
 
-    from dpoflow import tracking
+    from dpoflow import mlflow_registry, tracking
 
     champion, weak, strong = _two_gated_challengers(tmp_path, tiny_model_dir)
     script = ("import json, sys; sys.path.insert(0, {tests!r}); from test_registry import _promote; "
               "print(json.dumps(_promote(sys.argv[1])))").format(tests=str(Path(__file__).parent))
     # the lock is held: both wait (nothing moves) until it is released
-    with tracking.alias_lock("m", holder="this test"):
+    with mlflow_registry.alias_lock("m", holder="this test"):
         racers = [subprocess.Popen([sys.executable, "-c", script, v], stdout=subprocess.PIPE, text=True)
                   for v in (weak, strong)]
         with pytest.raises(subprocess.TimeoutExpired):
             racers[0].wait(timeout=8)
-        assert tracking.version_by_alias("m", "champion")["version"] == champion
+        assert mlflow_registry.version_by_alias("m", "champion")["version"] == champion
     results = [json.loads(r.communicate(timeout=120)[0].strip().splitlines()[-1]) for r in racers]
     assert all(r.returncode == 0 for r in racers)
-    assert tracking.version_by_alias("m", "champion")["version"] == strong
+    assert mlflow_registry.version_by_alias("m", "champion")["version"] == strong
     assert results[1]["promoted"] and results[1]["champion"] == strong
     # the weak one either went first (then was replaced) or found the strong one and was refused
-    assert results[0]["promoted"] == (tracking.version_by_alias("m", "previous-champion")["version"] == weak)
+    assert results[0]["promoted"] == (mlflow_registry.version_by_alias("m", "previous-champion")["version"] == weak)
     assert not tracking.client().search_registered_models("name = 'm.alias-lock'")
 
 
 def test_a_stale_lock_is_broken_and_a_held_one_times_out_naming_its_holder(server):
-    from dpoflow import tracking
+    from dpoflow import mlflow_registry, tracking
 
     tracking.client().create_registered_model("m.alias-lock", tags={"holder": "a killed promote"})
-    with pytest.raises(tracking.LockTimeout, match="held by a killed promote"):
-        with tracking.alias_lock("m", holder="me", timeout_s=1.0):
+    with pytest.raises(mlflow_registry.LockTimeout, match="held by a killed promote"):
+        with mlflow_registry.alias_lock("m", holder="me", timeout_s=1.0):
             pass
-    with tracking.alias_lock("m", holder="me", stale_s=0.0):  # its holder is gone: broken, then taken
+    with mlflow_registry.alias_lock("m", holder="me", stale_s=0.0):  # its holder is gone: broken, then taken
         assert tracking.client().get_registered_model("m.alias-lock").tags["holder"] == "me"
     assert not tracking.client().search_registered_models("name = 'm.alias-lock'")

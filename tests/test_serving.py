@@ -27,7 +27,7 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_with_the_champion(tmp_path, tiny_model_dir, monkeypatch):
-    from dpoflow import tracking
+    from dpoflow import mlflow_registry, tracking
     from dpoflow.registry import run_promote, run_register
     from dpoflow.serving import Policy
 
@@ -38,7 +38,7 @@ def test_mlflow_models_serve_answers_with_the_champion(tmp_path, tiny_model_dir,
     version = run_register(tiny_model_dir, {"win_rate": 0.8, "beta": 0.1}, {"beta": 0.1}, model_name="m",
                            run_id=run_id, log=lambda *_: None)
     run_promote("m", version, force=True, log=lambda *_: None)
-    local = tracking.download_model("models:/m@champion")
+    local = mlflow_registry.download_model("models:/m@champion")
     from mlflow.models import Model
 
     signature = Model.load(str(Path(local) / "MLmodel")).signature

@@ -9,7 +9,7 @@ import torch
 from conftest import assert_same_weights
 from dpoflow.config import DataConfig, ModelConfig, PrefsConfig, SftConfig
 from dpoflow.data.step import run_data
-from dpoflow.dpo.logprobs import IGNORE
+from dpoflow.lm.logprobs import IGNORE
 from dpoflow.modeling import ModelLoadError, load_model, load_tokenizer
 from dpoflow.preferences import run_prefs
 from dpoflow.sft import encode_example, run_sft
@@ -58,7 +58,7 @@ def test_conversational_sft_masks_non_assistant_tokens(demo):
 
 
 def test_packed_sft_loss_equals_the_padded_full_logits_loss(demo):
-    from dpoflow.dpo.logprobs import SequenceLogProbs, pad_right
+    from dpoflow.lm.logprobs import SequenceLogProbs, pad_right
     from dpoflow.sft import _token_nll, collate
 
     root, _ = demo
@@ -135,7 +135,7 @@ def test_model_code_in_a_checkpoint_never_runs_unless_trusted(demo, tmp_path):
 
 
 def test_models_uri_through_sqlite_mlflow(demo, tmp_path, monkeypatch):
-    from dpoflow.tracking import register_model_dir
+    from dpoflow.mlflow_registry import register_model_dir
 
     root, _ = demo
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")

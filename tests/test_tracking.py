@@ -229,12 +229,12 @@ def test_runs_table_and_compare(monkeypatch, tmp_path):
 
 def _set_alias_at(args):
     start, alias, version = args
-    from dpoflow import tracking
+    from dpoflow import mlflow_registry
 
     while time.time() < start:
         pass
     try:
-        tracking.set_alias("m", alias, version)
+        mlflow_registry.set_alias("m", alias, version)
         return None
     except Exception as error:
         return str(error)[:200]

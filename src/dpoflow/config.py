@@ -120,7 +120,7 @@ class DpoConfig(OptimConfig):
     prefix_sharing: bool = Field(True, description="encode the prompt once for chosen and rejected (fastest: "
                                  "see bench/README.md); false = the concatenated chosen+rejected forward")
     packing: bool = Field(True, description="prefix sharing: every pair of a micro-batch in one row with no "
-                          "padding, attention computed pair by pair (block attention, dpo/blocks.py; a dense block mask "
+                          "padding, attention computed pair by pair (block attention, lm/blocks.py; a dense block mask "
                           "over packed rows for models that need more than a causal mask); same math; false = one "
                           "pair per row")
     max_forward_tokens: int | None = Field(

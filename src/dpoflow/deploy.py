@@ -78,13 +78,13 @@ def run_deploy(model_name: str, *, alias: str | None = "champion", version: str 
                artifact_root: str | None = None, uri: str | None = None, **options) -> dict:
     """Resolve `models:/<model_name>@<alias>` (or `/<version>`) in the registry and render its
     InferenceService."""
-    from dpoflow import tracking
+    from dpoflow import mlflow_registry, tracking
 
     if version:
-        found = tracking.model_version(model_name, version)
+        found = mlflow_registry.model_version(model_name, version)
         what = f"models:/{model_name}/{version}"
     else:
-        found = tracking.version_by_alias(model_name, alias)
+        found = mlflow_registry.version_by_alias(model_name, alias)
         what = f"models:/{model_name}@{alias}"
     if found is None:
         raise DeployError(f"{what} is not in the MLflow registry at {tracking.tracking_uri()} (promote a version "

@@ -181,7 +181,7 @@ def _until_eos(row: list[int], eos: int) -> list[int]:
 def sample_completions(model, tokenizer, prompts: list[str], *, prompt_messages: list[str] | None = None,
                        **settings) -> list[list[str]]:
     """Decoded completions per prompt; `settings` as for `generate_ids`."""
-    from dpoflow.dpo.logprobs import tokenize_prompt
+    from dpoflow.lm.logprobs import tokenize_prompt
 
     messages = prompt_messages or [""] * len(prompts)
     encoded = [tokenize_prompt(tokenizer, p, m) for p, m in zip(prompts, messages)]

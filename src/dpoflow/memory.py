@@ -1,6 +1,6 @@
 """How much memory a step may spend beyond its model and optimizer state, in two budgets:
 
-- the **logit budget** (dpo/head.py): how many tokens go through the output head at a time. A chunk
+- the **logit budget** (lm/head.py): how many tokens go through the output head at a time. A chunk
   of a few hundred tokens runs the head's GEMM at full speed, so this budget is small: a quarter of
   the weights, at least 256 MiB, at most an eighth of the free memory. At 152k vocabulary rows and
   fp32 that is ~220 tokens per chunk for a 0.5B model, ~3,400 for a 7B model in bf16; the 2k

@@ -91,7 +91,7 @@ def resolve_model_path(uri: str) -> str:
     """A local folder for `models:/name@alias` or `models:/name/version` (downloaded from MLflow) or
     a hub id (downloaded, safetensors and configs only; needs network); a local path as it is."""
     if uri.startswith("models:/"):
-        from dpoflow.tracking import download_model
+        from dpoflow.mlflow_registry import download_model
 
         return download_model(uri)
     if Path(uri).exists():

@@ -41,23 +41,25 @@ def run_register(model_dir, eval_metrics: dict, lineage: dict, *, model_name: st
     """Register the policy in `model_dir` (safetensors + tokenizer) under `model_name` with alias
     `candidate`; `lineage` = tags such as data md5/rev, config hash, reference, β (prefixed
     `dpoflow.`). The same weights registered again reuse their version. Returns the version."""
-    from dpoflow import tracking
+    from dpoflow import mlflow_registry
+    from dpoflow.serving import pyfunc_files
 
     sha = model_sha(Path(model_dir))
     tags = {**{f"dpoflow.{k}": v for k, v in lineage.items()},
             **{f"dpoflow.{k}": eval_metrics[k] for k in QUALITY if eval_metrics.get(k) is not None},
             "dpoflow.eval_set_hash": eval_metrics.get("eval_set_hash", ""), "dpoflow.model_sha": sha,
             "dpoflow.status": "candidate", **_library_versions()}
-    existing = [v for v in tracking.model_versions(model_name) if v["tags"].get("dpoflow.model_sha") == sha]
+    existing = [v for v in mlflow_registry.model_versions(model_name) if v["tags"].get("dpoflow.model_sha") == sha]
     if existing:
         version = existing[-1]["version"]
-        tracking.make_servable(existing[-1]["run_id"])  # versions registered before they carried MLmodel
+        mlflow_registry.add_model_files(existing[-1]["run_id"], pyfunc_files())  # registered before they carried MLmodel
         log(f"register: these weights are already {model_name} version {version}; reusing it")
     else:
-        version = tracking.register_version(str(model_dir), model_name, run_id=run_id, tags=tags)
+        version = mlflow_registry.register_version(str(model_dir), model_name, run_id=run_id, tags=tags,
+                                                   beside=pyfunc_files())  # `mlflow models serve` answers
         log(f"register: {model_name} version {version} (β {lineage.get('beta')}, win rate "
             f"{eval_metrics['win_rate']:.3f}) -> alias candidate")
-    tracking.set_alias(model_name, "candidate", version)
+    mlflow_registry.set_alias(model_name, "candidate", version)
     write_card(model_name, version)
     return version
 
@@ -98,11 +100,11 @@ def model_card(name: str, version: str, tags: dict) -> str:
 
 def write_card(model_name: str, version: str) -> None:
     """(Re)write a version's model card from its tags: after register, gate, promote and rollback."""
-    from dpoflow import tracking
+    from dpoflow import mlflow_registry
 
-    found = tracking.model_version(model_name, version)
+    found = mlflow_registry.model_version(model_name, version)
     if found is not None:
-        tracking.set_version_description(model_name, str(version), model_card(model_name, str(version), found["tags"]))
+        mlflow_registry.set_version_description(model_name, str(version), model_card(model_name, str(version), found["tags"]))
 
 
 def _hack_figures(row: dict) -> tuple[float, float]:
@@ -198,19 +200,19 @@ def run_select(model_name: str, versions: list[str], *, max_kl: float | None, mi
                max_length_ratio: float | None = None, log=print) -> str:
     """Pick the sweep's best among `versions`; tag it with the table of all and the reason; point
     `candidate` at it. Returns its version, or "" when none qualifies."""
-    from dpoflow import tracking
+    from dpoflow import mlflow_registry
 
     wanted = {str(v) for v in versions}
-    rows = [_row(v) for v in tracking.model_versions(model_name) if v["version"] in wanted]
+    rows = [_row(v) for v in mlflow_registry.model_versions(model_name) if v["version"] in wanted]
     best, reason = select_best(rows, max_kl, min_diversity=min_diversity, max_length_ratio=max_length_ratio)
     table = json.dumps([{k: r[k] for k in ("version", "beta", "win_rate", "win_rate_ci_low", "kl")} for r in rows])
     if best is None:
         log(f"select: {reason}")
         return ""
-    tracking.set_version_tags(model_name, best["version"], {"dpoflow.selected": "true",
+    mlflow_registry.set_version_tags(model_name, best["version"], {"dpoflow.selected": "true",
                                                            "dpoflow.select_reason": reason,
                                                            "dpoflow.sweep": table[:4900]})
-    tracking.set_alias(model_name, "candidate", best["version"])
+    mlflow_registry.set_alias(model_name, "candidate", best["version"])
     log(f"select: {model_name} v{best['version']}: {reason}")
     return best["version"]
 
@@ -220,13 +222,13 @@ def run_gate(model_name: str, version: str, *, min_win_rate: float, head_to_head
     """Decide whether `version` may become champion; the decision and its reasons become tags.
     `head_to_head(champion_version) -> win-rate metrics` judges the candidate against the champion
     on this run's eval set; it is called only when the champion's figures are for another set."""
-    from dpoflow import tracking
+    from dpoflow import mlflow_registry
 
     if not version:
         log("gate: nothing selected; champion unchanged")
         return False
-    candidate = _row(tracking.model_version(model_name, version))
-    champion_version = tracking.version_by_alias(model_name, "champion")
+    candidate = _row(mlflow_registry.model_version(model_name, version))
+    champion_version = mlflow_registry.version_by_alias(model_name, "champion")
     champion, duel = None, None
     if champion_version is not None and champion_version["version"] != version:
         champion = _row(champion_version)
@@ -239,7 +241,7 @@ def run_gate(model_name: str, version: str, *, min_win_rate: float, head_to_head
     if champion_version is not None and champion_version["version"] == version:
         passed, reasons = False, ["already the champion: nothing to promote"]
     # what promote compares and sets against: the champion this decision was made against
-    tracking.set_version_tags(model_name, version, {"dpoflow.gate": "pass" if passed else "fail",
+    mlflow_registry.set_version_tags(model_name, version, {"dpoflow.gate": "pass" if passed else "fail",
                                                      "dpoflow.gate_reasons": "; ".join(reasons),
                                                      "dpoflow.gated_against": champion["version"] if champion
                                                      else "none"})
@@ -255,27 +257,27 @@ def run_promote(model_name: str, version: str, *, regate=None, force: bool = Fal
     (the gate again, now against the new champion) and promotes only if that passes. The check and
     the move happen under the registry's alias lock. The former champion keeps `previous-champion`.
     `force` skips the check (an operator's `dpoflow promote --force`)."""
-    from dpoflow import tracking
+    from dpoflow import mlflow_registry
 
-    with tracking.alias_lock(model_name, holder=f"promote of {model_name} v{version}"):
-        old = tracking.version_by_alias(model_name, "champion")
+    with mlflow_registry.alias_lock(model_name, holder=f"promote of {model_name} v{version}"):
+        old = mlflow_registry.version_by_alias(model_name, "champion")
         current = old["version"] if old else "none"
-        gated_against = tracking.model_version(model_name, version)["tags"].get("dpoflow.gated_against")
+        gated_against = mlflow_registry.model_version(model_name, version)["tags"].get("dpoflow.gated_against")
         if not force and gated_against != current:
             log(f"promote: {model_name} champion is v{current}, not v{gated_against} as when v{version} was gated: "
                 "gating again against it")
             if regate is None or not regate():
-                tracking.set_version_tags(model_name, version, {
+                mlflow_registry.set_version_tags(model_name, version, {
                     "dpoflow.promote": f"refused: the champion moved from v{gated_against} to v{current} and the "
                                        "gate against it did not pass"})
                 write_card(model_name, version)
                 log(f"promote: v{version} not promoted; champion stays v{current}")
                 return {"champion": old["version"] if old else None, "previous_champion": None, "promoted": False}
         if old is not None and old["version"] != version:
-            tracking.set_alias(model_name, "previous-champion", old["version"])
-            tracking.set_version_tags(model_name, old["version"], {"dpoflow.status": "previous-champion"})
-        tracking.set_alias(model_name, "champion", version)
-        tracking.set_version_tags(model_name, version, {"dpoflow.status": "champion", "dpoflow.promote": (
+            mlflow_registry.set_alias(model_name, "previous-champion", old["version"])
+            mlflow_registry.set_version_tags(model_name, old["version"], {"dpoflow.status": "previous-champion"})
+        mlflow_registry.set_alias(model_name, "champion", version)
+        mlflow_registry.set_version_tags(model_name, version, {"dpoflow.status": "champion", "dpoflow.promote": (
             "forced" if force else f"champion v{current} -> v{version}")})
     for changed in {version, old["version"] if old else version}:
         write_card(model_name, changed)
@@ -285,18 +287,18 @@ def run_promote(model_name: str, version: str, *, regate=None, force: bool = Fal
 
 def rollback(model_name: str, log=print) -> dict:
     """Swap `champion` and `previous-champion` (one command undoes a promotion)."""
-    from dpoflow import tracking
+    from dpoflow import mlflow_registry
 
-    with tracking.alias_lock(model_name, holder=f"rollback of {model_name}"):
-        previous = tracking.version_by_alias(model_name, "previous-champion")
-        current = tracking.version_by_alias(model_name, "champion")
+    with mlflow_registry.alias_lock(model_name, holder=f"rollback of {model_name}"):
+        previous = mlflow_registry.version_by_alias(model_name, "previous-champion")
+        current = mlflow_registry.version_by_alias(model_name, "champion")
         if previous is None:
             raise ValueError(f"{model_name} has no 'previous-champion' version to roll back to")
-        tracking.set_alias(model_name, "champion", previous["version"])
-        tracking.set_version_tags(model_name, previous["version"], {"dpoflow.status": "champion"})
+        mlflow_registry.set_alias(model_name, "champion", previous["version"])
+        mlflow_registry.set_version_tags(model_name, previous["version"], {"dpoflow.status": "champion"})
         if current is not None:
-            tracking.set_alias(model_name, "previous-champion", current["version"])
-            tracking.set_version_tags(model_name, current["version"], {"dpoflow.status": "rolled-back"})
+            mlflow_registry.set_alias(model_name, "previous-champion", current["version"])
+            mlflow_registry.set_version_tags(model_name, current["version"], {"dpoflow.status": "rolled-back"})
     if current is not None:
         write_card(model_name, current["version"])
     write_card(model_name, previous["version"])

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from dpoflow.config import ModelConfig, SftConfig
-from dpoflow.dpo.logprobs import IGNORE, SequenceLogProbs, collate_packed, encode_completions
+from dpoflow.lm.logprobs import IGNORE, SequenceLogProbs, collate_packed, encode_completions
 from dpoflow.manifest import building
 from dpoflow.training import (
     Guard,

@@ -1,15 +1,14 @@
-"""MLflow: the only module that imports mlflow.
+"""MLflow tracking: the only module that imports mlflow (mlflow_registry.py goes through it).
 
 Tracking URI from MLFLOW_TRACKING_URI, else the local sqlite default (artifacts in ./mlartifacts).
 Run tree of a pipeline run: one parent run (the one a KFP >= 2.17 server injects as MLFLOW_RUN_ID,
 or one dpoflow creates) and one nested run per β, opened by the DPO task (live training metrics,
 system metrics) and completed by the eval and register tasks. Models are logged as plain
-`save_pretrained` folders and registered by artifact location; the registry uses aliases, never stages.
+`save_pretrained` folders and registered by artifact location (mlflow_registry.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import threading
@@ -33,7 +32,7 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
 
 
-def _mlflow():
+def load_mlflow():
     import mlflow
 
     for key, value in HTTP_DEFAULTS.items():
@@ -43,7 +42,7 @@ def _mlflow():
 
 
 def client():
-    return _mlflow().MlflowClient()
+    return load_mlflow().MlflowClient()
 
 
 def check_reachable(timeout_s: float = 10.0) -> None:
@@ -60,7 +59,7 @@ def check_reachable(timeout_s: float = 10.0) -> None:
                             "fix MLFLOW_TRACKING_URI, or set tracking.enabled=false") from None
 
 
-def _experiment_id(mlflow, name: str) -> str:
+def experiment_id(mlflow, name: str) -> str:
     """The experiment to log to: the one KFP injected (MLFLOW_EXPERIMENT_ID) when this store has it,
     else `name`, created if needed; a local store keeps its artifacts in ./mlartifacts rather than
     MLflow's default ./mlruns. (mlflow.set_experiment is avoided: it exports MLFLOW_EXPERIMENT_ID,
@@ -96,7 +95,7 @@ def retrying(fn, *args, attempts: int = 6, upsert: bool = False, **kwargs):
             time.sleep(0.2 * 2 ** attempt)
 
 
-def _git_sha() -> str | None:
+def git_sha() -> str | None:
     import subprocess
 
     try:
@@ -125,15 +124,15 @@ def start_parent_run(experiment: str, run_name: str) -> str:
     injected = os.environ.get("MLFLOW_RUN_ID")
     if injected:
         return injected
-    mlflow = _mlflow()
-    run = retrying(mlflow.MlflowClient().create_run, _experiment_id(mlflow, experiment), run_name=run_name,
-                   tags={"dpoflow.git_sha": _git_sha() or "unknown"})
+    mlflow = load_mlflow()
+    run = retrying(mlflow.MlflowClient().create_run, experiment_id(mlflow, experiment), run_name=run_name,
+                   tags={"dpoflow.git_sha": git_sha() or "unknown"})
     return run.info.run_id
 
 
 def log_parent(run_id: str, *, params: dict, tags: dict, artifacts=()) -> None:
     """Params (the flattened config), lineage tags and artifacts, on the parent run."""
-    mlflow = _mlflow()
+    mlflow = load_mlflow()
     c = mlflow.MlflowClient()
     existing = c.get_run(run_id).data.params
     from mlflow.entities import RunTag
@@ -150,7 +149,7 @@ def log_dataset(run_id: str, parquet: Path, *, name: str, digest: str) -> None:
     import pandas as pd
     from mlflow.entities import DatasetInput, InputTag
 
-    mlflow = _mlflow()
+    mlflow = load_mlflow()
     source = mlflow.data.from_pandas(pd.read_parquet(parquet), source=str(Path(parquet).resolve()), name=name,
                                      digest=digest[:36])
     inputs = [DatasetInput(source._to_mlflow_entity(), [InputTag("mlflow.data.context", "training")])]
@@ -281,172 +280,8 @@ class LiveMetrics:
         return len(lost)
 
 
-# ---- registry -----------------------------------------------------------------------------------
-
-def ensure_registered_model(name: str) -> None:
-    """Create the registered model unless it exists (parallel β tasks may both try: the loser is fine)."""
-    c = client()
-    if c.search_registered_models(filter_string=f"name = '{name}'"):
-        return
-    try:
-        retrying(c.create_registered_model, name)
-    except Exception as error:
-        if "already exists" not in str(error):
-            raise
-
-
-def register_version(model_dir: str, name: str, *, run_id: str, tags: dict) -> str:
-    """Log a save_pretrained folder into `run_id` under `model/`, with the MLmodel file that makes it
-    a pyfunc model too (serving.py), and register it as a version of `name` (created if needed);
-    return the version number."""
-    c = client()
-    retrying(c.log_artifacts, run_id, str(model_dir), "model")
-    make_servable(run_id)
-    ensure_registered_model(name)
-    # a plain artifact folder (not an MLflow flavor): register its artifact location directly, since
-    # MLflow 3's register_model(runs:/...) looks for a LoggedModel
-    artifact_uri = c.get_run(run_id).info.artifact_uri
-    version = retrying(c.create_model_version, name, source=f"{artifact_uri}/model", run_id=run_id,
-                       tags={k: str(v) for k, v in tags.items()})
-    return str(version.version)
-
-
-def make_servable(run_id: str) -> None:
-    """The MLmodel file (serving.py) beside the run's `model/` weights: `mlflow models serve` answers."""
-    from dpoflow.serving import pyfunc_files
-
-    retrying(client().log_artifacts, run_id, str(pyfunc_files()), "model")
-
-
-def register_model_dir(model_dir: str, name: str, alias: str | None = None, tags: dict | None = None,
-                       experiment: str = "dpoflow") -> str:
-    """Register a local model folder on its own (a run to hold it is created); optionally alias it."""
-    mlflow = _mlflow()
-    run = mlflow.MlflowClient().create_run(_experiment_id(mlflow, experiment), run_name=f"register-{name}")
-    version = register_version(model_dir, name, run_id=run.info.run_id, tags=tags or {})
-    end_run(run.info.run_id)
-    if alias:
-        set_alias(name, alias, version)
-    return version
-
-
-def _version(v) -> dict:
-    # no aliases here: search_model_versions leaves them empty in the sqlite store; ask version_by_alias
-    return {"version": str(v.version), "run_id": v.run_id, "tags": dict(v.tags)}
-
-
-def model_versions(name: str) -> list[dict]:
-    """Every version of `name`: {version, run_id, tags}, oldest first."""
-    c = client()
-    found = c.search_model_versions(filter_string=f"name = '{name}'")
-    return sorted(map(_version, found), key=lambda v: int(v["version"]))
-
-
-def model_version(name: str, version: str) -> dict | None:
-    """Version `version` of `name` ({version, run_id, tags}), None when there is no such version."""
-    try:
-        return _version(client().get_model_version(name, str(version)))
-    except Exception as error:
-        if "RESOURCE_DOES_NOT_EXIST" not in str(error) and "not found" not in str(error).lower():
-            raise
-        return None
-
-
-def version_by_alias(name: str, alias: str) -> dict | None:
-    c = client()
-    try:
-        v = c.get_model_version_by_alias(name, alias)
-    except Exception:
-        return None
-    return _version(v)
-
-
-def set_alias(name: str, alias: str, version: str) -> None:
-    retrying(client().set_registered_model_alias, name, alias, str(version), upsert=True)
-
-
-def delete_alias(name: str, alias: str) -> None:
-    try:
-        retrying(client().delete_registered_model_alias, name, alias)
-    except Exception:
-        pass
-
-
-class LockTimeout(TimeoutError):
-    pass
-
-
-@contextlib.contextmanager
-def alias_lock(name: str, *, holder: str, timeout_s: float = 600.0, stale_s: float = 900.0):
-    """Hold the lock on `name`'s aliases: only one promotion or rollback reads and moves `champion` at
-    a time, on any MLflow backend. The lock is a registered model `<name>.alias-lock`: creating it is
-    atomic (the store refuses a second model of that name), deleting it releases. A lock older than
-    `stale_s` (its holder was killed) is broken; waiting longer than `timeout_s` raises LockTimeout
-    naming the holder."""
-    c, lock = client(), f"{name}.alias-lock"
-    deadline, delay = time.monotonic() + timeout_s, 0.1
-    while True:
-        try:
-            retrying(c.create_registered_model, lock, tags={"holder": holder},
-                     description=f"held while {holder} moves the aliases of {name}; deleted when done")
-            break
-        except Exception as error:
-            if "already exists" not in str(error).lower() and "RESOURCE_ALREADY_EXISTS" not in str(error):
-                raise
-        try:
-            held = c.get_registered_model(lock)
-        except Exception:  # released between our create and this read
-            continue
-        age = time.time() - held.creation_timestamp / 1000
-        if age > stale_s:
-            with contextlib.suppress(Exception):
-                c.delete_registered_model(lock)
-            continue
-        if time.monotonic() > deadline:
-            raise LockTimeout(f"{name}: the alias lock is held by {held.tags.get('holder', '?')} for {age:.0f} s; "
-                              f"delete the registered model {lock!r} if that holder is gone")
-        time.sleep(delay)
-        delay = min(delay * 2, 2.0)
-    try:
-        yield
-    finally:
-        retrying(c.delete_registered_model, lock)
-
-
-def set_version_description(name: str, version: str, text: str) -> None:
-    retrying(client().update_model_version, name, version, description=text)
-
-
-def set_version_tags(name: str, version: str, tags: dict) -> None:
-    c = client()
-    for key, value in tags.items():
-        retrying(c.set_model_version_tag, name, str(version), key, redact(str(value)))
-
-
-def pin_model_uri(uri: str) -> str:
-    """`models:/name@alias` -> `models:/name/<version>` (what the alias points at now), so a run reads
-    one version throughout even if the alias moves meanwhile; any other URI as it is."""
-    if not uri.startswith("models:/") or "@" not in uri:
-        return uri
-    name, alias = uri.removeprefix("models:/").split("@", 1)
-    found = version_by_alias(name, alias)
-    if found is None:
-        raise ValueError(f"{uri}: registered model {name!r} has no alias {alias!r} in the MLflow registry at "
-                         f"{tracking_uri()} (promote a version first, or point model.policy_init at a version)")
-    return f"models:/{name}/{found['version']}"
-
-
-def download_model(uri: str) -> str:
-    """Local folder of a `models:/name@alias` or `models:/name/version` URI."""
-    mlflow = _mlflow()
-    try:
-        return mlflow.artifacts.download_artifacts(artifact_uri=uri)
-    except Exception as error:
-        raise ValueError(f"cannot resolve {uri} in the MLflow registry at {tracking_uri()}: {error}") from error
-
-
 def search_runs(experiment: str, max_results: int = 50) -> list:
-    mlflow = _mlflow()
+    mlflow = load_mlflow()
     experiment_obj = mlflow.get_experiment_by_name(experiment)
     if experiment_obj is None:
         return []

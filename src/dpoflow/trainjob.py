@@ -47,16 +47,13 @@ def runtime_manifest(image: str) -> dict:
 
 
 def node_main(argv: list[str]) -> None:
-    """What every process of every node runs (the SDK sends this function's source to the nodes)."""
+    """What every process of every node runs (the SDK sends this function's source to the nodes): the
+    `dpoflow` command, in place of this process (its rank, world and exit code are the command's)."""
     import os
     import sys
 
     os.environ["DPOFLOW_LAUNCHED"] = "1"  # torchrun already made the processes: no relaunch
-    from dpoflow.cli import main
-
-    code = main(argv)
-    if code:
-        sys.exit(code)
+    os.execv(sys.executable, [sys.executable, "-m", "dpoflow.cli", *argv])
 
 
 class TrainJobError(RuntimeError):

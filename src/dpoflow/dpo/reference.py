@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from dpoflow.dpo.logprobs import score_pairs, tokenize_pairs
+from dpoflow.dpo.pairs import tokenize_pairs
+from dpoflow.lm.logprobs import score_pairs
 from dpoflow.manifest import files_digest
 
 LOGPS_FILE = "reference_logps.parquet"

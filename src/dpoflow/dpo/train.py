@@ -31,9 +31,10 @@ from pathlib import Path
 import torch
 
 from dpoflow.config import DpoConfig
-from dpoflow.dpo.logprobs import SequenceLogProbs, collate_pairs, collate_shared_prefix, tokenize_pairs
 from dpoflow.dpo.losses import preference_loss, sft_loss
+from dpoflow.dpo.pairs import collate_pairs, tokenize_pairs
 from dpoflow.dpo.reference import cache_key, load_pair_frames, load_reference_logps
+from dpoflow.lm.logprobs import SequenceLogProbs, collate_shared_prefix
 from dpoflow.manifest import building
 from dpoflow.memory import activation_budget, activation_bytes_per_token
 from dpoflow.training import (

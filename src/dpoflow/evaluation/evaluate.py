@@ -43,10 +43,10 @@ def _run_eval(cfg: EvalConfig, policy_dir, reference_model_dir, data_dir, out_di
               max_length: int, training_metrics, extra_metrics: dict, log) -> dict:
     import pandas as pd
 
-    from dpoflow.dpo.logprobs import score_sequences, tokenize_prompt
     from dpoflow.evaluation.report import write_report
     from dpoflow.evaluation.stats import diversity
     from dpoflow.generation import generate_ids
+    from dpoflow.lm.logprobs import score_sequences, tokenize_prompt
     from dpoflow.modeling import load_model, load_tokenizer
 
     out_dir = Path(out_dir)
@@ -179,7 +179,7 @@ def head_to_head(cfg: EvalConfig, challenger_dir, champion_dir, data_dir, log=pr
     Wilson interval): the registry gate's comparison when the champion was evaluated on another set."""
     import pandas as pd
 
-    from dpoflow.dpo.logprobs import tokenize_prompt
+    from dpoflow.lm.logprobs import tokenize_prompt
     from dpoflow.modeling import load_model, load_tokenizer
 
     frame = pd.read_parquet(Path(data_dir) / "prompts_eval.parquet").head(cfg.max_prompts)

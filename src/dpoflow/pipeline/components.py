@@ -126,7 +126,7 @@ def evaluate(beta: float, round: int, run_info: Input[Artifact], policy: Input[M
 def register(run_info: Input[Artifact], policy: Input[Model], results: Input[Artifact], data: Input[Dataset],
              reference_logps: Input[Dataset], mlflow_uri: str) -> str:
     """Register the policy in MLflow (alias `candidate`) with lineage and quality tags; returns the version."""
-    from dpoflow.pipeline.tasks import register_task
+    from dpoflow.pipeline.registry_tasks import register_task
 
     return register_task(run_info=run_info, policy=policy, results=results, data=data, reference=reference_logps,
                          mlflow_uri=mlflow_uri)
@@ -134,14 +134,14 @@ def register(run_info: Input[Artifact], policy: Input[Model], results: Input[Art
 
 def select(registry_cfg: str, versions: list, parent_run_id: str, mlflow_uri: str) -> str:
     """The sweep's best version: highest win-rate interval lower bound within registry.max_kl, ties to lower KL."""
-    from dpoflow.pipeline.tasks import select_task
+    from dpoflow.pipeline.registry_tasks import select_task
 
     return select_task(registry=registry_cfg, versions=versions, parent_run_id=parent_run_id, mlflow_uri=mlflow_uri)
 
 
 def gate(registry_cfg: str, eval_cfg: str, version: str, data: Input[Dataset], mlflow_uri: str) -> str:
     """'pass' when the selected version may become champion (win rate, interval, not worse than the champion)."""
-    from dpoflow.pipeline.tasks import gate_task
+    from dpoflow.pipeline.registry_tasks import gate_task
 
     return gate_task(registry=registry_cfg, eval=eval_cfg, version=version, data=data, mlflow_uri=mlflow_uri)
 
@@ -149,7 +149,7 @@ def gate(registry_cfg: str, eval_cfg: str, version: str, data: Input[Dataset], m
 def promote(registry_cfg: str, eval_cfg: str, version: str, data: Input[Dataset], mlflow_uri: str) -> str:
     """Alias `champion` -> the version if `champion` is still the one the gate compared against (else
     the version is gated again against the new one); the former champion keeps `previous-champion`."""
-    from dpoflow.pipeline.tasks import promote_task
+    from dpoflow.pipeline.registry_tasks import promote_task
 
     return promote_task(registry=registry_cfg, eval=eval_cfg, version=version, data=data, mlflow_uri=mlflow_uri)
 

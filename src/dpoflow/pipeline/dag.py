@@ -207,5 +207,9 @@ def build_pipeline(image: str = DEFAULT_IMAGE, config: Config | None = None, par
             task.set_env_variable("DPOFLOW_IMAGE", image)
             if storage == "shared":  # the step outputs the pointers name
                 kubernetes.mount_pvc(task, pvc_name=PVC, mount_path=WORKSPACE)
+                # reuse is the step key's alone (reuse.py: the code the step runs, its settings, its
+                # inputs' keys, the folder verified): KFP's cache knows neither the code inside an
+                # image tag nor a folder rebuilt since, and would hand on a stale pointer
+                task.set_caching_options(False)
 
     return dpo_alignment

@@ -6,10 +6,10 @@ pointers between tasks.
   step writes into `<workspace>/<step>` — the same folders `dvc repro` writes — and its KFP output
   artifact is only a pointer (LOCATION: the folder and its manifest's digest), so no model bytes
   travel through the artifact store. A step whose inputs are unchanged is reused:
-  `<workspace>/.steps/<step>.json` records the key it was built with (dpoflow's source, its config
+  `<workspace>/.steps/<step>.json` records the key it was built with (the code the step runs, its config
   section, its upstream steps' keys, the content of external inputs). A killed run, started again,
   redoes only what did not finish. A reader follows the pointer and is refused when the folder has
-  since been rebuilt into something else.
+  since been rebuilt into something else. The key alone decides: KFP's cache is off for these tasks.
 - **no workspace** (`--storage artifacts`): the step writes into the artifact folder that KFP
   uploads; reuse is KFP's caching, keyed on the inputs (the data md5 is one of them, so new data
   re-runs the steps).
@@ -26,26 +26,18 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from functools import lru_cache
 from pathlib import Path
 
 from dpoflow.config import DataConfig
 from dpoflow.manifest import ManifestError, find_manifest, manifest_digest, verify
+from dpoflow.steps import code_digest
 
 
-@lru_cache(maxsize=1)
-def code_hash() -> str:
-    """Hash of dpoflow's own source: a code change invalidates reused step outputs."""
-    digest = hashlib.sha256()
-    package = Path(__file__).parents[1]
-    for path in sorted(package.rglob("*.py")):
-        digest.update(str(path.relative_to(package)).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def step_key(*parts) -> str:
-    return hashlib.sha256(json.dumps([code_hash(), *parts], sort_keys=True, default=str).encode()).hexdigest()[:16]
+def step_key(step: str, *parts) -> str:
+    """The reuse key of a step's output: the code the step runs (steps.code_digest: the files its module
+    imports, the same files dvc.yaml lists as the stage's deps) and `parts` (its settings, its
+    upstream outputs' keys, the content of its external inputs)."""
+    return hashlib.sha256(json.dumps([code_digest(step), *parts], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def content_fingerprint(location: str | None) -> str | None:

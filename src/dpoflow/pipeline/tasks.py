@@ -16,10 +16,8 @@ from dpoflow.config import (
     Config,
     ConfigError,
     DpoConfig,
-    EvalConfig,
     ModelConfig,
     PrefsConfig,
-    RegistryConfig,
     SftConfig,
     config_dict,
     config_hash,
@@ -67,7 +65,7 @@ def _die_with_parent() -> None:
         pass
 
 
-def _setup(mlflow_uri: str, workspace: str, threads: int = 0) -> None:
+def setup_task(mlflow_uri: str, workspace: str, threads: int = 0) -> None:
     if mlflow_uri:
         os.environ["MLFLOW_TRACKING_URI"] = mlflow_uri
     if workspace:
@@ -75,7 +73,7 @@ def _setup(mlflow_uri: str, workspace: str, threads: int = 0) -> None:
     set_threads(threads)
 
 
-def _model(cls, config_json: str):
+def config_section(cls, config_json: str):
     return cls.model_validate_json(config_json)
 
 
@@ -91,7 +89,7 @@ def fingerprint_task(*, config: str, flat: dict, config_overrides: str, dvc: tup
     open (or join) the MLflow parent run. Never cached: its outputs are what tells the cached steps
     below whether anything changed. `run_info` (an artifact: parent run, md5, config sections) is
     what the β tasks read."""
-    _setup(mlflow_uri, workspace)
+    setup_task(mlflow_uri, workspace)
     cfg = resolve_config(config, flat, config_overrides, dvc)
     if cfg.run.rounds != compiled_rounds:
         raise ConfigError(f"run.rounds={cfg.run.rounds} but this pipeline was compiled with {compiled_rounds} on-policy "
@@ -100,7 +98,7 @@ def fingerprint_task(*, config: str, flat: dict, config_overrides: str, dvc: tup
     md5 = data_fingerprint(cfg.data) or f"demo:{cfg.data.demo.n_reviews}:{cfg.data.demo.seed}"
     parent = ""
     if cfg.tracking.enabled:
-        from dpoflow import tracking
+        from dpoflow import mlflow_registry, tracking
 
         if not workspace and tracking.tracking_uri() == tracking.DEFAULT_TRACKING_URI:
             raise ConfigError("on a cluster, set the pipeline parameter mlflow_uri (e.g. http://dpoflow-mlflow:5000, "
@@ -113,7 +111,7 @@ def fingerprint_task(*, config: str, flat: dict, config_overrides: str, dvc: tup
                                   "dpoflow.data.source": cfg.data.source,
                                   "dpoflow.kfp_run_id": os.environ.get("KFP_RUN_ID", "")})
         if cfg.registry.enabled:
-            tracking.ensure_registered_model(cfg.registry.model_name)  # before the β tasks race to create it
+            mlflow_registry.ensure_registered_model(cfg.registry.model_name)  # before the β tasks race to create it
     resolved = {"config_hash": config_hash(cfg), **config_dict(cfg)}
     Path(run_info.path).parent.mkdir(parents=True, exist_ok=True)
     Path(run_info.path).write_text(json.dumps({"parent_run_id": parent, "data_md5": md5, "config": resolved}) + "\n")
@@ -121,7 +119,7 @@ def fingerprint_task(*, config: str, flat: dict, config_overrides: str, dvc: tup
     return {"config": json.dumps(config_dict(cfg), sort_keys=True), "data_md5": md5, "parent_run_id": parent}
 
 
-def _run_info(artifact) -> tuple[Config, str, str]:
+def read_run_info(artifact) -> tuple[Config, str, str]:
     """(config, parent run id, data md5) from the fingerprint task's artifact. (The β tasks read them
     from an artifact, not from task-output parameters: kfp 2.17's local runner replaces every
     task-output parameter of a ParallelFor iteration by the loop item.)"""
@@ -135,10 +133,10 @@ def data_task(*, config: str, data_md5: str, workspace: str, dataset) -> dict:
     Returns the per-step config sections the later tasks take."""
     from dpoflow.data.step import data_config_for_run, run_data
 
-    _setup("", workspace)
+    setup_task("", workspace)
     cfg = Config.model_validate_json(config)
     data_cfg = data_config_for_run(cfg)
-    key = step_key(config_dict(data_cfg), cfg.run.seed, data_md5)
+    key = step_key("data", config_dict(data_cfg), cfg.run.seed, data_md5)
     out = produce("data", "data", dataset, key, workspace, lambda d: run_data(data_cfg, d, seed=cfg.run.seed))
     stats = json.loads((out / "stats.json").read_text())
     info = json.loads((out / "dataset.json").read_text())
@@ -155,11 +153,11 @@ def sft_task(*, sft: str, model: str, data, data_md5: str, workspace: str, refer
     from dpoflow.modeling import resolve_model_path
     from dpoflow.sft import run_sft
 
-    _setup("", workspace)
-    sft_cfg, model_cfg = _model(SftConfig, sft), _model(ModelConfig, model)
+    setup_task("", workspace)
+    sft_cfg, model_cfg = config_section(SftConfig, sft), config_section(ModelConfig, model)
     upstream = data.metadata.get("dpoflow_key")
     if sft_cfg.enabled:
-        key = step_key(upstream, sft, model, content_fingerprint(model_cfg.base))
+        key = step_key("sft", upstream, sft, model, content_fingerprint(model_cfg.base))
         produce("sft", "sft", reference_model, key, workspace,
                 lambda d: run_sft(sft_cfg, model_cfg, path_of(data), d))
         return
@@ -171,7 +169,7 @@ def sft_task(*, sft: str, model: str, data, data_md5: str, workspace: str, refer
     (target / "model").symlink_to(base) if workspace else shutil.copytree(base, target / "model")
     if workspace:
         point_to(reference_model, target)
-    reference_model.metadata["dpoflow_key"] = step_key(upstream, model, content_fingerprint(str(base)))
+    reference_model.metadata["dpoflow_key"] = step_key("sft", upstream, model, content_fingerprint(str(base)))
     reference_model.metadata["base"] = model_cfg.base
 
 
@@ -181,7 +179,7 @@ def resolve_policy_init(uri: str) -> tuple[str, Path]:
     from dpoflow.modeling import resolve_model_path
 
     if uri.startswith("models:/"):
-        from dpoflow.tracking import pin_model_uri
+        from dpoflow.mlflow_registry import pin_model_uri
 
         uri = pin_model_uri(uri)
     return uri, Path(resolve_model_path(uri)).resolve()
@@ -194,15 +192,15 @@ def prefs_task(*, prefs: str, model: str, rounds: int, data, reference_model, wo
     from dpoflow.data.sources import tree_md5
     from dpoflow.preferences import run_prefs
 
-    _setup("", workspace)
-    prefs_cfg, model_cfg = _model(PrefsConfig, prefs), _model(ModelConfig, model)
+    setup_task("", workspace)
+    prefs_cfg, model_cfg = config_section(PrefsConfig, prefs), config_section(ModelConfig, model)
     if prefs_cfg.enabled:
         sampler, sampler_key, init_uri = path_of(reference_model, "model"), reference_model.metadata.get("dpoflow_key"), ""
         if model_cfg.policy_init:
             init_uri, sampler = resolve_policy_init(model_cfg.policy_init)
             sampler_key = tree_md5(sampler)
         shard = (0, rounds)
-        key = step_key(data.metadata.get("dpoflow_key"), sampler_key, prefs, *([shard] if rounds > 1 else []))
+        key = step_key("prefs", data.metadata.get("dpoflow_key"), sampler_key, prefs, *([shard] if rounds > 1 else []))
         produce("prefs", "prefs", pairs, key, workspace,
                 lambda d: run_prefs(prefs_cfg, path_of(data), sampler, d, shard, init_uri))
         pairs.metadata.update({"policy_init": init_uri, "sampler": init_uri or "reference"})
@@ -225,9 +223,9 @@ def reference_task(*, dpo: str, pairs, reference_model, workspace: str, referenc
     round r > 1, over that round's pairs of one β)."""
     from dpoflow.dpo.reference import run_reference
 
-    _setup("", workspace, threads)
-    dpo_cfg = _model(DpoConfig, dpo)
-    key = step_key(pairs.metadata.get("dpoflow_key"), reference_model.metadata.get("dpoflow_key"),
+    setup_task("", workspace, threads)
+    dpo_cfg = config_section(DpoConfig, dpo)
+    key = step_key("reference", pairs.metadata.get("dpoflow_key"), reference_model.metadata.get("dpoflow_key"),
                    dpo_cfg.max_length, dpo_cfg.truncation)
 
     def compute(out_dir: Path):
@@ -251,12 +249,12 @@ def round_prefs_task(*, beta: float, round: int, rounds: int, run_info, data, sa
     Stops (writes stopped.json, no pairs) when the previous round's samples lost their diversity."""
     from dpoflow.preferences import run_prefs
 
-    _setup("", workspace, threads)
-    cfg = _run_info(run_info)[0]
+    setup_task("", workspace, threads)
+    cfg = read_run_info(run_info)[0]
     previous = json.loads(path_of(previous_results, "metrics.json").read_text())
     reason = stop_reason(previous, cfg.run.min_diversity)
     prefs_cfg = cfg.prefs.model_copy(update={"seed": cfg.prefs.seed + 100 * (round - 1)})
-    key = step_key(data.metadata.get("dpoflow_key"), sampler.metadata.get("dpoflow_key"),
+    key = step_key("prefs", data.metadata.get("dpoflow_key"), sampler.metadata.get("dpoflow_key"),
                    config_dict(prefs_cfg), round, rounds, reason)
 
     def sample(out_dir: Path):
@@ -274,7 +272,7 @@ def round_prefs_task(*, beta: float, round: int, rounds: int, run_info, data, sa
 
 def round_reference_task(*, beta: float, round: int, run_info, pairs, reference_model, workspace: str, threads: int,
                          reference) -> None:
-    cfg = _run_info(run_info)[0]
+    cfg = read_run_info(run_info)[0]
     reference_task(dpo=cfg.dpo.model_dump_json(), pairs=pairs, reference_model=reference_model, workspace=workspace,
                    reference=reference, name=round_step_name("reference", beta, round),
                    rel=round_rel("reference", beta, round), threads=threads)
@@ -289,8 +287,8 @@ def dpo_task(*, beta: float, round: int, run_info, pairs, reference_model, refer
     β run's id goes on in the policy's metadata. A stopped round passes its initial policy through."""
     from dpoflow.dpo.train import run_dpo
 
-    _setup(mlflow_uri, workspace, threads)
-    cfg, parent_run_id = _run_info(run_info)[:2]
+    setup_task(mlflow_uri, workspace, threads)
+    cfg, parent_run_id = read_run_info(run_info)[:2]
     data_md5 = data.metadata.get("md5", "")  # the data step's md5 of what it read (DVC's for DVC data)
     dpo_cfg, tracking_cfg = cfg.dpo.model_copy(update={"beta": beta}), cfg.tracking
     name = round_run_name(beta, round, cfg.run.rounds)
@@ -298,7 +296,7 @@ def dpo_task(*, beta: float, round: int, run_info, pairs, reference_model, refer
     if round == 1 and pairs.metadata.get("policy_init"):  # the same (pinned) version the pairs came from
         init_uri, init_dir = resolve_policy_init(pairs.metadata["policy_init"])
     stopped = pairs.metadata.get("stopped", "")
-    key = step_key(reference.metadata.get("dpoflow_key"), init_policy.metadata.get("dpoflow_key"), init_uri,
+    key = step_key("dpo", reference.metadata.get("dpoflow_key"), init_policy.metadata.get("dpoflow_key"), init_uri,
                    config_dict(dpo_cfg))
     run_id, live = "", None
     if tracking_cfg.enabled and parent_run_id:
@@ -409,10 +407,10 @@ def eval_task(*, beta: float, round: int, run_info, policy, reference_model, dat
     Metrics artifact, the HTML report to the UI, both to the β's MLflow run."""
     from dpoflow.evaluation.evaluate import run_eval
 
-    _setup(mlflow_uri, workspace, threads)
-    cfg = _run_info(run_info)[0]
+    setup_task(mlflow_uri, workspace, threads)
+    cfg = read_run_info(run_info)[0]
     eval_cfg, dpo_cfg, run_id = cfg.eval, cfg.dpo, policy.metadata.get("mlflow_run_id", "")
-    key = step_key(policy.metadata.get("dpoflow_key"), config_dict(eval_cfg))
+    key = step_key("eval", policy.metadata.get("dpoflow_key"), config_dict(eval_cfg))
 
     extra = {}
     if cfg.run.rounds > 1 or policy.metadata.get("policy_init"):  # single-round files stay as dvc writes them
@@ -436,85 +434,3 @@ def eval_task(*, beta: float, round: int, run_info, policy, reference_model, dat
         tracking.log_artifacts(run_id, [out / "report.html", out / "metrics.json",
                                         path_of(policy, "train_summary.json")])
         tracking.end_run(run_id)  # the β run spans training and evaluation
-
-
-def register_task(*, run_info, policy, results, data, reference, mlflow_uri: str) -> str:
-    """A registered version (alias `candidate`) with lineage and quality tags. Returns the version."""
-    from dpoflow.image import build_info, image_lineage
-    from dpoflow.registry import run_register
-    from dpoflow.tracking import _git_sha
-
-    _setup(mlflow_uri, "")
-    cfg, parent_run_id = _run_info(run_info)[:2]
-    data_md5 = data.metadata.get("md5", "")
-    registry_cfg, run_id = cfg.registry, policy.metadata.get("mlflow_run_id", "")
-    if not registry_cfg.enabled or not run_id:
-        return ""
-    figures = json.loads(path_of(results, "metrics.json").read_text())
-    train = json.loads(path_of(policy, "train_summary.json").read_text())
-    lineage = {"beta": figures["beta"], "round": int(policy.metadata.get("round", 1)),
-               "base_model": cfg.model.base or f"built from scratch (preset {cfg.model.preset})",
-               "policy_init": policy.metadata.get("policy_init", ""), "data.md5": data_md5,
-               "data.rev": data.metadata.get("rev", ""), "data.source": data.metadata.get("source", ""),
-               "git_sha": _git_sha() or build_info().get("git_sha", "unknown"), "config_hash": config_hash(cfg),
-               "ref_cache_key": reference.metadata.get("cache_key", ""), "loss_type": train["loss_type"],
-               "parent_run_id": parent_run_id, "mlflow_run_id": run_id, **image_lineage()}
-    version = run_register(path_of(policy, "model"), figures, lineage, model_name=registry_cfg.model_name,
-                           run_id=run_id)
-    from dpoflow import tracking
-
-    tracking.set_version_tags(registry_cfg.model_name, version, {"dpoflow.parent_run_id": parent_run_id})
-    return version
-
-
-def select_task(*, registry: str, versions: list, parent_run_id: str, mlflow_uri: str) -> str:
-    from dpoflow import tracking
-    from dpoflow.registry import run_select
-
-    _setup(mlflow_uri, "")
-    registry_cfg = _model(RegistryConfig, registry)
-    versions = [v for v in versions if v]
-    if not registry_cfg.enabled or not versions:
-        return ""
-    version = run_select(registry_cfg.model_name, versions, max_kl=registry_cfg.max_kl,
-                         min_diversity=registry_cfg.min_diversity, max_length_ratio=registry_cfg.max_length_ratio)
-    if version:
-        tracking.set_version_tags(registry_cfg.model_name, version, {"dpoflow.selected_in": parent_run_id})
-    return version
-
-
-def _gate(registry_cfg: RegistryConfig, eval_cfg: EvalConfig, version: str, data) -> bool:
-    """The gate; a champion evaluated on another set is judged head to head against the candidate
-    on this run's prompts."""
-    from dpoflow.registry import run_gate
-
-    def duel(champion_version: str) -> dict:
-        from dpoflow.evaluation.evaluate import head_to_head
-        from dpoflow.tracking import download_model
-
-        name = registry_cfg.model_name
-        return head_to_head(eval_cfg, download_model(f"models:/{name}/{version}"),
-                            download_model(f"models:/{name}/{champion_version}"), path_of(data))
-
-    return run_gate(registry_cfg.model_name, version, min_win_rate=registry_cfg.min_win_rate, head_to_head=duel,
-                    min_diversity=registry_cfg.min_diversity, max_length_ratio=registry_cfg.max_length_ratio)
-
-
-def gate_task(*, registry: str, eval: str, version: str, data, mlflow_uri: str) -> str:
-    """'pass' or 'fail' (the reasons are tags on the version)."""
-    _setup(mlflow_uri, "")
-    registry_cfg = _model(RegistryConfig, registry)
-    if not registry_cfg.enabled:
-        return "fail"
-    return "pass" if _gate(registry_cfg, _model(EvalConfig, eval), version, data) else "fail"
-
-
-def promote_task(*, registry: str, eval: str, version: str, data, mlflow_uri: str) -> str:
-    """Compare-and-set promotion: when another run moved `champion` since this run's gate, the
-    candidate is gated again against the new champion first."""
-    from dpoflow.registry import run_promote
-
-    _setup(mlflow_uri, "")
-    registry_cfg = _model(RegistryConfig, registry)
-    return json.dumps(run_promote(registry_cfg.model_name, version,
-                                  regate=lambda: _gate(registry_cfg, _model(EvalConfig, eval), version, data)))

@@ -1,11 +1,14 @@
-"""Sequence log-probs of completions: tokenization, batch layout, and the forward that sums them.
+"""Sequence log-probs of completions, shared by SFT, generation, evaluation and DPO: tokenization,
+batch layouts, and the forward that sums them (the output head in chunks: head.py; block attention:
+blocks.py).
 
 Tokenization (as TRL 1.x does for the same data): prompt tokens = the prompt text with the
 tokenizer's special tokens (or the chat template of `prompt_messages` with the generation prompt);
 each completion is tokenized jointly with the prompt and starts where the joint tokens leave the
-prompt's, + EOS. The pair is truncated `keep_start` to `max_length` over prompt + completion.
+prompt's, + EOS. A preference pair (dpo/pairs.py) is truncated `keep_start` to `max_length` over
+prompt + completion.
 
-Batch layout of `collate_pairs` (B pairs -> 2B rows, chosen rows first, then rejected, prompt masked):
+Batch layout of `collate_pairs` (dpo/pairs.py; B pairs -> 2B rows, chosen rows first, then rejected, prompt masked):
 
     pairs: ("Hi", " yes"), ("Hi", " no")          tokens: Hi=5, yes=7, no=8, EOS=2, PAD=0
     input_ids      [[5, 7, 2],      # chosen_0
@@ -35,15 +38,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dpoflow.dpo.blocks import NO_MASK, Blocks, checked, enable_blocks
-from dpoflow.dpo.head import head_logps
+from dpoflow.lm.blocks import NO_MASK, Blocks, checked, enable_blocks
+from dpoflow.lm.head import head_logps
 from dpoflow.memory import logit_budget
 
 IGNORE = -100
-
-
-class TruncationError(ValueError):
-    """A pair that cannot be trained on at the configured max_length."""
 
 
 @dataclass
@@ -101,49 +100,6 @@ def _common_prefix_length(a: list[int], b: list[int]) -> int:
             break
         length += 1
     return length
-
-
-def tokenize_pairs(frame, tokenizer, max_length: int, truncation: str = "keep_start") -> TokenizedPairs:
-    """Tokenize a preference frame (columns prompt, chosen, rejected[, prompt_messages]).
-
-    truncation="keep_start" cuts each prompt+completion to max_length from the end; a prompt that
-    alone fills max_length keeps only its last max_length // 2 tokens (the turns nearest the answer),
-    so the completions keep the other half; both are counted in `truncated`, never an abort.
-    "error" refuses any pair longer than max_length, quoting the start of its prompt.
-    """
-    prompts, chosen, rejected, truncated = [], [], [], 0
-    messages = frame["prompt_messages"] if "prompt_messages" in frame else [""] * len(frame)
-    for prompt, chosen_text, rejected_text, prompt_messages in zip(frame["prompt"], frame["chosen"], frame["rejected"],
-                                                                   messages):
-        prompt_ids, (chosen_ids, rejected_ids) = encode_completions(tokenizer, prompt, prompt_messages,
-                                                                    [chosen_text, rejected_text])
-        longest = len(prompt_ids) + max(len(chosen_ids), len(rejected_ids))
-        if longest > max_length:
-            if truncation == "error":
-                raise TruncationError(
-                    f"the pair with prompt {prompt[:60]!r}... is {longest} tokens > max_length={max_length}; raise "
-                    "dpo.max_length, set dpo.truncation=keep_start or drop long prompts with data.max_prompt_tokens"
-                )
-            truncated += 1
-            if len(prompt_ids) >= max_length:
-                prompt_ids = prompt_ids[len(prompt_ids) - max_length // 2:]
-            room = max_length - len(prompt_ids)
-            chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
-        prompts.append(prompt_ids)
-        chosen.append(chosen_ids)
-        rejected.append(rejected_ids)
-    return TokenizedPairs(prompts, chosen, rejected, truncated)
-
-
-def collate_pairs(pairs: TokenizedPairs, indices, pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Concatenated layout: rows [chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}], right-padded."""
-    sequences, labels = [], []
-    for completions in (pairs.chosen_ids, pairs.rejected_ids):
-        for i in indices:
-            prompt = pairs.prompt_ids[i]
-            sequences.append(prompt + completions[i])
-            labels.append([IGNORE] * len(prompt) + completions[i])
-    return pad_right(sequences, labels, pad_token_id)
 
 
 def pad_right(sequences: list[list[int]], labels: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -20,93 +20,11 @@ from __future__ import annotations
 
 import json
 import tempfile
-import time
 from pathlib import Path
 
-SHAPES = {
-    "qwen2.5-0.5b": ("Qwen2Config", dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                                         num_attention_heads=14, num_key_value_heads=2, vocab_size=151_936,
-                                         tie_word_embeddings=True, rope_theta=1e6, max_position_embeddings=32768,
-                                         rms_norm_eps=1e-6)),
-    "llama-3.2-1b": ("LlamaConfig", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                                         num_attention_heads=32, num_key_value_heads=8, head_dim=64,
-                                         vocab_size=128_256, tie_word_embeddings=True, rope_theta=500000.0,
-                                         rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                                       "high_freq_factor": 4.0,
-                                                       "original_max_position_embeddings": 8192},
-                                         max_position_embeddings=131072, rms_norm_eps=1e-5)),
-}
-VOCABULARIES = (2000, 32_000, 128_256, 151_936)
-BUDGETS_GB = (8, 16, 24, 40, 80)
-DPO = ("dpoflow", "trl", "trl (precompute_ref_log_probs)")
-
-
-def build_shape_model(tokenizer, shape: str, layers: int | None = None, vocab: int | None = None, seed: int = 0):
-    """A model of a real shape (SHAPES) with random weights: `layers` of its body (None = all), its
-    own vocabulary or `vocab` rows (at least the tokenizer's)."""
-    import torch
-    import transformers
-
-    class_name, settings = SHAPES[shape]
-    config = getattr(transformers, class_name)(**{
-        **settings, "num_hidden_layers": layers or settings["num_hidden_layers"],
-        "vocab_size": max(len(tokenizer), vocab or settings["vocab_size"]), "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id})
-    torch.manual_seed(seed)
-    return transformers.AutoModelForCausalLM.from_config(config)
-
-
-def worker(kind: str, settings: dict, work: Path, max_length: int) -> dict:
-    """One measured run in this process: reference scoring, or sampling by dpoflow or HF."""
-    import torch
-
-    from dpoflow.modeling import load_model, load_tokenizer
-
-    started = time.perf_counter()
-    if kind == "reference":
-        from dpoflow.dpo.reference import run_reference
-
-        run_reference(work / "pairs", work / "model", work / "reference", max_length=max_length, log=lambda *_: None)
-        return {"seconds": time.perf_counter() - started}
-    import pandas as pd
-
-    from dpoflow.dpo.logprobs import tokenize_prompt
-    from dpoflow.generation import generate_ids
-
-    model, tokenizer = load_model(str(work / "model")).eval(), load_tokenizer(str(work / "model"))
-    if torch.cuda.is_available():  # as the reference and DPO steps run there: the GPU, bf16
-        model = model.to("cuda", dtype=torch.bfloat16)
-    prompts = pd.read_parquet(work / "pairs" / "train.parquet")["prompt"].tolist()
-    encoded = [tokenize_prompt(tokenizer, text) for text in (prompts * settings["prompts"])[:settings["prompts"]]]
-    k, new, top_p = settings["samples"], settings["max_new_tokens"], settings["top_p"]
-    started = time.perf_counter()
-    if kind == "generate-dpoflow":
-        generate_ids(model, tokenizer, encoded, num_samples=k, max_new_tokens=new, top_p=top_p)
-    else:  # HF generate on the same rows, left-padded
-        width = max(len(ids) for ids in encoded)
-        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(row)) + row for row in encoded], device=model.device)
-        mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in encoded], device=model.device)
-        torch.manual_seed(0)
-        with torch.no_grad():
-            model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, top_p=top_p,
-                           max_new_tokens=new, min_new_tokens=new, num_return_sequences=k,
-                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    return {"seconds": time.perf_counter() - started, "tokens": len(encoded) * k * new}
-
-
-def _measure(kind: str, settings: dict, work: Path, steps: int, batch: int, max_length: int, precision: str,
-             name: str | None = None) -> dict:
-    from dpoflow.bench import run_worker
-
-    try:
-        result = run_worker(kind, settings, work, steps, batch, max_length, precision, name)
-    except RuntimeError as error:  # out of memory is a result here, anything else is not
-        if "out of memory" not in str(error).lower() and "(exit -9)" not in str(error):
-            raise
-        return {"out_of_memory": True}
-    memory = result.get("peak_gpu_mb") or result["peak_rss_mb"]
-    return {**{key: round(value, 4) for key, value in result.items() if key in ("s_per_step", "seconds", "loss")},
-            "peak_memory_mb": round(memory), **({"tokens": result["tokens"]} if "tokens" in result else {})}
+from dpoflow_bench import BUDGETS_GB, CONTENDERS, DPO, SFT_CONTENDERS, VOCABULARIES
+from dpoflow_bench.cases import make_case, make_sft_case
+from dpoflow_bench.harness import cuda, measure
 
 
 def run_vocab(out_dir: str = "bench", shape: str = "qwen2.5-0.5b", layers: int | None = 2,
@@ -116,7 +34,6 @@ def run_vocab(out_dir: str = "bench", shape: str = "qwen2.5-0.5b", layers: int |
     """The sweep (module docstring); writes `name`.json, .md and .png in `out_dir`."""
     import torch
 
-    from dpoflow.bench import CONTENDERS, SFT_CONTENDERS, _cuda, make_case, make_sft_case
 
     generate = generate or {"prompts": 8, "samples": 4, "max_new_tokens": 32, "top_p": 0.9}
     rows = []
@@ -128,28 +45,28 @@ def run_vocab(out_dir: str = "bench", shape: str = "qwen2.5-0.5b", layers: int |
         parameters = setting["parameters_m"] * 1e6
         row = {"vocab": vocab, "parameters_m": setting["parameters_m"], "weights_mb": round(parameters * 4 / 2 ** 20),
                "training_state_mb": round(4 * parameters * 4 / 2 ** 20), "setting": setting}
-        row["reference"] = _measure("reference", {}, work, 0, batch, max_length, precision)
-        row["dpo"] = {contender: _measure(*CONTENDERS[contender], work, steps, batch, max_length, precision,
+        row["reference"] = measure("reference", {}, work, 0, batch, max_length, precision)
+        row["dpo"] = {contender: measure(*CONTENDERS[contender], work, steps, batch, max_length, precision,
                                           contender) for contender in dpo_contenders}
         sft_work = Path(tempfile.mkdtemp(prefix=f"dpoflow-vocab-sft-{vocab}-"))
         row["sft_setting"] = make_sft_case(sft_batch, sft_work, 128, shape=spec)
-        row["sft"] = {contender: _measure(*SFT_CONTENDERS[contender], sft_work, max(steps, 2), sft_batch, 128,
+        row["sft"] = {contender: measure(*SFT_CONTENDERS[contender], sft_work, max(steps, 2), sft_batch, 128,
                                           precision, contender) for contender in SFT_CONTENDERS}
         for group, baseline in (("dpo", "trl"), ("sft", "trl SFTTrainer")):  # equal math: the same loss as TRL's
             base = row[group][baseline].get("loss")
             for result in row[group].values():
                 if base is not None and "loss" in result:
                     result["loss_diff_vs_trl"] = abs(result["loss"] - base)
-        row["generate"] = {contender: _measure(kind, generate, work, 0, batch, max_length, precision)
+        row["generate"] = {contender: measure(kind, generate, work, 0, batch, max_length, precision)
                            for contender, kind in (("dpoflow generate_ids", "generate-dpoflow"),
                                               ("model.generate", "generate-hf"))}
         log(f"vocab {vocab:7d}: " + "  ".join(
             f"{contender} {_cell(result, 's_per_step')} s {_cell(result, 'peak_memory_mb')} MB"
             for contender, result in {"reference": row["reference"], **row["dpo"], **row["sft"]}.items()))
         rows.append(row)
-    device = torch.cuda.get_device_name() if _cuda() else f"{torch.get_num_threads()} CPU threads"
+    device = torch.cuda.get_device_name() if cuda() else f"{torch.get_num_threads()} CPU threads"
     report = {"shape": shape, "layers": layers, "pairs": batch, "lengths": list(lengths), "steps": steps,
-              "precision": precision, "device": device, "memory": "peak GPU memory" if _cuda() else "peak RSS",
+              "precision": precision, "device": device, "memory": "peak GPU memory" if cuda() else "peak RSS",
               "rows": rows}
     if fit:
         report["fits"] = _fits(shape, layers, vocabularies[-1], batch, lengths, steps, precision, log)
@@ -164,7 +81,6 @@ def run_vocab(out_dir: str = "bench", shape: str = "qwen2.5-0.5b", layers: int |
 def _fits(shape, layers, vocab, batch, lengths, steps, precision, log) -> dict:
     """Peak memory of each DPO contender at `batch` and 2 x `batch` pairs: fixed + per-pair memory, and
     the most pairs of this length each fits in the budgets (a linear fit of two measured points)."""
-    from dpoflow.bench import CONTENDERS, make_case
 
     measured = {}
     for pairs in (batch, 2 * batch):
@@ -172,8 +88,8 @@ def _fits(shape, layers, vocab, batch, lengths, steps, precision, log) -> dict:
         setting = make_case("standard", pairs, work, lengths=lengths, shape={"shape": shape, "layers": layers,
                                                                              "vocab": vocab})
         max_length = setting["longest_sequence"] + 8
-        _measure("reference", {}, work, 0, pairs, max_length, precision)
-        measured[pairs] = {name: _measure(*CONTENDERS[name], work, 1, pairs, max_length, precision, name)
+        measure("reference", {}, work, 0, pairs, max_length, precision)
+        measured[pairs] = {name: measure(*CONTENDERS[name], work, 1, pairs, max_length, precision, name)
                            for name in ("dpoflow", "trl")}
     fits = {}
     for name in ("dpoflow", "trl"):
