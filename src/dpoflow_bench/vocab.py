@@ -34,7 +34,6 @@ def run_vocab(out_dir: str = "bench", shape: str = "qwen2.5-0.5b", layers: int |
     """The sweep (module docstring); writes `name`.json, .md and .png in `out_dir`."""
     import torch
 
-
     generate = generate or {"prompts": 8, "samples": 4, "max_new_tokens": 32, "top_p": 0.9}
     rows = []
     for vocab in vocabularies:
@@ -81,7 +80,6 @@ def run_vocab(out_dir: str = "bench", shape: str = "qwen2.5-0.5b", layers: int |
 def _fits(shape, layers, vocab, batch, lengths, steps, precision, log) -> dict:
     """Peak memory of each DPO contender at `batch` and 2 x `batch` pairs: fixed + per-pair memory, and
     the most pairs of this length each fits in the budgets (a linear fit of two measured points)."""
-
     measured = {}
     for pairs in (batch, 2 * batch):
         work = Path(tempfile.mkdtemp(prefix=f"dpoflow-fit-{pairs}-"))

@@ -1,4 +1,5 @@
-"""What each KFP component runs (no kfp import here: components.py holds the typed shells).
+"""What each KFP component of the training side runs (no kfp import here: components.py holds the
+typed shells; the registry's tasks are in registry_tasks.py).
 
 A task = resolve its inputs -> call the step function -> place the output where KFP expects it ->
 record lineage (KFP artifact metadata, MLflow). Where outputs live and when one is reused: reuse.py;
