@@ -432,6 +432,35 @@ def test_a_credential_in_the_config_is_refused_without_echoing_it(tmp_path):
     assert PASSWORD not in result.stdout + result.stderr
 
 
+def test_masking_survives_another_thread_changing_the_environment():
+    """Seen in CI: MLflow's telemetry thread deleted an environment variable while a DPO task logged
+    its params, and iterating os.environ for the secrets to mask raised KeyError (the task failed).
+    A thread setting and deleting a variable as fast as it can: 3000 maskings, none fails (before the
+    fix about a quarter raised KeyError)."""
+    import threading
+
+    from dpoflow.redact import redact
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    stop = threading.Event()
+
+    def churn():
+        while not stop.is_set():
+            os.environ["DPOFLOW_TEST_CHURN"] = "x"
+            os.environ.pop("DPOFLOW_TEST_CHURN", None)
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    try:
+        masked = [redact("key sk-abcdefghijklmnopqrstuvwxyz0123") for _ in range(3000)]
+    finally:
+        stop.set()
+        thread.join()
+        sys.setswitchinterval(interval)
+    assert set(masked) == {"key ***"}
+
+
 @pytest.mark.slow
 def test_secrets_in_the_environment_reach_no_record(tmp_path):
     """A run whose judge prints the API key (a careless client) and whose MLflow password is set:

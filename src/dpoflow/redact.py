@@ -32,8 +32,18 @@ def register_secret_env(*names: str) -> None:
     _extra_names.update(n for n in names if n)
 
 
+def _environment() -> dict[str, str]:
+    """A copy of os.environ, taken again when another thread changes it meanwhile (MLflow's telemetry
+    deletes a variable while a task logs: iterating os.environ then raises KeyError)."""
+    while True:
+        try:
+            return dict(os.environ)
+        except (KeyError, RuntimeError):
+            continue
+
+
 def _secret_values() -> list[str]:
-    values = {value for name, value in os.environ.items()
+    values = {value for name, value in _environment().items()
               if ((SECRET_NAME.search(name) and not NOT_A_VALUE.search(name)) or name in _extra_names)
               and len(value) >= 6}
     return sorted(values, key=len, reverse=True)  # longest first: a value containing another is masked whole
