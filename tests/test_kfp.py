@@ -52,20 +52,35 @@ def test_compiled_spec_holds_the_dag(compiled):
     assert parameters["gpus"]["parameterType"] == "NUMBER_INTEGER"
     assert "description" in parameters["min_win_rate"]  # the UI shows each parameter's meaning
     tasks = root["dag"]["tasks"]
-    assert {"fingerprint", "data", "sft", "prefs", "reference", "for-loop-1", "select", "gate", "condition-2"} <= set(tasks)
-    loop = tasks["for-loop-1"]
+    assert set(tasks) == {"fingerprint", "data", "sft", "prefs", "reference", "candidates"}
+    sweep = spec["components"]["comp-candidates"]["dag"]["tasks"]
+    assert set(sweep) == {"for-loop-1", "select", "gate", "condition-2"}
+    loop = sweep["for-loop-1"]
     assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--betas"
     assert set(spec["components"]["comp-for-loop-1"]["dag"]["tasks"]) == {"dpo", "evaluate", "register"}
-    assert tasks["select"]["inputs"]["parameters"]["versions"]["taskOutputParameter"]["producerTask"] == "for-loop-1"
-    gate = tasks["condition-2"]
+    assert sweep["select"]["inputs"]["parameters"]["versions"]["taskOutputParameter"]["producerTask"] == "for-loop-1"
+    gate = sweep["condition-2"]
     assert gate["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--gate-Output'] == 'pass'"
     assert set(spec["components"]["comp-condition-2"]["dag"]["tasks"]) == {"promote"}
     assert tasks["fingerprint"]["cachingOptions"] == {}  # never cached
+    # the config's one route: fingerprint resolves it; every other step takes that string as `config`,
+    # directly or through the sub-pipeline's input of the same name (no sections, no second copy)
+    steps = {name: task for name, task in [*tasks.items(), *sweep.items(),
+                                           *spec["components"]["comp-for-loop-1"]["dag"]["tasks"].items(),
+                                           *spec["components"]["comp-condition-2"]["dag"]["tasks"].items()]
+             if not task["componentRef"]["name"].startswith(("comp-for-loop", "comp-condition", "comp-candidates"))}
+    assert len(steps) == 11
+    for name, task in steps.items():
+        inputs = spec["components"][task["componentRef"]["name"]]["inputDefinitions"]
+        assert not any(key.endswith("_cfg") or key == "run_info" for part in inputs.values() for key in part), name
+        if name != "fingerprint":
+            source = task["inputs"]["parameters"]["config"]
+            assert source in ({"taskOutputParameter": {"outputParameterKey": "config", "producerTask": "fingerprint"}},
+                              {"componentInputParameter": "pipelinechannel--config"},
+                              {"componentInputParameter": "config"}), (name, source)
+    assert tasks["candidates"]["inputs"]["parameters"]["config"]["taskOutputParameter"]["producerTask"] == "fingerprint"
     # shared storage (the committed default): the step keys decide reuse, KFP's cache never does
-    steps = [task for task in [*tasks.values(), *spec["components"]["comp-for-loop-1"]["dag"]["tasks"].values(),
-                               *spec["components"]["comp-condition-2"]["dag"]["tasks"].values()]
-             if not task["componentRef"]["name"].startswith(("comp-for-loop", "comp-condition"))]
-    assert len(steps) == 11 and all(task["cachingOptions"] == {} for task in steps)
+    assert all(task["cachingOptions"] == {} for task in steps.values())
     dpo = spec["deploymentSpec"]["executors"]["exec-dpo"]["container"]
     assert dpo["resources"]["accelerator"] == {
         "resourceCount": "{{$.inputs.parameters['pipelinechannel--gpus']}}",
@@ -81,7 +96,7 @@ def test_compiled_spec_holds_the_dag(compiled):
     assert any(e["envVar"] == "AWS_SECRET_ACCESS_KEY" for s in secrets for e in s["keyToEnv"])
     assert executors["exec-dpo"]["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"] == \
         "pipelinechannel--node_selector"
-    assert "retryPolicy" in tasks["fingerprint"] and "retryPolicy" in tasks["select"]
+    assert "retryPolicy" in tasks["fingerprint"] and "retryPolicy" in sweep["select"]
 
 
 def test_shared_storage_mounts_the_workspace_volume_into_every_task(compiled, tmp_path):
@@ -136,7 +151,7 @@ def test_rounds_are_unrolled_per_beta(tmp_path):
     # the reference stays fixed: round 3 is scored and evaluated against the SFT model
     for task in ("round-reference-2", "evaluate-3"):
         ref = loop[task]["inputs"]["artifacts"]["reference_model"]
-        assert ref["componentInputArtifact"] == "pipelinechannel--sft-reference_model"
+        assert ref["componentInputArtifact"] == "pipelinechannel--reference_model"
     assert loop["register"]["inputs"]["artifacts"]["policy"]["taskOutputArtifact"]["producerTask"] == "dpo-3"
     assert loop["dpo-3"]["inputs"]["parameters"]["round"]["runtimeValue"]["constant"] == 3
     assert spec["root"]["dag"]["tasks"]["fingerprint"]["inputs"]["parameters"]["compiled_rounds"]["runtimeValue"] == {
@@ -144,7 +159,7 @@ def test_rounds_are_unrolled_per_beta(tmp_path):
     with pytest.raises(ConfigError, match="compiled with 1 on-policy round"):
         fingerprint_task(config="{}", flat={}, config_overrides='{"run.rounds": 2, "tracking.enabled": false, '
                          '"registry.enabled": false}', dvc=("", "", ""), workspace="", mlflow_uri="", mlflow_run_id="",
-                         compiled_rounds=1, run_info=None)
+                         compiled_rounds=1)
 
 
 def test_cron_and_params_are_checked_before_any_request():

@@ -284,10 +284,8 @@ def test_pages_in_a_real_browser(learned_run):
     assert "beta-0.1" in compare.dom and "beta-0.5" in compare.dom and "dpo.beta" in compare.dom
 
 
-def test_a_cluster_run_without_a_tracking_server_is_refused(tmp_path, monkeypatch):
+def test_a_cluster_run_without_a_tracking_server_is_refused(monkeypatch):
     """On a cluster (no local workspace) the default sqlite store would live and die inside each pod."""
-    from kfp.dsl import Artifact
-
     from dpoflow.config import ConfigError, load_config
     from dpoflow.pipeline.parameters import pipeline_arguments
     from dpoflow.pipeline.tasks import fingerprint_task
@@ -296,8 +294,7 @@ def test_a_cluster_run_without_a_tracking_server_is_refused(tmp_path, monkeypatc
     base = pipeline_arguments(load_config(ROOT / "params.yaml"))["config"]
     with pytest.raises(ConfigError, match="on a cluster, set the pipeline parameter mlflow_uri"):
         fingerprint_task(config=base, flat={}, config_overrides="{}", dvc=("", "", ""), workspace="", mlflow_uri="",
-                         compiled_rounds=1,
-                         mlflow_run_id="", run_info=Artifact(uri=str(tmp_path / "info")))
+                         compiled_rounds=1, mlflow_run_id="")
 
 
 @pytest.mark.slow

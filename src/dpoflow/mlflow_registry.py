@@ -29,11 +29,10 @@ def register_version(model_dir: str, name: str, *, run_id: str, tags: dict, besi
     """Log a save_pretrained folder into `run_id` under `model/` (with the files of `beside` next to it:
     the MLmodel file that makes it a pyfunc model too, serving.py) and register it as a version of
     `name` (created if needed); return the version number."""
-    c = client()
-    retrying(c.log_artifacts, run_id, str(model_dir), "model")
-    if beside is not None:
-        add_model_files(run_id, beside)
+    for folder in (model_dir, beside) if beside is not None else (model_dir,):
+        add_model_files(run_id, Path(folder))
     ensure_registered_model(name)
+    c = client()
     # a plain artifact folder (not an MLflow flavor): register its artifact location directly, since
     # MLflow 3's register_model(runs:/...) looks for a LoggedModel
     artifact_uri = c.get_run(run_id).info.artifact_uri

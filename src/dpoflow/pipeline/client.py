@@ -148,7 +148,8 @@ def schedule(host: str, cron: str, arguments: dict, *, experiment: str = "dpoflo
 
 def render_dag(package: Path = PIPELINE_FILE, png: Path = Path("pipelines/dpo_alignment.png")) -> Path:
     """A picture of the compiled DAG (what the Kubeflow UI draws), for the README: tasks by dependency
-    depth; a ParallelFor or an If is drawn as a box holding its own tasks."""
+    depth; a ParallelFor or an If is drawn as a box holding its own tasks, a sub-pipeline's tasks in
+    line with the rest."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -168,6 +169,19 @@ def render_dag(package: Path = PIPELINE_FILE, png: Path = Path("pipelines/dpo_al
             depth(name)
         return found
 
+    def inline(tasks: dict) -> dict:
+        """A sub-pipeline's tasks in place of its task (its first tasks depend on what it depended on)."""
+        out = {}
+        for name, task in tasks.items():
+            inner = spec["components"][task["componentRef"]["name"]].get("dag", {}).get("tasks")
+            if inner is None or "parameterIterator" in task or "triggerPolicy" in task:
+                out[name] = task
+                continue
+            for inner_name, inner_task in inline(inner).items():
+                out[inner_name] = {**inner_task, "dependentTasks": inner_task.get("dependentTasks")
+                                   or task.get("dependentTasks", [])}
+        return out
+
     def label(name: str, task: dict) -> tuple[str, list[str]]:
         component = task["componentRef"]["name"]
         inner = spec["components"][component].get("dag", {}).get("tasks")
@@ -177,7 +191,7 @@ def render_dag(package: Path = PIPELINE_FILE, png: Path = Path("pipelines/dpo_al
         title = "ParallelFor β in betas" if "parameterIterator" in task else f"If {name}: gate == 'pass'"
         return title, order
 
-    tasks = spec["root"]["dag"]["tasks"]
+    tasks = inline(spec["root"]["dag"]["tasks"])
     levels = depths(tasks)
     fig, axis = plt.subplots(figsize=(7, 0.9 * (max(levels.values()) + 1) + 0.6))
     axis.set_axis_off()

@@ -25,9 +25,9 @@ Storage (`storage`, a compile-time choice because it decides what every pod moun
 """
 
 
-import json
 
 from kfp import dsl, kubernetes
+from kfp.dsl import Dataset, Input, Model
 
 from dpoflow.config import Config
 from dpoflow.layout import STORAGE
@@ -48,14 +48,92 @@ def build_pipeline(image: str = DEFAULT_IMAGE, config: Config | None = None, par
                    storage: str = "shared"):
     """The pipeline function for `image`; `config` gives the parameters' defaults (default: Config()).
     `retries`: per task that talks to services (a cluster's MLflow); the local runner uses 0.
-    `storage`: where step outputs live (module doc)."""
+    `storage`: where step outputs live (module doc).
+
+    The config reaches every task one way: the fingerprint task resolves it once (params.yaml's
+    values, the flat parameters, config_overrides) into the string `config` each task takes. The β
+    sweep and the registry's tasks form the sub-pipeline `candidates`, which takes `config` as its
+    own input: kfp 2.17's local runner replaces a task output that enters a ParallelFor directly by
+    the loop item, an input of the enclosing pipeline it passes on unchanged."""
     if storage not in STORAGE:
         raise ValueError(f"storage {storage!r}: choose one of {', '.join(STORAGE)}")
     c = build_components(image)
     config = config or Config()
     rounds, reference_update = config.run.rounds, config.dpo.reference_update
     defaults = pipeline_arguments(config)
-    config_default = json.dumps(json.loads(defaults["config"]), sort_keys=True)
+
+    def configure(task, *, tracked: bool, cached: bool, mlflow_secret, s3_secret) -> None:
+        """What every task gets: its image's name (the lineage a registered version records), the
+        volume of shared storage; tasks that talk to MLflow retry (a tracking server restart must not
+        fail the run) and get its secrets. `cached`: KFP's cache may serve the task (never under
+        shared storage: reuse is the step key's alone — reuse.py: the code the step runs, its
+        settings, its inputs' keys, the folder verified —; KFP's cache knows neither the code inside
+        an image tag nor a folder rebuilt since, and would hand on a stale pointer)."""
+        task.set_env_variable("DPOFLOW_IMAGE", image)
+        if tracked:
+            if retries:
+                task.set_retry(retries, backoff_duration="30s")
+            kubernetes.use_secret_as_env(task, mlflow_secret, MLFLOW_SECRET_KEYS, optional=True)
+            kubernetes.use_secret_as_env(task, s3_secret, S3_SECRET_KEYS, optional=True)
+        if storage == "shared":  # the step outputs the pointers name
+            kubernetes.mount_pvc(task, pvc_name=PVC, mount_path=WORKSPACE)
+        task.set_caching_options(cached and storage != "shared")
+
+    @dsl.pipeline(name="candidates", description="per beta: DPO -> evaluation -> registered candidate; then the "
+                  "sweep's best is selected, gated and promoted to champion")
+    def candidates(config: str, parent_run_id: str, betas: list, dataset: Input[Dataset], pairs: Input[Dataset],
+                   reference_model: Input[Model], reference_logps: Input[Dataset], gpus: int, gpu_type: str,
+                   node_selector: dict, tolerations: list, mlflow_uri: str, mlflow_secret: str, s3_secret: str,
+                   workspace: str, threads_per_task: int):
+        # the β tasks log into this pipeline run's MLflow tree and the registry tasks move aliases:
+        # never served from KFP's cache
+        tasks = []
+        with dsl.ParallelFor(betas, parallelism=parallelism) as beta:
+            round_pairs, round_logps, round_reference_model, init = pairs, reference_logps, reference_model, \
+                reference_model
+            previous_policy = previous_results = None
+            for r in range(1, rounds + 1):
+                if r > 1:  # on-policy: pairs sampled from the previous round's policy, training goes on from it
+                    sample = c["round_prefs"](config=config, beta=beta, round=r, data=dataset, sampler=previous_policy,
+                                              previous_results=previous_results, threads=threads_per_task,
+                                              workspace=workspace)
+                    round_reference_model = previous_policy if reference_update == "previous" else reference_model
+                    score = c["round_reference"](config=config, beta=beta, round=r, pairs=sample.outputs["pairs"],
+                                                 reference_model=round_reference_model, threads=threads_per_task,
+                                                 workspace=workspace)
+                    sample.set_display_name(f"prefs (round {r})")
+                    score.set_display_name(f"reference log-probs (round {r})")
+                    round_pairs, round_logps, init = sample.outputs["pairs"], score.outputs["reference_logps"], \
+                        previous_policy
+                    tasks += [sample, score]
+                dpo = c["dpo"](config=config, parent_run_id=parent_run_id, beta=beta, round=r, pairs=round_pairs,
+                               reference_model=round_reference_model, reference_logps=round_logps, init_policy=init,
+                               data=dataset, gpus=gpus, gpu_type=gpu_type, threads=threads_per_task,
+                               workspace=workspace, mlflow_uri=mlflow_uri)
+                dpo.set_accelerator_type(gpu_type).set_accelerator_limit(gpus)
+                dpo.set_memory_limit("64G").set_cpu_limit("8")
+                kubernetes.empty_dir_mount(dpo, volume_name="shm", mount_path="/dev/shm", medium="Memory")  # NCCL
+                kubernetes.add_node_selector_json(dpo, node_selector)
+                kubernetes.add_toleration_json(dpo, tolerations)
+                # every round is evaluated against the fixed reference
+                evaluate = c["evaluate"](config=config, beta=beta, round=r, policy=dpo.outputs["policy"],
+                                         reference_model=reference_model, data=dataset, pairs=round_pairs,
+                                         threads=threads_per_task, workspace=workspace, mlflow_uri=mlflow_uri)
+                if rounds > 1:
+                    dpo.set_display_name(f"dpo (round {r})")
+                    evaluate.set_display_name(f"evaluate (round {r})")
+                tasks += [dpo, evaluate]
+                previous_policy, previous_results = dpo.outputs["policy"], evaluate.outputs["results"]
+            register = c["register"](config=config, parent_run_id=parent_run_id, policy=previous_policy,
+                                     results=previous_results, data=dataset, reference_logps=round_logps,
+                                     mlflow_uri=mlflow_uri)
+        select = c["select"](config=config, versions=dsl.Collected(register.output), parent_run_id=parent_run_id,
+                             mlflow_uri=mlflow_uri)
+        gate = c["gate"](config=config, version=select.output, data=dataset, mlflow_uri=mlflow_uri)
+        with dsl.If(gate.output == "pass", name="gate-passed"):
+            promote = c["promote"](config=config, version=select.output, data=dataset, mlflow_uri=mlflow_uri)
+        for task in tasks + [register, select, gate, promote]:
+            configure(task, tracked=True, cached=False, mlflow_secret=mlflow_secret, s3_secret=s3_secret)
 
     @dsl.pipeline(name=PIPELINE_NAME, description="DPO alignment: data -> SFT reference -> judged pairs -> "
                   "reference log-probs -> DPO per beta -> evaluation -> MLflow registry (candidate -> champion)")
@@ -82,7 +160,7 @@ def build_pipeline(image: str = DEFAULT_IMAGE, config: Config | None = None, par
         mlflow_secret: str = "dpoflow-mlflow",
         s3_secret: str = "dpoflow-s3",
         config_overrides: str = "{}",
-        config: str = config_default,
+        config: str = defaults["config"],
         mlflow_run_id: str = "",
         workspace: str = f"{WORKSPACE}/{config.run.name}" if storage == "shared" else "",
         threads_per_task: int = 0,
@@ -123,93 +201,28 @@ def build_pipeline(image: str = DEFAULT_IMAGE, config: Config | None = None, par
             loss_type=loss_type, learning_rate=learning_rate, max_steps=max_steps, judge=judge,
             min_win_rate=min_win_rate, model_name=model_name, dpo_nodes=dpo_nodes, workspace=workspace, mlflow_uri=mlflow_uri,
             mlflow_run_id=mlflow_run_id, compiled_rounds=rounds)
-        # never cached: it tells the cached steps below whether the data (a moving DVC branch) changed
-        fingerprint.set_caching_options(False)
-        run_info = fingerprint.outputs["run_info"]
-        data = c["data"](config=fingerprint.outputs["config"], data_md5=fingerprint.outputs["data_md5"],
-                         workspace=workspace)
+        run_config = fingerprint.outputs["config"]  # the run's config, resolved once: what every task reads
+        data = c["data"](config=run_config, data_md5=fingerprint.outputs["data_md5"], workspace=workspace)
         dataset = data.outputs["dataset"]
-        sft = c["sft"](sft_cfg=data.outputs["sft_cfg"], model_cfg=data.outputs["model_cfg"], data=dataset,
-                       data_md5=fingerprint.outputs["data_md5"], workspace=workspace)
+        sft = c["sft"](config=run_config, data=dataset, workspace=workspace)
         sft.set_display_name("sft (reference)")
         reference_model = sft.outputs["reference_model"]
-        prefs = c["prefs"](prefs_cfg=data.outputs["prefs_cfg"], model_cfg=data.outputs["model_cfg"], rounds=rounds,
-                           data=dataset, reference_model=reference_model, workspace=workspace)
-        pairs = prefs.outputs["pairs"]
-        reference = c["reference"](dpo_cfg=data.outputs["dpo_cfg"], pairs=pairs, reference_model=reference_model,
+        prefs = c["prefs"](config=run_config, data=dataset, reference_model=reference_model, workspace=workspace)
+        reference = c["reference"](config=run_config, pairs=prefs.outputs["pairs"], reference_model=reference_model,
                                    workspace=workspace)
         reference.set_display_name("reference log-probs")
-        tracked, uncached = [fingerprint, data], []
-        # inside the loop, settings come from the run_info artifact, not from task-output parameters
-        # (kfp 2.17's local runner replaces those with the loop item)
-        with dsl.ParallelFor(betas, parallelism=parallelism) as beta:
-            round_pairs, round_logps, round_reference_model, init = pairs, reference.outputs["reference_logps"], \
-                reference_model, reference_model
-            previous_policy = previous_results = None
-            for r in range(1, rounds + 1):
-                if r > 1:  # on-policy: pairs sampled from the previous round's policy, training goes on from it
-                    sample = c["round_prefs"](beta=beta, round=r, rounds=rounds, run_info=run_info, data=dataset,
-                                              sampler=previous_policy, previous_results=previous_results,
-                                              threads=threads_per_task, workspace=workspace)
-                    round_reference_model = previous_policy if reference_update == "previous" else reference_model
-                    score = c["round_reference"](beta=beta, round=r, run_info=run_info, pairs=sample.outputs["pairs"],
-                                                 reference_model=round_reference_model, threads=threads_per_task,
-                                                 workspace=workspace)
-                    sample.set_display_name(f"prefs (round {r})")
-                    score.set_display_name(f"reference log-probs (round {r})")
-                    round_pairs, round_logps, init = sample.outputs["pairs"], score.outputs["reference_logps"], \
-                        previous_policy
-                    tracked += [sample, score]
-                    uncached += [sample, score]
-                dpo = c["dpo"](beta=beta, round=r, run_info=run_info, pairs=round_pairs,
-                               reference_model=round_reference_model, reference_logps=round_logps, init_policy=init,
-                               data=dataset, gpus=gpus, gpu_type=gpu_type, threads=threads_per_task,
-                               workspace=workspace, mlflow_uri=mlflow_uri)
-                dpo.set_accelerator_type(gpu_type).set_accelerator_limit(gpus)
-                dpo.set_memory_limit("64G").set_cpu_limit("8")
-                kubernetes.empty_dir_mount(dpo, volume_name="shm", mount_path="/dev/shm", medium="Memory")  # NCCL
-                kubernetes.add_node_selector_json(dpo, node_selector)
-                kubernetes.add_toleration_json(dpo, tolerations)
-                # every round is evaluated against the fixed reference
-                evaluate = c["evaluate"](beta=beta, round=r, run_info=run_info, policy=dpo.outputs["policy"],
-                                         reference_model=reference_model, data=dataset, pairs=round_pairs,
-                                         threads=threads_per_task, workspace=workspace, mlflow_uri=mlflow_uri)
-                if rounds > 1:
-                    dpo.set_display_name(f"dpo (round {r})")
-                    evaluate.set_display_name(f"evaluate (round {r})")
-                tracked += [dpo, evaluate]
-                uncached += [dpo, evaluate]
-                previous_policy, previous_results = dpo.outputs["policy"], evaluate.outputs["results"]
-            register = c["register"](run_info=run_info, policy=previous_policy, results=previous_results, data=dataset,
-                                     reference_logps=round_logps, mlflow_uri=mlflow_uri)
-            tracked.append(register)
-        select = c["select"](registry_cfg=data.outputs["registry_cfg"], versions=dsl.Collected(register.output),
-                             parent_run_id=fingerprint.outputs["parent_run_id"], mlflow_uri=mlflow_uri)
-        gate = c["gate"](registry_cfg=data.outputs["registry_cfg"], eval_cfg=data.outputs["eval_cfg"],
-                         version=select.output, data=dataset, mlflow_uri=mlflow_uri)
-        with dsl.If(gate.output == "pass", name="gate-passed"):
-            promote = c["promote"](registry_cfg=data.outputs["registry_cfg"], eval_cfg=data.outputs["eval_cfg"],
-                                   version=select.output, data=dataset, mlflow_uri=mlflow_uri)
-        # the tasks that talk to MLflow retry (a tracking server restart must not fail the run);
-        # the registry tasks must never be served from KFP's cache: they read and move aliases
-        for task in tracked + [select, gate, promote]:
-            if retries:
-                task.set_retry(retries, backoff_duration="30s")
-            kubernetes.use_secret_as_env(task, mlflow_secret, MLFLOW_SECRET_KEYS, optional=True)
-            kubernetes.use_secret_as_env(task, s3_secret, S3_SECRET_KEYS, optional=True)
-        # the β tasks log into this pipeline run's MLflow tree and the registry tasks move aliases:
-        # never served from KFP's cache (sft, prefs, reference log-probs are, while data is unchanged)
-        for task in uncached + [register, select, gate, promote]:
-            task.set_caching_options(False)
-        # every task knows its image: the lineage a registered version records (dpoflow.image)
-        every = {id(t): t for t in tracked + [sft, prefs, reference, select, gate, promote]}.values()
-        for task in every:
-            task.set_env_variable("DPOFLOW_IMAGE", image)
-            if storage == "shared":  # the step outputs the pointers name
-                kubernetes.mount_pvc(task, pvc_name=PVC, mount_path=WORKSPACE)
-                # reuse is the step key's alone (reuse.py: the code the step runs, its settings, its
-                # inputs' keys, the folder verified): KFP's cache knows neither the code inside an
-                # image tag nor a folder rebuilt since, and would hand on a stale pointer
-                task.set_caching_options(False)
+        sweep = candidates(config=run_config, parent_run_id=fingerprint.outputs["parent_run_id"], betas=betas, dataset=dataset,
+                   pairs=prefs.outputs["pairs"], reference_model=reference_model,
+                   reference_logps=reference.outputs["reference_logps"], gpus=gpus, gpu_type=gpu_type,
+                   node_selector=node_selector, tolerations=tolerations, mlflow_uri=mlflow_uri,
+                   mlflow_secret=mlflow_secret, s3_secret=s3_secret, workspace=workspace,
+                   threads_per_task=threads_per_task)
+        sweep.set_caching_options(False)
+        secrets = dict(mlflow_secret=mlflow_secret, s3_secret=s3_secret)
+        # never cached: it tells the cached steps below whether the data (a moving DVC branch) changed
+        configure(fingerprint, tracked=True, cached=False, **secrets)
+        configure(data, tracked=True, cached=True, **secrets)
+        for task in (sft, prefs, reference):  # cached under --storage artifacts while config and data are unchanged
+            configure(task, tracked=False, cached=True, **secrets)
 
     return dpo_alignment

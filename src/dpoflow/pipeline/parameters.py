@@ -48,11 +48,16 @@ def resolve_config(config_json: str, flat: dict, overrides_json: str = "{}", dvc
     return cfg
 
 
+def config_json(cfg: Config) -> str:
+    """The one serialization of a run's config that the pipeline's tasks pass on (tasks.run_config)."""
+    return json.dumps(config_dict(cfg), sort_keys=True)
+
+
 def pipeline_arguments(cfg: Config) -> dict:
     """The pipeline's arguments that reproduce `cfg` (the compiled defaults come from params.yaml)."""
     flat = flatten(config_dict(cfg))
     arguments = {name: flat[key] for name, key in FLAT_PARAMETERS.items()}
     arguments["base_model"] = arguments["base_model"] or ""
-    arguments["config"] = json.dumps(config_dict(cfg), sort_keys=True)
+    arguments["config"] = config_json(cfg)
     return arguments
 

@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import json
 
-from dpoflow.config import EvalConfig, RegistryConfig, config_hash
+from dpoflow.config import Config, config_hash
 from dpoflow.pipeline.reuse import path_of
-from dpoflow.pipeline.tasks import config_section, read_run_info, setup_task
+from dpoflow.pipeline.tasks import run_config, setup_task
 
 
-def register_task(*, run_info, policy, results, data, reference, mlflow_uri: str) -> str:
+def register_task(*, config: str, parent_run_id: str, policy, results, data, reference, mlflow_uri: str) -> str:
     """A registered version (alias `candidate`) with lineage and quality tags. Returns the version."""
     from dpoflow.image import build_info, image_lineage
     from dpoflow.registry import run_register
     from dpoflow.tracking import git_sha
 
     setup_task(mlflow_uri, "")
-    cfg, parent_run_id = read_run_info(run_info)[:2]
+    cfg = run_config(config)
     data_md5 = data.metadata.get("md5", "")
     registry_cfg, run_id = cfg.registry, policy.metadata.get("mlflow_run_id", "")
     if not registry_cfg.enabled or not run_id:
@@ -39,12 +39,12 @@ def register_task(*, run_info, policy, results, data, reference, mlflow_uri: str
     return version
 
 
-def select_task(*, registry: str, versions: list, parent_run_id: str, mlflow_uri: str) -> str:
+def select_task(*, config: str, versions: list, parent_run_id: str, mlflow_uri: str) -> str:
     from dpoflow import mlflow_registry
     from dpoflow.registry import run_select
 
     setup_task(mlflow_uri, "")
-    registry_cfg = config_section(RegistryConfig, registry)
+    registry_cfg = run_config(config).registry
     versions = [v for v in versions if v]
     if not registry_cfg.enabled or not versions:
         return ""
@@ -55,38 +55,39 @@ def select_task(*, registry: str, versions: list, parent_run_id: str, mlflow_uri
     return version
 
 
-def _gate(registry_cfg: RegistryConfig, eval_cfg: EvalConfig, version: str, data) -> bool:
+def _gate(cfg: Config, version: str, data) -> bool:
     """The gate; a champion evaluated on another set is judged head to head against the candidate
     on this run's prompts."""
     from dpoflow.registry import run_gate
+
+    registry_cfg = cfg.registry
 
     def duel(champion_version: str) -> dict:
         from dpoflow.evaluation.evaluate import head_to_head
         from dpoflow.mlflow_registry import download_model
 
         name = registry_cfg.model_name
-        return head_to_head(eval_cfg, download_model(f"models:/{name}/{version}"),
+        return head_to_head(cfg.eval, download_model(f"models:/{name}/{version}"),
                             download_model(f"models:/{name}/{champion_version}"), path_of(data))
 
     return run_gate(registry_cfg.model_name, version, min_win_rate=registry_cfg.min_win_rate, head_to_head=duel,
                     min_diversity=registry_cfg.min_diversity, max_length_ratio=registry_cfg.max_length_ratio)
 
 
-def gate_task(*, registry: str, eval: str, version: str, data, mlflow_uri: str) -> str:
+def gate_task(*, config: str, version: str, data, mlflow_uri: str) -> str:
     """'pass' or 'fail' (the reasons are tags on the version)."""
     setup_task(mlflow_uri, "")
-    registry_cfg = config_section(RegistryConfig, registry)
-    if not registry_cfg.enabled:
+    cfg = run_config(config)
+    if not cfg.registry.enabled:
         return "fail"
-    return "pass" if _gate(registry_cfg, config_section(EvalConfig, eval), version, data) else "fail"
+    return "pass" if _gate(cfg, version, data) else "fail"
 
 
-def promote_task(*, registry: str, eval: str, version: str, data, mlflow_uri: str) -> str:
+def promote_task(*, config: str, version: str, data, mlflow_uri: str) -> str:
     """Compare-and-set promotion: when another run moved `champion` since this run's gate, the
     candidate is gated again against the new champion first."""
     from dpoflow.registry import run_promote
 
     setup_task(mlflow_uri, "")
-    registry_cfg = config_section(RegistryConfig, registry)
-    return json.dumps(run_promote(registry_cfg.model_name, version,
-                                  regate=lambda: _gate(registry_cfg, config_section(EvalConfig, eval), version, data)))
+    cfg = run_config(config)
+    return json.dumps(run_promote(cfg.registry.model_name, version, regate=lambda: _gate(cfg, version, data)))

@@ -13,20 +13,10 @@ import os
 import shutil
 from pathlib import Path
 
-from dpoflow.config import (
-    Config,
-    ConfigError,
-    DpoConfig,
-    ModelConfig,
-    PrefsConfig,
-    SftConfig,
-    config_dict,
-    config_hash,
-    flatten,
-)
+from dpoflow.config import Config, ConfigError, DpoConfig, config_dict, config_hash, flatten
 from dpoflow.layout import beta_dir_name, round_rel, round_run_name, round_step_name, set_threads
 from dpoflow.manifest import building
-from dpoflow.pipeline.parameters import resolve_config
+from dpoflow.pipeline.parameters import config_json, resolve_config
 from dpoflow.pipeline.reuse import (
     content_fingerprint,
     copy_into,
@@ -74,22 +64,22 @@ def setup_task(mlflow_uri: str, workspace: str, threads: int = 0) -> None:
     set_threads(threads)
 
 
-def config_section(cls, config_json: str):
-    return cls.model_validate_json(config_json)
+def run_config(config: str) -> Config:
+    """The run's config as every task receives it: the fingerprint task resolved and validated it
+    once and passed it on as one JSON string (`config_json`); each task reads the sections it uses."""
+    return Config.model_validate_json(config)
 
 
-DATA_OUTPUTS = ["model_cfg", "sft_cfg", "prefs_cfg", "dpo_cfg", "eval_cfg", "registry_cfg"]
 FINGERPRINT_OUTPUTS = ["config", "data_md5", "parent_run_id"]
 
 
 # ---- tasks ----------------------------------------------------------------------------------------
 
 def fingerprint_task(*, config: str, flat: dict, config_overrides: str, dvc: tuple[str, str, str], workspace: str,
-                     mlflow_uri: str, mlflow_run_id: str, compiled_rounds: int, run_info) -> dict:
+                     mlflow_uri: str, mlflow_run_id: str, compiled_rounds: int) -> dict:
     """Resolve and validate the run config, fingerprint the data (DVC's md5 at the rev, or the file's),
     open (or join) the MLflow parent run. Never cached: its outputs are what tells the cached steps
-    below whether anything changed. `run_info` (an artifact: parent run, md5, config sections) is
-    what the β tasks read."""
+    below whether anything changed; its `config` is the one every later task reads (run_config)."""
     setup_task(mlflow_uri, workspace)
     cfg = resolve_config(config, flat, config_overrides, dvc)
     if cfg.run.rounds != compiled_rounds:
@@ -113,29 +103,16 @@ def fingerprint_task(*, config: str, flat: dict, config_overrides: str, dvc: tup
                                   "dpoflow.kfp_run_id": os.environ.get("KFP_RUN_ID", "")})
         if cfg.registry.enabled:
             mlflow_registry.ensure_registered_model(cfg.registry.model_name)  # before the β tasks race to create it
-    resolved = {"config_hash": config_hash(cfg), **config_dict(cfg)}
-    Path(run_info.path).parent.mkdir(parents=True, exist_ok=True)
-    Path(run_info.path).write_text(json.dumps({"parent_run_id": parent, "data_md5": md5, "config": resolved}) + "\n")
-    run_info.metadata.update({"parent_run_id": parent, "data_md5": md5, "config_hash": config_hash(cfg)})
-    return {"config": json.dumps(config_dict(cfg), sort_keys=True), "data_md5": md5, "parent_run_id": parent}
+    return {"config": config_json(cfg), "data_md5": md5, "parent_run_id": parent}
 
 
-def read_run_info(artifact) -> tuple[Config, str, str]:
-    """(config, parent run id, data md5) from the fingerprint task's artifact. (The β tasks read them
-    from an artifact, not from task-output parameters: kfp 2.17's local runner replaces every
-    task-output parameter of a ParallelFor iteration by the loop item.)"""
-    info = json.loads(Path(artifact.path).read_text())
-    config = {k: v for k, v in info["config"].items() if k != "config_hash"}
-    return Config.model_validate(config), info["parent_run_id"], info["data_md5"]
-
-
-def data_task(*, config: str, data_md5: str, workspace: str, dataset) -> dict:
-    """Load + validate + split the data (cached by KFP on its inputs: the config and the data md5).
-    Returns the per-step config sections the later tasks take."""
+def data_task(*, config: str, data_md5: str, workspace: str, dataset) -> None:
+    """Load + validate + split the data (under --storage artifacts cached by KFP on its inputs: the
+    config and the data md5)."""
     from dpoflow.data.step import data_config_for_run, run_data
 
     setup_task("", workspace)
-    cfg = Config.model_validate_json(config)
+    cfg = run_config(config)
     data_cfg = data_config_for_run(cfg)
     key = step_key("data", config_dict(data_cfg), cfg.run.seed, data_md5)
     out = produce("data", "data", dataset, key, workspace, lambda d: run_data(data_cfg, d, seed=cfg.run.seed))
@@ -144,21 +121,21 @@ def data_task(*, config: str, data_md5: str, workspace: str, dataset) -> dict:
     dataset.metadata.update({"rows_in": stats["rows_in"], "kept": stats["kept"], "md5": info["md5"],
                              "rev": info.get("rev") or "", "source": info["source"],
                              "quarantined": sum(stats["quarantined"].values()) if stats["quarantined"] else 0})
-    return {f"{name}_cfg": getattr(cfg, name).model_dump_json() for name in ("model", "sft", "prefs", "dpo", "eval",
-                                                                            "registry")}
 
 
-def sft_task(*, sft: str, model: str, data, data_md5: str, workspace: str, reference_model) -> None:
+def sft_task(*, config: str, data, workspace: str, reference_model) -> None:
     """The reference model: SFT of the base on the corpus, or (sft.enabled=false) the given base,
     resolved once to a local folder (a models:/ URI or hub id included)."""
     from dpoflow.modeling import resolve_model_path
     from dpoflow.sft import run_sft
 
     setup_task("", workspace)
-    sft_cfg, model_cfg = config_section(SftConfig, sft), config_section(ModelConfig, model)
+    cfg = run_config(config)
+    sft_cfg, model_cfg = cfg.sft, cfg.model
     upstream = data.metadata.get("dpoflow_key")
     if sft_cfg.enabled:
-        key = step_key("sft", upstream, sft, model, content_fingerprint(model_cfg.base))
+        key = step_key("sft", upstream, sft_cfg.model_dump_json(), model_cfg.model_dump_json(),
+                       content_fingerprint(model_cfg.base))
         produce("sft", "sft", reference_model, key, workspace,
                 lambda d: run_sft(sft_cfg, model_cfg, path_of(data), d))
         return
@@ -170,7 +147,8 @@ def sft_task(*, sft: str, model: str, data, data_md5: str, workspace: str, refer
     (target / "model").symlink_to(base) if workspace else shutil.copytree(base, target / "model")
     if workspace:
         point_to(reference_model, target)
-    reference_model.metadata["dpoflow_key"] = step_key("sft", upstream, model, content_fingerprint(str(base)))
+    reference_model.metadata["dpoflow_key"] = step_key("sft", upstream, model_cfg.model_dump_json(),
+                                                       content_fingerprint(str(base)))
     reference_model.metadata["base"] = model_cfg.base
 
 
@@ -186,7 +164,7 @@ def resolve_policy_init(uri: str) -> tuple[str, Path]:
     return uri, Path(resolve_model_path(uri)).resolve()
 
 
-def prefs_task(*, prefs: str, model: str, rounds: int, data, reference_model, workspace: str, pairs) -> None:
+def prefs_task(*, config: str, data, reference_model, workspace: str, pairs) -> None:
     """Judged preference pairs sampled from the reference (the DPO paper's protocol) — or from
     model.policy_init when set (scheduled retraining continues from the champion) —, or the data's own
     pairs (prefs.enabled=false). With on-policy rounds, round 1 takes its share of the prompts."""
@@ -194,14 +172,16 @@ def prefs_task(*, prefs: str, model: str, rounds: int, data, reference_model, wo
     from dpoflow.preferences import run_prefs
 
     setup_task("", workspace)
-    prefs_cfg, model_cfg = config_section(PrefsConfig, prefs), config_section(ModelConfig, model)
+    cfg = run_config(config)
+    prefs_cfg, model_cfg, rounds = cfg.prefs, cfg.model, cfg.run.rounds
     if prefs_cfg.enabled:
         sampler, sampler_key, init_uri = path_of(reference_model, "model"), reference_model.metadata.get("dpoflow_key"), ""
         if model_cfg.policy_init:
             init_uri, sampler = resolve_policy_init(model_cfg.policy_init)
             sampler_key = tree_md5(sampler)
         shard = (0, rounds)
-        key = step_key("prefs", data.metadata.get("dpoflow_key"), sampler_key, prefs, *([shard] if rounds > 1 else []))
+        key = step_key("prefs", data.metadata.get("dpoflow_key"), sampler_key, prefs_cfg.model_dump_json(),
+                       *([shard] if rounds > 1 else []))
         produce("prefs", "prefs", pairs, key, workspace,
                 lambda d: run_prefs(prefs_cfg, path_of(data), sampler, d, shard, init_uri))
         pairs.metadata.update({"policy_init": init_uri, "sampler": init_uri or "reference"})
@@ -218,14 +198,14 @@ def _rows(path: Path) -> int:
     return pq.ParquetFile(path).metadata.num_rows if path.exists() else 0
 
 
-def reference_task(*, dpo: str, pairs, reference_model, workspace: str, reference, name: str = "reference",
+def reference_task(*, config: str, pairs, reference_model, workspace: str, reference, name: str = "reference",
                    rel: str = "reference", threads: int = 0) -> None:
     """The reference model's log-probs over every pair, once for the whole β sweep (or, in on-policy
     round r > 1, over that round's pairs of one β)."""
     from dpoflow.dpo.reference import run_reference
 
     setup_task("", workspace, threads)
-    dpo_cfg = config_section(DpoConfig, dpo)
+    dpo_cfg = run_config(config).dpo
     key = step_key("reference", pairs.metadata.get("dpoflow_key"), reference_model.metadata.get("dpoflow_key"),
                    dpo_cfg.max_length, dpo_cfg.truncation)
 
@@ -243,15 +223,16 @@ def reference_task(*, dpo: str, pairs, reference_model, workspace: str, referenc
     reference.metadata["cache_key"] = json.loads((out / "reference.json").read_text())["cache_key"]
 
 
-def round_prefs_task(*, beta: float, round: int, rounds: int, run_info, data, sampler, previous_results,
-                     workspace: str, threads: int, pairs) -> None:
+def round_prefs_task(*, config: str, beta: float, round: int, data, sampler, previous_results, workspace: str,
+                     threads: int, pairs) -> None:
     """On-policy round `round` for one β: sample this round's share of the training prompts (and the
     eval prompts) from the previous round's policy, judge, build pairs — the prefs step unchanged.
     Stops (writes stopped.json, no pairs) when the previous round's samples lost their diversity."""
     from dpoflow.preferences import run_prefs
 
     setup_task("", workspace, threads)
-    cfg = read_run_info(run_info)[0]
+    cfg = run_config(config)
+    rounds = cfg.run.rounds
     previous = json.loads(path_of(previous_results, "metrics.json").read_text())
     reason = stop_reason(previous, cfg.run.min_diversity)
     prefs_cfg = cfg.prefs.model_copy(update={"seed": cfg.prefs.seed + 100 * (round - 1)})
@@ -271,16 +252,15 @@ def round_prefs_task(*, beta: float, round: int, rounds: int, run_info, data, sa
     pairs.metadata.update({"round": round, "stopped": reason})
 
 
-def round_reference_task(*, beta: float, round: int, run_info, pairs, reference_model, workspace: str, threads: int,
+def round_reference_task(*, config: str, beta: float, round: int, pairs, reference_model, workspace: str, threads: int,
                          reference) -> None:
-    cfg = read_run_info(run_info)[0]
-    reference_task(dpo=cfg.dpo.model_dump_json(), pairs=pairs, reference_model=reference_model, workspace=workspace,
+    reference_task(config=config, pairs=pairs, reference_model=reference_model, workspace=workspace,
                    reference=reference, name=round_step_name("reference", beta, round),
                    rel=round_rel("reference", beta, round), threads=threads)
 
 
-def dpo_task(*, beta: float, round: int, run_info, pairs, reference_model, reference, init_policy, data, gpus: int,
-             threads: int, workspace: str, mlflow_uri: str, policy) -> None:
+def dpo_task(*, config: str, parent_run_id: str, beta: float, round: int, pairs, reference_model, reference,
+             init_policy, data, gpus: int, threads: int, workspace: str, mlflow_uri: str, policy) -> None:
     """DPO for one β (and on-policy round). Training starts from `init_policy` (the previous round's
     policy; in round 1 the reference, or model.policy_init). Training metrics reach MLflow while it
     runs (a nested run `beta-<β>` — `round-<r>/beta-<β>` with rounds — under the parent, with system
@@ -289,7 +269,7 @@ def dpo_task(*, beta: float, round: int, run_info, pairs, reference_model, refer
     from dpoflow.dpo.train import run_dpo
 
     setup_task(mlflow_uri, workspace, threads)
-    cfg, parent_run_id = read_run_info(run_info)[:2]
+    cfg = run_config(config)
     data_md5 = data.metadata.get("md5", "")  # the data step's md5 of what it read (DVC's for DVC data)
     dpo_cfg, tracking_cfg = cfg.dpo.model_copy(update={"beta": beta}), cfg.tracking
     name = round_run_name(beta, round, cfg.run.rounds)
@@ -402,14 +382,14 @@ def _launch_dpo(cfg: DpoConfig, pairs_dir, model_dir, reference_dir, out_dir: Pa
     subprocess.run(command, check=True, env=env)
 
 
-def eval_task(*, beta: float, round: int, run_info, policy, reference_model, data, pairs, threads: int, workspace: str,
+def eval_task(*, config: str, beta: float, round: int, policy, reference_model, data, pairs, threads: int, workspace: str,
               mlflow_uri: str, results, metrics, report) -> None:
     """Win rate vs the reference (± 95 % CI), reward margin, KL, report. Figures go to the KFP
     Metrics artifact, the HTML report to the UI, both to the β's MLflow run."""
     from dpoflow.evaluation.evaluate import run_eval
 
     setup_task(mlflow_uri, workspace, threads)
-    cfg = read_run_info(run_info)[0]
+    cfg = run_config(config)
     eval_cfg, dpo_cfg, run_id = cfg.eval, cfg.dpo, policy.metadata.get("mlflow_run_id", "")
     key = step_key("eval", policy.metadata.get("dpoflow_key"), config_dict(eval_cfg))
 
