@@ -4,18 +4,24 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast install lint compile image base-image push clean
+.PHONY: run test test-fast install lint lock compile image base-image push clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# Reinstall only when pyproject.toml changes. torch is installed first and pinned exactly:
-# an open range would pull a multi-GB CUDA build on a CPU machine.
-$(STAMP): pyproject.toml | $(BIN)/python
+# Reinstall only when pyproject.toml or constraints.txt changes. torch is installed first and pinned
+# exactly: an open range would pull a multi-GB CUDA build on a CPU machine. constraints.txt holds every
+# other package at the version the project was tested with (same libraries, same numbers).
+$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
+
+# constraints.txt from the installed venv, after changing a dependency in pyproject.toml
+lock: $(STAMP)
+	{ sed -n '/^#/p' constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^torch=='; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 # kustomize, pinned, for the test that renders manifests/ (kubectl's own kustomize serves users)
 $(BIN)/kustomize: .ci/kustomize.py | $(BIN)/python

@@ -357,6 +357,36 @@ def test_dockerfile_pins_match_pyproject():
     assert re.search(r"^FROM \$\{BASE_IMAGE\}$", dockerfile, re.M)
     assert re.search(r"^USER 1000$", dockerfile, re.M) and "dpoflow --help" in dockerfile
     assert f'"{pyproject["project"]["version"]}"' in (ROOT / "src/dpoflow/__init__.py").read_text()
+    assert "-c /tmp/constraints.txt" in dockerfile  # the image runs the venv's library versions
+
+
+def test_every_dependency_is_pinned_where_pyproject_allows_and_installed_so():
+    """constraints.txt (make install, the image and CI install with it) pins every dependency of
+    pyproject, runtime and dev, at a version inside pyproject's range — and this environment has
+    exactly those versions: a fresh clone runs the demo with the libraries its figures came from."""
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            requirement = Requirement(line)
+            (spec,) = requirement.specifier
+            assert spec.operator == "==", line
+            pins[canonicalize_name(requirement.name)] = spec.version
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for line in [*pyproject["dependencies"], *pyproject["optional-dependencies"]["dev"]]:
+        requirement = Requirement(line)
+        name = canonicalize_name(requirement.name)
+        if name == "torch":  # pinned in pyproject itself (its CPU and CUDA builds differ)
+            assert name not in pins
+            continue
+        assert name in pins, f"{name} is not in constraints.txt: run `make lock`"
+        assert requirement.specifier.contains(pins[name]), f"constraints.txt pins {name}=={pins[name]} outside {line}"
+    stale = {name: (pin, version(name)) for name, pin in pins.items() if version(name) != pin}
+    assert not stale, f"installed versions differ from constraints.txt (pin, installed): {stale}; run `make install`"
 
 
 def _kustomize() -> list[str]:

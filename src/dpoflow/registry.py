@@ -29,7 +29,7 @@ def _library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {}
-    for package in ("dpoflow", "torch", "transformers", "accelerate", "mlflow", "kfp"):
+    for package in ("dpoflow", "torch", "transformers", "tokenizers", "accelerate", "datasets", "mlflow", "kfp"):
         try:
             found[f"dpoflow.lib.{package}"] = version(package)
         except PackageNotFoundError:
