@@ -1,9 +1,10 @@
 """The one DAG, run by the Kubeflow cluster and by `dpoflow run` (kfp local runner) alike:
 
-    data ──► sft ──► prefs ──► reference
-                                   │
-    ParallelFor(β in betas): dpo ──► evaluate ──► register (alias candidate)
-    select (dsl.Collected versions) ──► gate ──► If(gate == 'pass'): promote (alias champion)
+    fingerprint ──► data ──► sft ──► prefs ──► reference
+                                                   │
+    candidates (a sub-pipeline):
+        ParallelFor(β in betas): dpo ──► evaluate ──► register (alias candidate)
+        select (dsl.Collected versions) ──► gate ──► If(gate == 'pass'): promote (alias champion)
 
 With run.rounds = R > 1 (on-policy rounds, unrolled when the pipeline is built), each β iteration is
 
@@ -23,8 +24,6 @@ Storage (`storage`, a compile-time choice because it decides what every pod moun
 - "artifacts": nothing mounted; every output is uploaded and every input downloaded by KFP (any
   cluster; fine for small models).
 """
-
-
 
 from kfp import dsl, kubernetes
 from kfp.dsl import Dataset, Input, Model
@@ -211,12 +210,12 @@ def build_pipeline(image: str = DEFAULT_IMAGE, config: Config | None = None, par
         reference = c["reference"](config=run_config, pairs=prefs.outputs["pairs"], reference_model=reference_model,
                                    workspace=workspace)
         reference.set_display_name("reference log-probs")
-        sweep = candidates(config=run_config, parent_run_id=fingerprint.outputs["parent_run_id"], betas=betas, dataset=dataset,
-                   pairs=prefs.outputs["pairs"], reference_model=reference_model,
-                   reference_logps=reference.outputs["reference_logps"], gpus=gpus, gpu_type=gpu_type,
-                   node_selector=node_selector, tolerations=tolerations, mlflow_uri=mlflow_uri,
-                   mlflow_secret=mlflow_secret, s3_secret=s3_secret, workspace=workspace,
-                   threads_per_task=threads_per_task)
+        sweep = candidates(config=run_config, parent_run_id=fingerprint.outputs["parent_run_id"], betas=betas,
+                           dataset=dataset, pairs=prefs.outputs["pairs"], reference_model=reference_model,
+                           reference_logps=reference.outputs["reference_logps"], gpus=gpus, gpu_type=gpu_type,
+                           node_selector=node_selector, tolerations=tolerations, mlflow_uri=mlflow_uri,
+                           mlflow_secret=mlflow_secret, s3_secret=s3_secret, workspace=workspace,
+                           threads_per_task=threads_per_task)
         sweep.set_caching_options(False)
         secrets = dict(mlflow_secret=mlflow_secret, s3_secret=s3_secret)
         # never cached: it tells the cached steps below whether the data (a moving DVC branch) changed
