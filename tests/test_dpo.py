@@ -257,23 +257,32 @@ def test_cached_reference_equals_live_and_prefix_sharing_equals_concat(tmp_path,
 
 def test_memory_budgets_cut_the_work_never_the_numbers(tmp_path, pairs_dir, tiny_model_dir, reference_dir,
                                                        monkeypatch):
-    """Budgets so small that the head runs a few tokens at a time (recomputing them in the backward)
-    and each micro-batch in parts: the same losses, gradient norms and weights as the defaults,
-    where this tiny model's micro-batch is one forward with every logit kept."""
+    """Budgets so small that each micro-batch runs in parts, with the head either keeping each part's
+    logits for the backward (sized into the activation budget) or, with the logit budget set too, a
+    few tokens at a time, recomputed in the backward: the same losses, gradient norms and weights as
+    the defaults, where this tiny model's micro-batch is one forward with every logit kept."""
+    from dpoflow.lm import head
     from dpoflow.memory import activation_budget, activation_bytes_per_token, logit_budget
 
+    recomputed = []
+    logits = head._logits
+    monkeypatch.setattr(head, "_logits", lambda *args: recomputed.append(1) or logits(*args))
     model = load_model(str(tiny_model_dir))
     tokens = 8 * 2 * 64  # a micro-batch's tokens at most
     assert activation_budget(model) > tokens * activation_bytes_per_token(model.config, 4)  # default: one forward
     run_dpo(_cfg(learning_rate=1e-3), pairs_dir, tiny_model_dir, tmp_path / "default", reference_dir=reference_dir)
-    monkeypatch.setenv("DPOFLOW_LOGIT_BUDGET_MB", str(3 * model.config.vocab_size * 8 / 2 ** 20))  # 3 tokens
     monkeypatch.setenv("DPOFLOW_ACTIVATION_BUDGET_MB", str(60 * activation_bytes_per_token(model.config, 4) / 2 ** 20))
+    run_dpo(_cfg(learning_rate=1e-3), pairs_dir, tiny_model_dir, tmp_path / "parts", reference_dir=reference_dir)
+    assert not recomputed  # every part kept its logits
+    monkeypatch.setenv("DPOFLOW_LOGIT_BUDGET_MB", str(3 * model.config.vocab_size * 8 / 2 ** 20))  # 3 tokens
     assert logit_budget(model) // (model.config.vocab_size * 8) == 3
     run_dpo(_cfg(learning_rate=1e-3), pairs_dir, tiny_model_dir, tmp_path / "small", reference_dir=reference_dir)
-    for a, b in zip(_metrics(tmp_path / "default"), _metrics(tmp_path / "small"), strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
-    assert_same_weights(tmp_path / "default", tmp_path / "small", atol=1e-5)
+    assert recomputed
+    for other in ("parts", "small"):
+        for a, b in zip(_metrics(tmp_path / "default"), _metrics(tmp_path / other), strict=True):
+            assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+        assert_same_weights(tmp_path / "default", tmp_path / other, atol=1e-5)
 
 
 def test_reference_cache_reuse_and_mismatch(tmp_path, pairs_dir, tiny_model_dir):

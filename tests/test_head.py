@@ -123,3 +123,50 @@ def test_sequence_log_probs_apply_the_models_final_soft_cap():
                                                   attention_mask=batch["attention_mask"]).last_hidden_state), -1)
     assert not torch.allclose(sums, (torch.gather(raw[:, :-1], 2, labels.clamp(min=0)[..., None]).squeeze(-1)
                                      * (labels != -100)).sum(-1).detach(), atol=1e-2)  # the cap matters here
+
+
+def test_tied_embedding_rows_go_into_the_heads_gradient_in_place(monkeypatch):
+    """Qwen2-shaped, tied head and embedding, a padded row, two backwards accumulated: every
+    gradient equals autograd's own embedding backward (the dense sum of two gradients), and the
+    backward allocates one (vocabulary x hidden) buffer, not two."""
+    import contextlib
+
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    import dpoflow.lm.logprobs as logprobs
+
+    torch.manual_seed(0)
+    config = Qwen2Config(hidden_size=64, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=40_000, tie_word_embeddings=True, pad_token_id=0)
+    model = Qwen2ForCausalLM(config)
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    ids = torch.randint(1, config.vocab_size, (3, 24))
+    ids[2, 16:] = 0
+    labels = ids.clone()
+    labels[:, :6] = -100
+    labels[2, 16:] = -100
+    batch = {"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": labels}
+    upstream = torch.tensor([1.0, -2.0, 0.5])
+
+    table = config.vocab_size * config.hidden_size * 4  # 10 MB
+
+    def gradients_and_tables():
+        model.zero_grad(set_to_none=True)
+        scorer = logprobs.SequenceLogProbs(model)
+        tables = []
+        for _ in range(2):
+            sums, _ = scorer(batch)
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                (sums * upstream).sum().backward()
+            tables.append(sum(1 for event in prof.profiler.kineto_results.events()
+                              if event.name() == "[memory]" and event.nbytes() >= table))
+        assert "forward" not in vars(model.get_input_embeddings())  # the module's own forward again
+        return {name: p.grad.clone() for name, p in model.named_parameters()}, tables
+
+    ours, ours_tables = gradients_and_tables()
+    monkeypatch.setattr(logprobs, "tied_rows", lambda model: contextlib.nullcontext(None))
+    autograds, autograd_tables = gradients_and_tables()
+    for name, want in autograds.items():
+        assert torch.allclose(ours[name], want, atol=1e-6, rtol=1e-5), (name, (ours[name] - want).abs().max())
+    assert ours_tables == [1, 1] and min(autograd_tables) >= 2, (ours_tables, autograd_tables)

@@ -8,8 +8,8 @@ runs the same lines for every choice:
 
     for each optimizer step:
         global batch of size per_device x grad_accum x processes (seeded order, see training.py)
-        for each of this rank's micro-batches, in parts only when its activations would not fit the
-        activation budget (memory.py; or parts of at most dpo.max_forward_tokens):
+        for each of this rank's micro-batches, in parts only when its activations and logits would
+        not fit the activation budget (memory.py; or parts of at most dpo.max_forward_tokens):
             policy log-probs (one forward over chosen+rejected) -> reference log-probs -> loss
             backward (gradient sync only on the last part of the last micro-batch)
         clip, step, schedule; gather every example's rewards across ranks; log TRL's metric names
@@ -36,7 +36,7 @@ from dpoflow.dpo.pairs import collate_pairs, tokenize_pairs
 from dpoflow.dpo.reference import cache_key, load_pair_frames, load_reference_logps
 from dpoflow.lm.logprobs import SequenceLogProbs, collate_shared_prefix
 from dpoflow.manifest import building
-from dpoflow.memory import activation_budget, activation_bytes_per_token
+from dpoflow.memory import activation_budget, training_costs
 from dpoflow.training import (
     Guard,
     MetricsWriter,
@@ -87,8 +87,9 @@ def _reference_fn(cfg: DpoConfig, reference_dir, expected_key, model_dir, scorer
 
 
 def split_by_tokens(indices: list[int], lengths: list[int], budget: int) -> list[list[int]]:
-    """A micro-batch cut into ceil(tokens / budget) parts of about equal tokens (longest first into the
-    lightest part); budget 0 = one part. Same update either way: the loss is summed over the parts."""
+    """A micro-batch cut into ceil(cost / budget) parts of about equal cost (`lengths`: each example's
+    tokens, or bytes; longest first into the lightest part); budget 0 = one part. Same update either
+    way: the loss is summed over the parts."""
     total = sum(lengths[i] for i in indices)
     if not budget or total <= budget:
         return [list(indices)]
@@ -158,11 +159,13 @@ def _run_dpo(cfg: DpoConfig, pairs_dir, reference_model_dir, out_dir, *, referen
     reference = _reference_fn(cfg, reference_dir, expected_key, model_dir, scorer_module, accelerator.device)
     collate = (partial(collate_shared_prefix, pack=cfg.packing, blocks=cfg.packing and scorer_module.blocks)
                if cfg.prefix_sharing else collate_pairs)
-    lengths = pairs.forward_tokens(cfg.prefix_sharing)
+    lengths = pairs.forward_tokens(cfg.prefix_sharing)  # the cost of each pair, cut into parts by budget
     budget = cfg.max_forward_tokens
-    if budget is None:  # auto: one forward whenever its activations fit the activation budget
-        budget = activation_budget(scorer_module.model) // activation_bytes_per_token(
-            scorer_module.model.config, 2 if accelerator.mixed_precision in ("bf16", "fp16") else 4)
+    if budget is None:  # auto: one forward whenever its activations and logits fit the activation budget
+        budget = activation_budget(scorer_module.model)
+        lengths, scorer_module.keep_budget = training_costs(
+            scorer_module.model.config, 2 if accelerator.mixed_precision in ("bf16", "fp16") else 4, lengths,
+            pairs.scored_tokens(), budget)
 
     start = resume_step(accelerator, out_dir, log) if resume else 0
     if resume and start:

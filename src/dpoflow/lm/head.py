@@ -13,12 +13,19 @@ recomputes a chunk's logits and turns them into the gradient in place:
 so peak memory grows with chunk x vocabulary. When every logit fits the budget at once there is one
 chunk and its softmax is kept for the backward: no recomputation (what a small vocabulary gets).
 
+A tied head (its weight is the input embedding's, as in Qwen2.5-0.5B or Llama-3.2-1B) gets its two
+gradients in one buffer: the embedding's rows are added in place to the (vocabulary x hidden)
+gradient the head's backward made (`tied_rows`), where autograd would build a second dense one
+just to sum them (545 MB at 152k rows x 896, fp32).
+
 The fast path needs the head's weight itself: a plain `nn.Linear` without hooks. Any other head (a
 LoRA-wrapped one, one that FSDP or DeepSpeed gather through hooks) goes chunk by chunk through the
 module under activation checkpointing: the same memory bound, autograd's own backward.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -29,16 +36,18 @@ BYTES_PER_LOGIT = 8  # an fp32 chunk of logits and one more of the same size (lo
 
 
 def head_logps(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, *, budget: int,
-               softcap: float | None = None) -> torch.Tensor:
+               softcap: float | None = None, keep_budget: int = 0, tied: dict | None = None) -> torch.Tensor:
     """log p(target | hidden) per row, fp32: (N, H), (N,) -> (N,), with at most `budget` bytes of
-    logits alive at a time (one chunk of at least one token)."""
+    logits alive at a time (one chunk of at least one token), or all of them, kept for the backward,
+    when they fit `keep_budget` (a training step that sized its parts to hold them). `tied`: this
+    forward's hand-off from `tied_rows` (the head's weight gradient goes there for the embedding's rows)."""
     vocabulary = head.out_features if isinstance(head, nn.Linear) else head.weight.shape[0]
     n = hidden.shape[0]
-    whole = n * vocabulary * BYTES_PER_LOGIT <= budget
+    whole = n * vocabulary * BYTES_PER_LOGIT <= max(budget, keep_budget)
     chunk = max(1, n if whole else budget // (vocabulary * BYTES_PER_LOGIT))
     if _plain(head):
         keep = whole and torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
-        return _HeadLogProbs.apply(hidden, head.weight, head.bias, targets, chunk, softcap, keep)
+        return _HeadLogProbs.apply(hidden, head.weight, head.bias, targets, chunk, softcap, keep, tied)
     if not torch.is_grad_enabled() or whole:
         return torch.cat([_chunk_logps(hidden[s:s + chunk], targets[s:s + chunk], head, softcap)
                           for s in range(0, n, chunk)]) if n else hidden.new_zeros(0, dtype=torch.float32)
@@ -52,6 +61,53 @@ def _plain(head: nn.Module) -> bool:
     hooked = (head._forward_hooks or head._forward_pre_hooks or module._global_forward_hooks
               or module._global_forward_pre_hooks)
     return type(head) is nn.Linear and not hooked and type(head.weight.data) is torch.Tensor
+
+
+@contextmanager
+def tied_rows(model: nn.Module):
+    """While a training forward runs the decoder: if the input embedding is a plain `nn.Embedding`
+    whose weight is the head's (tied) and trains, yield a hand-off (a dict) for `head_logps`, and
+    the embedding looks tokens up through `_TiedRows`, whose backward adds its rows in place to the
+    gradient the head's backward left there; else yield None and change nothing. The head's
+    backward runs before the embedding's (the embedding feeds the decoder that feeds the head), and
+    autograd stores the weight's gradient only once both have run, so `.grad` (and DDP's hook on it)
+    sees the sum. Not for sharded or hooked weights (FSDP, DeepSpeed ZeRO-3): `_plain(head)`."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    weight = getattr(embedding, "weight", None)
+    if not (type(embedding) is nn.Embedding and head is not None and weight is head.weight and _plain(head)
+            and weight.requires_grad and torch.is_grad_enabled() and embedding.max_norm is None
+            and not embedding.scale_grad_by_freq and not embedding.sparse):
+        yield None
+        return
+    tied: dict = {}
+    embedding.forward = lambda ids: _TiedRows.apply(ids, embedding.weight, embedding.padding_idx, tied)
+    try:
+        yield tied
+    finally:
+        del embedding.forward  # the class's own again
+
+
+class _TiedRows(torch.autograd.Function):
+    """`F.embedding(ids, weight, padding_idx)` whose weight gradient is added to the tied head's (above)."""
+
+    @staticmethod
+    def forward(ctx, ids, weight, padding_idx, tied):
+        ctx.save_for_backward(ids)
+        ctx.padding_idx, ctx.tied, ctx.shape = padding_idx, tied, weight.shape
+        return F.embedding(ids, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (ids,) = ctx.saved_tensors
+        rows, flat = grad.reshape(-1, grad.shape[-1]), ids.reshape(-1)
+        if ctx.padding_idx is not None:  # the padding row gets no gradient, as nn.Embedding's
+            keep = flat != ctx.padding_idx
+            rows, flat = rows[keep], flat[keep]
+        target = ctx.tied.pop("grad", None)
+        if target is None:  # the head produced no weight gradient in this graph: a dense one of our own
+            return None, grad.new_zeros(ctx.shape).index_add_(0, flat, rows), None, None
+        target.index_add_(0, flat, rows.to(target.dtype))
+        return None, None, None, None
 
 
 def _logits(hidden, weight, bias, softcap, dtype=None) -> torch.Tensor:
@@ -74,7 +130,7 @@ def _chunk_logps(hidden, targets, head, softcap) -> torch.Tensor:
 
 class _HeadLogProbs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk, softcap, keep):
+    def forward(ctx, hidden, weight, bias, targets, chunk, softcap, keep, tied):
         n = hidden.shape[0]
         out = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(out)
@@ -89,7 +145,7 @@ class _HeadLogProbs(torch.autograd.Function):
             out[s:s + chunk] = z.gather(1, targets[s:s + chunk, None]).squeeze(1) - lse[s:s + chunk]
             if keep:  # every logit fits the budget: the backward reuses them instead of recomputing
                 ctx.kept.append(z)
-        ctx.chunk, ctx.softcap = chunk, softcap
+        ctx.chunk, ctx.softcap, ctx.tied = chunk, softcap, tied
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         return out
 
@@ -121,5 +177,9 @@ class _HeadLogProbs(torch.autograd.Function):
             if need_bias:
                 grad_bias += gz.sum(0).float()
         ctx.kept = []
-        return (grad_hidden, grad_weight.to(weight.dtype) if need_weight else None,
-                grad_bias.to(bias.dtype) if need_bias else None, None, None, None, None)
+        if need_weight:
+            grad_weight = grad_weight.to(weight.dtype)
+            if ctx.tied is not None:  # the tied embedding's backward adds its rows here
+                ctx.tied["grad"] = grad_weight
+        return (grad_hidden, grad_weight, grad_bias.to(bias.dtype) if need_bias else None,
+                None, None, None, None, None)

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from dpoflow.lm.blocks import NO_MASK, Blocks, checked, enable_blocks
-from dpoflow.lm.head import head_logps
+from dpoflow.lm.head import head_logps, tied_rows
 from dpoflow.memory import logit_budget
 
 IGNORE = -100
@@ -60,6 +60,10 @@ class TokenizedPairs:
         twice = 0 if shared_prefix else 1
         return [(1 + twice) * len(p) + len(c) + len(r) for p, c, r in
                 zip(self.prompt_ids, self.chosen_ids, self.rejected_ids)]
+
+    def scored_tokens(self) -> list[int]:
+        """Tokens each pair puts through the output head: its two completions."""
+        return [len(c) + len(r) for c, r in zip(self.chosen_ids, self.rejected_ids)]
 
 
 def tokenize_prompt(tokenizer, prompt: str, prompt_messages: str = "") -> list[int]:
@@ -284,6 +288,7 @@ class SequenceLogProbs(nn.Module):
         self.model = model
         self.blocks = enable_blocks(model)
         self.budget = logit_budget(model)
+        self.keep_budget = 0  # bytes of logits a training forward may keep whole (DPO's parts: memory.py)
         config = model.config.get_text_config(decoder=True)
         self.softcap = getattr(config, "final_logit_softcapping", None)
         # a 4-D mask reaches attention as given: a sliding window must be in it (transformers adds it
@@ -292,26 +297,28 @@ class SequenceLogProbs(nn.Module):
         window = getattr(config, "sliding_window", None)
         self.window = window if window and (not self.layer_types or "sliding_attention" in self.layer_types) else None
 
-    def _token_logps(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _token_logps(self, hidden: torch.Tensor, targets: torch.Tensor, tied: dict | None) -> torch.Tensor:
         """Log-prob of each target token from its predecessor's hidden state; (N, H) -> (N,), fp32, in
         chunks of tokens (head.py), never the full logits."""
         return head_logps(hidden, self.model.get_output_embeddings(), targets, budget=self.budget,
-                          softcap=self.softcap)
+                          softcap=self.softcap, keep_budget=self.keep_budget, tied=tied)
 
-    def _hidden(self, input_ids, attention_mask, position_ids=None, **attention) -> torch.Tensor:
+    def _hidden(self, input_ids, attention_mask, position_ids=None, **attention) -> tuple[torch.Tensor, dict | None]:
+        """The decoder's last hidden states, and the tied head's gradient hand-off (head.tied_rows)."""
         decoder = self.model.get_decoder()
-        return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       use_cache=False, **attention).last_hidden_state
+        with tied_rows(self.model) as tied:
+            return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           use_cache=False, **attention).last_hidden_state, tied
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         if "score_index" in batch:
             return self._forward_shared_prefix(batch)
         attention_mask = batch["attention_mask"]
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        hidden = self._hidden(batch["input_ids"], attention_mask, position_ids)  # (R, T, H)
+        hidden, tied = self._hidden(batch["input_ids"], attention_mask, position_ids)  # (R, T, H)
         labels = batch["labels"][:, 1:]  # token t is scored from position t-1
         rows, positions = (labels != IGNORE).nonzero(as_tuple=True)
-        token_logps = self._token_logps(hidden[:, :-1][rows, positions], labels[rows, positions])
+        token_logps = self._token_logps(hidden[:, :-1][rows, positions], labels[rows, positions], tied)
         sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, rows, token_logps)
         counts = (labels != IGNORE).sum(-1)
         return sums, counts
@@ -336,11 +343,12 @@ class SequenceLogProbs(nn.Module):
     def _forward_shared_prefix(self, batch):
         if "blocks" in batch:  # one row, attention by causal blocks
             with checked(self.model, batch["blocks"]):
-                hidden = self._hidden(batch["input_ids"], NO_MASK.to(batch["input_ids"].device), batch["position_ids"],
-                                      dpoflow_blocks=batch["blocks"])
+                hidden, tied = self._hidden(batch["input_ids"], NO_MASK.to(batch["input_ids"].device),
+                                            batch["position_ids"], dpoflow_blocks=batch["blocks"])
         else:
-            hidden = self._hidden(batch["input_ids"], self._dense_mask(batch), batch["position_ids"])
-        token_logps = self._token_logps(hidden[batch["score_rows"], batch["score_positions"]], batch["score_targets"])
+            hidden, tied = self._hidden(batch["input_ids"], self._dense_mask(batch), batch["position_ids"])
+        token_logps = self._token_logps(hidden[batch["score_rows"], batch["score_positions"]], batch["score_targets"],
+                                        tied)
         slots, n = batch["score_index"], int(batch["num_sequences"])
         sums = torch.zeros(n, dtype=torch.float32, device=hidden.device).index_add(0, slots, token_logps)
         return sums, torch.bincount(slots, minlength=n)
