@@ -21,8 +21,8 @@
 Free memory: `torch.cuda.mem_get_info` on a GPU; on a CPU the machine's available memory or the
 container's cgroup limit, whichever is less. `DPOFLOW_LOGIT_BUDGET_MB` and
 `DPOFLOW_ACTIVATION_BUDGET_MB` set them outright (a shared node, a known limit; with the logit
-budget set, training keeps no more logits than it allows). Budgets decide how
-work is cut, never what is computed: every budget gives the same numbers (tested).
+budget set, training keeps no more logits than it allows). Budgets decide how work is cut, never
+what is computed: every budget gives the same numbers (tested).
 """
 
 from __future__ import annotations
@@ -80,11 +80,16 @@ def activation_budget(model: torch.nn.Module) -> int:
     return _override("DPOFLOW_ACTIVATION_BUDGET_MB") or max(256 * MIB, budget)
 
 
+def _text_config(config):
+    """The decoder's config of a multimodal model's, or the config itself."""
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
 def activation_bytes_per_token(config, element_size: int) -> int:
     """What one token's activations kept for the backward cost across the decoder, estimated for a
     Llama-style block (norms, q/k/v/o, the residual stream, the gated MLP's four intermediate
     tensors): 16 x hidden + 4 x intermediate values per layer."""
-    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    config = _text_config(config)
     intermediate = getattr(config, "intermediate_size", None) or 4 * config.hidden_size
     return config.num_hidden_layers * (16 * config.hidden_size + 4 * intermediate) * element_size
 
@@ -97,7 +102,6 @@ def training_costs(config, element_size: int, forward_tokens: list[int], scored_
     from dpoflow.lm.head import BYTES_PER_LOGIT
 
     keep = 0 if _override("DPOFLOW_LOGIT_BUDGET_MB") else budget
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    per_scored = BYTES_PER_LOGIT * text.vocab_size if keep else 0
+    per_scored = BYTES_PER_LOGIT * _text_config(config).vocab_size if keep else 0
     per_token = activation_bytes_per_token(config, element_size)
     return [t * per_token + s * per_scored for t, s in zip(forward_tokens, scored_tokens)], keep
