@@ -32,11 +32,15 @@ install: $(STAMP) $(BIN)/kustomize
 run: $(STAMP)
 	$(BIN)/dpoflow run
 
+# TEST_WORKERS pytest-xdist workers (tests/conftest.py groups the ones that must share a worker and
+# hands out the longest work first); the 30 slowest tests are listed at the end of every run.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=30
 test: $(STAMP) $(BIN)/kustomize
-	$(BIN)/python -m pytest -q tests
+	$(PYTEST) tests
 
 test-fast: $(STAMP) $(BIN)/kustomize
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

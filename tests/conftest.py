@@ -26,6 +26,59 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
+# Tests that run on the same xdist worker, one after another (`make test` runs two workers, --dist
+# loadgroup): every test of the container engine (one engine; a TrainJob's cleanup check looks at all
+# of its jobs' containers), and the tests that share a module-scoped fixture (so it is made once).
+SERIAL_MODULES = {"test_containers.py": "containers", "test_trainjob.py": "containers"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Each test's xdist group (see SERIAL_MODULES; a shared fixture's group is named by the most derived
+    module fixture a test uses) and the order work is handed out in: the container group first, then the
+    other slow work, then the fast (the longest work starts first: no worker is left alone with a long
+    test at the end)."""
+    def group(item) -> str:
+        module = item.path.name
+        if module in SERIAL_MODULES:
+            return SERIAL_MODULES[module]
+        shared = [defs[-1] for defs in item._fixtureinfo.name2fixturedefs.values()
+                  if defs and defs[-1].scope == "module" and defs[-1].baseid.endswith(module)]
+        if not shared:
+            return ""
+        last = max(shared, key=lambda d: d.func.__code__.co_firstlineno)
+        return f"{module}::{last.argname}"
+
+    units: dict[str, list] = {}  # a group's tests stay together, so its module fixtures are made once
+    for item in items:
+        name = group(item)
+        if name:
+            item.add_marker(pytest.mark.xdist_group(name))
+        units.setdefault(name or item.nodeid, []).append(item)
+    order = sorted(units.items(), key=lambda unit: (unit[0] != "containers",
+                                                    all(i.get_closest_marker("slow") is None for i in unit[1])))
+    items[:] = [item for _, unit in order for item in unit]  # sorted() is stable: file order within a rank
+
+
+@pytest.fixture(scope="session")
+def learning_process_run(tmp_path_factory):
+    """`dpoflow run` of test_pipeline's tiny config with a learning rate that moves the policy (2 β,
+    process runner, tracking and registry in `process.db`): what the container runner (test_containers)
+    and the 2-node TrainJobs (test_trainjob) must reproduce. (tmp folder, summary)"""
+    import subprocess
+
+    from test_pipeline import env_for, run_args
+
+    tmp_path = tmp_path_factory.mktemp("learning_process_run")
+    env = {**env_for(tmp_path), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'process.db'}"}
+    result = subprocess.run(run_args(tmp_path, *LEARN, "run.name=same"), capture_output=True, text=True, cwd=tmp_path,
+                            env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return tmp_path, json.loads((tmp_path / "same" / "summary.json").read_text())
+
+
+LEARN = ["dpo.learning_rate=0.003", "dpo.max_steps=20"]  # the policy moves: metrics that can differ
+
+
 @pytest.fixture(autouse=True)
 def _hf_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path_factory.getbasetemp() / "hf_home"))
@@ -87,6 +140,17 @@ def assert_same_weights(a: Path, b: Path, atol: float) -> None:
     assert wa.keys() == wb.keys()
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], atol=atol, rtol=0, msg=name)
+
+
+def complete_checkpoint(checkpoint: Path) -> bool:
+    """A training checkpoint that is whole, as resuming would take it; False while it is being written
+    or deleted (training removes older checkpoints while a test looks)."""
+    from dpoflow.training import checkpoint_problem
+
+    try:
+        return not checkpoint_problem(checkpoint)
+    except (OSError, ValueError):
+        return False
 
 
 def vouch(folder):

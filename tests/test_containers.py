@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require
+from conftest import LEARN, require
 from dpoflow import __version__
 from test_pipeline import env_for, run_args
 
 IMAGE = os.environ.get("DPOFLOW_TEST_IMAGE", f"dpoflow/dpoflow:{__version__}")
-LEARN = ["dpo.learning_rate=0.003", "dpo.max_steps=20"]  # the policy moves: metrics that can differ
+OWNER = "DPOFLOW_TEST_OWNER"
 pytestmark = pytest.mark.slow
 
 
@@ -49,6 +49,13 @@ def containers_ready():
     require(reason)
 
 
+@pytest.fixture(autouse=True)
+def _owner(monkeypatch, request):
+    """Every process this test starts (and theirs) carries the test's id in its environment: the
+    cleanup checks count only those (another xdist worker's MLflow servers are none of this test's)."""
+    monkeypatch.setenv(OWNER, request.node.nodeid)
+
+
 def _run(tmp_path: Path, name: str, *settings: str, runner: str = "container", db: str = "mlflow.db",
          storage: str = "shared"):
     args = run_args(tmp_path, *settings, f"run.name={name}") + ["--runner", runner, "--image", IMAGE]
@@ -59,14 +66,16 @@ def _run(tmp_path: Path, name: str, *settings: str, runner: str = "container", d
 
 
 def _left_behind(name: str) -> list[str]:
-    """Containers of run `name`, podman API services and MLflow servers that are still there."""
+    """Containers of run `name`, podman API services and MLflow servers this test started that are still there."""
     import psutil
 
     engine = _engine()
     containers = subprocess.run([engine, "ps", "-a", "-q", "--filter", f"label=dpoflow.run={name}"],
                                 capture_output=True, text=True, check=True).stdout.split()
     processes = []
-    for process in psutil.process_iter(["cmdline"]):
+    for process in psutil.process_iter(["cmdline", "environ"]):
+        if (process.info["environ"] or {}).get(OWNER) != os.environ[OWNER]:
+            continue
         line = " ".join(process.info["cmdline"] or [])
         if "dpoflow-podman-" in line or ("mlflow" in line and " server " in line):
             processes.append(line[:120])
@@ -79,16 +88,14 @@ def _image_id() -> str:
     return out if out.startswith("sha256:") else f"sha256:{out}"
 
 
-def test_container_run_gives_the_process_runs_numbers_and_records_its_image(tmp_path):
-    process = _run(tmp_path, "same", *LEARN, runner="process", db="process.db")
-    assert process.returncode == 0, process.stderr[-3000:]
+def test_container_run_gives_the_process_runs_numbers_and_records_its_image(tmp_path, learning_process_run):
+    process_dir, by_process = learning_process_run
     started = time.time()
     container = _run(tmp_path, "same", *LEARN, "run.output_dir=" + str(tmp_path / "ct"), db="container.db",
                      storage="artifacts")
     assert container.returncode == 0, container.stdout[-3000:] + container.stderr[-3000:]
     assert "MLflow: server for this run at http://127.0.0.1:" in container.stdout
 
-    by_process = json.loads((tmp_path / "same" / "summary.json").read_text())
     summary = json.loads((tmp_path / "ct" / "same" / "summary.json").read_text())
     # same numbers, figure for figure (same torch build, same threads per task, same seeds)
     assert set(summary["results"]) == {"beta-0.1", "beta-0.5"}
@@ -130,7 +137,7 @@ def test_container_run_gives_the_process_runs_numbers_and_records_its_image(tmp_
         assert version.tags["dpoflow.image_git_sha"] == summary["image"]["git_sha"]
         assert version.tags["dpoflow.image_torch"] == "cpu" and version.source.startswith("mlflow-artifacts:")
         assert int(version.creation_timestamp) / 1000 > started
-    processed = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'process.db'}").search_model_versions(
+    processed = MlflowClient(tracking_uri=f"sqlite:///{process_dir / 'process.db'}").search_model_versions(
         "name='dpoflow-demo'")
     assert {v.tags["dpoflow.image"] for v in processed} == {"none"}
     assert _left_behind("same") == []

@@ -12,13 +12,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 import torch
 import yaml
 
-from conftest import assert_same_weights, vouch, write_jsonl
+from conftest import assert_same_weights, complete_checkpoint, vouch, write_jsonl
 from dpoflow.config import DataConfig, DpoConfig, ModelConfig, SftConfig
 from dpoflow.data.sources import DataSourceError
 from dpoflow.data.step import run_data
@@ -68,31 +69,38 @@ def _dpo_command(tmp_path, out, pairs_dir, model_dir, reference_dir, **settings)
 
 # --- processes killed ---------------------------------------------------------------------------------
 
-def test_sigkill_during_dpo_then_rerun_resumes_to_the_same_weights(tmp_path, pairs_dir, tiny_model_dir, reference_dir,
-                                                                   straight):
+def test_sigkill_during_dpo_then_rerun_resumes_to_the_same_weights(tmp_path, pairs_dir, tiny_model_dir, reference_dir):
+    """`dpoflow dpo` SIGKILLed once a complete checkpoint >= step 8 is on disk: nothing half-written is
+    visible, and the same command with --resume continues from that checkpoint to the uninterrupted
+    run's weights, training record and per-step metrics."""
     out = tmp_path / "out"
-    # 400 steps (a few seconds): a tiny model's step takes milliseconds, and only the newest
-    # checkpoints are kept, so the kill must land while some checkpoint >= step 8 is on disk
+    # 400 steps of milliseconds: the kill lands half-way wherever the poll wakes up (only the newest
+    # checkpoints are kept: any complete one >= step 8 will do)
     command = _dpo_command(tmp_path, out, pairs_dir, tiny_model_dir, reference_dir, max_steps=400, checkpoint_every=4)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     checkpoints = out.with_name("out.partial") / "checkpoints"
-    deadline = time.time() + 120
-    while not any(int(p.parent.name.split("-")[1]) >= 8 for p in checkpoints.glob("step-*/trainer_state.json")):
+    deadline = time.time() + 300
+    while not any(int(p.name.split("-")[1]) >= 8 and complete_checkpoint(p) for p in checkpoints.glob("step-*")):
         assert time.time() < deadline and process.poll() is None, "no checkpoint >= step 8 appeared before the end"
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
+    assert process.returncode == -signal.SIGKILL  # killed, not finished: the kill point
     assert not out.exists()  # nothing half-written is visible: no later step can take it
     with pytest.raises(ManifestError, match="does not exist|no MANIFEST"):
         verify(out)
-    rerun = subprocess.run(command, capture_output=True, text=True)
+    rerun = subprocess.run([*command, "--resume"], capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "dpo: resuming from step" in rerun.stdout
     resumed_from = int(rerun.stdout.split("resuming from step ")[1].split()[0])
-    assert resumed_from >= 8
+    assert resumed_from >= 8 and json.loads((out / "timing.json").read_text())["resumed_from"] == resumed_from
     expected = tmp_path / "expected"
-    run_dpo(_dpo_cfg(max_steps=400, checkpoint_every=4), pairs_dir, tiny_model_dir, expected, reference_dir=reference_dir)
+    subprocess.run(_dpo_command(tmp_path, expected, pairs_dir, tiny_model_dir, reference_dir, max_steps=400,
+                                checkpoint_every=4), check=True, capture_output=True)
     assert_same_weights(out, expected, atol=1e-6)
+    # the training record is byte-identical to the uninterrupted run's, and every step is logged once
+    assert (out / "train_summary.json").read_text() == (expected / "train_summary.json").read_text()
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, 401))
     verify(out)
 
 
@@ -461,28 +469,47 @@ def test_masking_survives_another_thread_changing_the_environment():
     assert set(masked) == {"key ***"}
 
 
-@pytest.mark.slow
-def test_secrets_in_the_environment_reach_no_record(tmp_path):
-    """A run whose judge prints the API key (a careless client) and whose MLflow password is set:
-    neither appears in MLflow (params, tags, registry tags, artifacts), the runner log, the terminal,
-    summary/config files, the reports or the compiled pipeline."""
-    from test_pipeline import MODEL, run_args
+@pytest.fixture(scope="module")
+def concurrent_runs(tmp_path_factory):
+    """Two `dpoflow run` of one project at once, logging into one sqlite MLflow store, and a third
+    started with the first one's name while it runs. The first ('tiny') is careless with credentials:
+    its judge prints the API key (as a real client's debug output might) and an MLflow password is
+    set in its environment."""
+    from test_pipeline import env_for, run_args
 
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "OPENAI_API_KEY": SECRET,
-           "MLFLOW_TRACKING_PASSWORD": PASSWORD, "PYTHONPATH": str(Path(__file__).parent)}
+    tmp_path = tmp_path_factory.mktemp("concurrent")
+    env = {**env_for(tmp_path), "OPENAI_API_KEY": SECRET, "MLFLOW_TRACKING_PASSWORD": PASSWORD}
     leaky = ["run.betas=[0.5]", "prefs.judge=callable:judges_for_tests:leaky",
              "eval.judge=callable:judges_for_tests:leaky", "registry.min_win_rate=0.0"]
-    result = subprocess.run(run_args(tmp_path, *leaky), capture_output=True, text=True, cwd=tmp_path, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    first = subprocess.Popen(run_args(tmp_path, *leaky), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=tmp_path, env=env)
+    _wait_for(tmp_path / "tiny" / "kfp.log")
+    same = subprocess.run(run_args(tmp_path, *leaky), capture_output=True, text=True, cwd=tmp_path, env=env)
+    first_still_running = first.poll() is None  # (a tiny run takes a minute or more: this is never the end)
+    other = subprocess.run(run_args(tmp_path, "run.betas=[0.5]", "tracking.system_metrics=false", "run.name=other"),
+                           capture_output=True, text=True, cwd=tmp_path, env=env_for(tmp_path))
+    out, err = first.communicate(timeout=600)
+    assert first.returncode == 0 and other.returncode == 0, err[-2000:] + other.stderr[-2000:]
+    return SimpleNamespace(path=tmp_path, env=env, first=first, out=out, err=err, same=same, other=other,
+                           first_still_running=first_still_running)
+
+
+@pytest.mark.slow
+def test_secrets_in_the_environment_reach_no_record(concurrent_runs):
+    """The careless run: neither the key nor the password appears in MLflow (params, tags, registry
+    tags, artifacts), the runner log, the terminal, summary/config files, the reports or the compiled
+    pipeline."""
+    from test_pipeline import MODEL
+
+    tmp_path, env = concurrent_runs.path, concurrent_runs.env
     log = (tmp_path / "tiny" / "kfp.log").read_text()
     assert "judge: calling the API with key ***" in log  # the judge did print it: masked
     compiled = tmp_path / "compiled"
     subprocess.run([str(BIN / "dpoflow"), "compile", "--root", str(compiled)], check=True, env=env, cwd=tmp_path,
                    capture_output=True)
-    records = [result.stdout, result.stderr]
+    records = [concurrent_runs.out, concurrent_runs.err, concurrent_runs.same.stdout, concurrent_runs.same.stderr]
     for path in [*(tmp_path / "tiny").rglob("*"), *(tmp_path / "mlartifacts").rglob("*"), *compiled.rglob("*")]:
-        if path.is_file() and path.suffix in (".json", ".jsonl", ".log", ".html", ".yaml",
-                                                                          ".txt", ".md"):
+        if path.is_file() and path.suffix in (".json", ".jsonl", ".log", ".html", ".yaml", ".txt", ".md"):
             records.append(path.read_text(errors="replace"))
     import mlflow
 
@@ -640,21 +667,13 @@ def test_unicode_of_every_script_survives_data_training_and_the_report(tmp_path)
 
 
 @pytest.mark.slow
-def test_concurrent_runs_one_name_refused_other_names_both_finish(tmp_path):
-    """Two `dpoflow run` of one project at once: the same run name is refused with the first one's
-    pid; another name runs alongside, both logging into one sqlite MLflow store."""
-    from test_pipeline import env_for, run_args
-
-    fast = ["run.betas=[0.5]", "tracking.system_metrics=false"]
-    first = subprocess.Popen(run_args(tmp_path, *fast), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             cwd=tmp_path, env=env_for(tmp_path))
-    _wait_for(tmp_path / "tiny" / "kfp.log")
-    same = subprocess.run(run_args(tmp_path, *fast), capture_output=True, text=True, cwd=tmp_path, env=env_for(tmp_path))
-    assert same.returncode == 1 and f"run 'tiny' in {tmp_path} is already running (pid {first.pid})" in same.stderr
-    other = subprocess.run(run_args(tmp_path, *fast, "run.name=other"), capture_output=True, text=True, cwd=tmp_path,
-                           env=env_for(tmp_path))
-    out, err = first.communicate(timeout=600)
-    assert first.returncode == 0 and other.returncode == 0, err[-2000:] + other.stderr[-2000:]
+def test_concurrent_runs_one_name_refused_other_names_both_finish(concurrent_runs):
+    """The same run name is refused with the first one's pid; another name runs alongside, both
+    logging into one sqlite MLflow store."""
+    tmp_path, same = concurrent_runs.path, concurrent_runs.same
+    assert concurrent_runs.first_still_running
+    assert same.returncode == 1
+    assert f"run 'tiny' in {tmp_path} is already running (pid {concurrent_runs.first.pid})" in same.stderr
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 import pytest
 
-from conftest import require
+from conftest import complete_checkpoint, require
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["run.name=tiny", "run.betas=[0.1,0.5]", "data.demo.n_reviews=400", "data.eval_fraction=0.3",
@@ -108,38 +108,6 @@ def test_local_runner_end_to_end_gate_pass_then_fail(learned_run):
     ids = tokenizer("The movie was", return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert out.shape[1] > ids.shape[1]
-
-
-@pytest.mark.slow
-def test_sigkill_half_way_then_rerun_gives_the_same_metrics(tmp_path):
-    """Killed (SIGKILL, no cleanup) while DPO trains, `dpoflow run` started again redoes only what did
-    not finish — DPO from its last checkpoint — and ends with the metrics of an uninterrupted run."""
-    settings = ["tracking.enabled=false", "registry.enabled=false", "dpo.checkpoint_every=2"]
-    straight = tmp_path / "straight"
-    straight.mkdir()
-    dpoflow_run(straight, *settings)
-    expected = json.loads((straight / "tiny" / "summary.json").read_text())["results"]
-
-    killed = tmp_path / "killed"
-    killed.mkdir()
-    process = subprocess.Popen(run_args(killed, *settings), cwd=killed, env=env_for(killed),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoints = [killed / "tiny" / "dpo" / f"beta-{b}.partial" / "checkpoints" / "step-2" / "trainer_state.json"
-                   for b in (0.1, 0.5)]
-    deadline = time.monotonic() + 300
-    while not any(c.exists() for c in checkpoints) and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    assert any(c.exists() for c in checkpoints), "the run never reached a DPO checkpoint"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (killed / "tiny" / "summary.json").exists()
-    time.sleep(1)  # the task processes die with it (PR_SET_PDEATHSIG)
-    log_before = len((killed / "tiny" / "kfp.log").read_text())
-
-    rerun = dpoflow_run(killed, *settings)
-    assert "reference: reused" in rerun.stdout and "sft: reused" in rerun.stdout
-    assert "dpo: resuming from step" in (killed / "tiny" / "kfp.log").read_text()[log_before:]
-    assert json.loads((killed / "tiny" / "summary.json").read_text())["results"] == expected
 
 
 @pytest.mark.slow
@@ -297,35 +265,78 @@ def test_a_cluster_run_without_a_tracking_server_is_refused(monkeypatch):
                          compiled_rounds=1, mlflow_run_id="")
 
 
-@pytest.mark.slow
-def test_ctrl_c_ends_with_one_line_and_the_run_resumes(tmp_path):
-    """Ctrl-C (SIGINT to the process group, as a terminal sends it): one line saying what is kept,
-    exit 130, the MLflow parent marked KILLED; started again, the finished steps are reused."""
-    # a shell starts its foreground job with SIGINT deliverable; pytest itself may have inherited it
-    # ignored (started in the background of a non-interactive shell) and would pass that on
-    def like_a_terminal():
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
+# DPO long enough (200 steps a β, a checkpoint every 2) that a kill lands half-way wherever the poll wakes up
+RESUMABLE = ["registry.enabled=false", "dpo.max_steps=200", "dpo.checkpoint_every=2"]
 
-    process = subprocess.Popen(run_args(tmp_path, "registry.enabled=false"), cwd=tmp_path, env=env_for(tmp_path),
+
+def like_a_terminal():
+    """A shell starts its foreground job with SIGINT deliverable; pytest itself may have inherited it
+    ignored (started in the background of a non-interactive shell) and would pass that on."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture(scope="module")
+def ctrl_c_run(tmp_path_factory):
+    """A run stopped by Ctrl-C (SIGINT to its process group, as a terminal sends it) once SFT is done,
+    then started again to the end: (folder, the interrupted process, its stderr, the rerun). Its DPO
+    ran uninterrupted: the killed runs below must end with its metrics."""
+    tmp_path = tmp_path_factory.mktemp("ctrl_c")
+    process = subprocess.Popen(run_args(tmp_path, *RESUMABLE), cwd=tmp_path, env=env_for(tmp_path),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                                preexec_fn=like_a_terminal)
     marker = tmp_path / "tiny" / ".steps" / "sft.json"
-    deadline = time.monotonic() + 300
-    while not marker.exists() and time.monotonic() < deadline:
+    deadline = time.monotonic() + 600
+    while not marker.exists():
+        assert time.monotonic() < deadline and process.poll() is None, "sft never finished"
         time.sleep(0.2)
     os.killpg(process.pid, signal.SIGINT)
-    out, err = process.communicate(timeout=120)
+    _, err = process.communicate(timeout=120)
+    return tmp_path, process, err, dpoflow_run(tmp_path, *RESUMABLE)
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_with_one_line_and_the_run_resumes(ctrl_c_run):
+    """Ctrl-C: one line saying what is kept, exit 130, the MLflow parent marked KILLED; started again,
+    the finished steps are reused."""
+    tmp_path, process, err, again = ctrl_c_run
     assert process.returncode == 130, err[-2000:]
     assert "interrupted; finished steps are kept and reused, and training resumes from its last checkpoint" in err
     assert "Traceback" not in err
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    [parent] = client.search_runs([client.get_experiment_by_name("dpoflow").experiment_id])
-    assert parent.info.status == "KILLED"
-    again = dpoflow_run(tmp_path, "registry.enabled=false")
+    runs = client.search_runs([client.get_experiment_by_name("dpoflow").experiment_id])
+    killed, finished = sorted((r for r in runs if "mlflow.parentRunId" not in r.data.tags), key=lambda r: r.info.start_time)
+    assert killed.info.status == "KILLED" and finished.info.status == "FINISHED"
     assert "sft: reused" in again.stdout and "data: reused" in again.stdout
+
+
+@pytest.mark.slow
+def test_sigkill_half_way_then_rerun_gives_the_same_metrics(tmp_path, ctrl_c_run):
+    """Killed (SIGKILL, no cleanup) while DPO trains, `dpoflow run` started again redoes only what did
+    not finish — DPO from its last complete checkpoint — and ends with the metrics of a run whose DPO
+    was not interrupted."""
+    process = subprocess.Popen(run_args(tmp_path, *RESUMABLE), cwd=tmp_path, env=env_for(tmp_path),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = tmp_path / "tiny" / "dpo"
+    deadline = time.monotonic() + 600
+    while not any(complete_checkpoint(c) for c in checkpoints.glob("beta-*.partial/checkpoints/step-*")):
+        assert time.monotonic() < deadline and process.poll() is None, "the run never reached a DPO checkpoint"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    # the kill point: DPO had not finished (else the rerun would reuse it and prove nothing)
+    assert not (tmp_path / "tiny" / "summary.json").exists()
+    assert not all((checkpoints / f"beta-{b}" / "model").exists() for b in (0.1, 0.5))
+    time.sleep(1)  # the task processes die with it (PR_SET_PDEATHSIG)
+    log_before = len((tmp_path / "tiny" / "kfp.log").read_text())
+
+    rerun = dpoflow_run(tmp_path, *RESUMABLE)
+    assert "reference: reused" in rerun.stdout and "sft: reused" in rerun.stdout
+    assert "dpo: resuming from step" in (tmp_path / "tiny" / "kfp.log").read_text()[log_before:]
+    expected = json.loads((ctrl_c_run[0] / "tiny" / "summary.json").read_text())["results"]
+    assert json.loads((tmp_path / "tiny" / "summary.json").read_text())["results"] == expected
 
 
 @pytest.mark.slow

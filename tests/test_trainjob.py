@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_same_weights
+from conftest import LEARN, assert_same_weights, complete_checkpoint
 from dpoflow.config import DpoConfig
 from dpoflow.dpo.train import run_dpo
-from dpoflow.training import checkpoint_problem
-from test_containers import IMAGE, LEARN, _engine, containers_ready  # noqa: F401 (the fixture skips without an image)
+from test_containers import IMAGE, _engine, containers_ready  # noqa: F401 (the fixture skips without an image)
 
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
@@ -89,7 +88,7 @@ def test_a_killed_node_fails_the_job_naming_it_and_the_rerun_resumes_to_the_same
     job = _dpo(shared, "two", **long)
     deadline = time.monotonic() + 600
     # a complete checkpoint on the shared volume, then the kill
-    while not any(not checkpoint_problem(p) for p in (shared / "two.partial").glob("checkpoints/step-*")):
+    while not any(complete_checkpoint(p) for p in (shared / "two.partial").glob("checkpoints/step-*")):
         assert job.poll() is None, job.communicate()[1][-3000:]
         assert time.monotonic() < deadline, "no checkpoint in 600 s"
         time.sleep(0.02)
@@ -131,7 +130,7 @@ def test_an_input_off_the_shared_volume_is_named(shared, tmp_path, tiny_model_di
     assert f"{tiny_model_dir} is not under the shared folder {shared}" in job.stderr
 
 
-def test_the_pipeline_trains_each_beta_on_two_nodes_under_both_runners(tmp_path):
+def test_the_pipeline_trains_each_beta_on_two_nodes_under_both_runners(tmp_path, learning_process_run):
     """`dpoflow run --set dpo.nodes=2`: every β's DPO task starts a 2-node TrainJob and hands on its
     policy like a 1-node one. Process runner: the run's folder is the nodes' /workspace. Container
     runner (shared storage): the run folder, which every task container mounts at its own path, is;
@@ -149,7 +148,7 @@ def test_the_pipeline_trains_each_beta_on_two_nodes_under_both_runners(tmp_path)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         return json.loads((tmp_path / out / "nodes" / "summary.json").read_text()), result.stdout
 
-    one, _ = run("one", "dpo.per_device_batch_size=8")
+    _, one = learning_process_run  # the same config on 1 node (dpo.per_device_batch_size=8)
     process, _ = run("process", "dpo.nodes=2", "dpo.per_device_batch_size=4")
     container, stdout = run("container", "dpo.nodes=2", "dpo.per_device_batch_size=4", runner="container")
     assert "dpo.nodes=2: the DPO tasks start TrainJobs on this engine" in stdout
