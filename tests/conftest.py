@@ -32,6 +32,7 @@ def write_jsonl(path: Path, rows) -> Path:
 SERIAL_MODULES = {"test_containers.py": "containers", "test_trainjob.py": "containers"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config, items):
     """Each test's xdist group (see SERIAL_MODULES; a shared fixture's group is named by the most derived
     module fixture a test uses) and the order work is handed out in: the container group first, then the

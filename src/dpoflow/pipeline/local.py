@@ -142,19 +142,27 @@ class _ProcessSession:
     @contextlib.contextmanager
     def installed(self) -> Iterator[_ProcessSession]:
         """kfp's SubprocessRunner starts task processes through this session while the block runs:
-        none once the run is terminated."""
+        warm ones (warm.py), and none once the run is terminated."""
         from kfp.local import subprocess_task_handler
 
+        from dpoflow.pipeline import warm
+
         original = subprocess_task_handler.run_local_subprocess
+        with contextlib.ExitStack() as stack:
+            environment, command = dict(self.environment), (lambda full_command: full_command)
+            if warm.enabled():
+                self.root.mkdir(parents=True, exist_ok=True)
+                environment[warm.SOCKET_ENV] = stack.enter_context(warm.server(self.root / ".warm-tasks.log"))
+                command = warm.task_command
 
-        def run_task(full_command, env_vars=None) -> int:
-            return 143 if self.terminated else original(full_command, {**(env_vars or {}), **self.environment})
+            def run_task(full_command, env_vars=None) -> int:
+                return 143 if self.terminated else original(command(full_command), {**(env_vars or {}), **environment})
 
-        subprocess_task_handler.run_local_subprocess = run_task
-        try:
-            yield self
-        finally:
-            subprocess_task_handler.run_local_subprocess = original
+            subprocess_task_handler.run_local_subprocess = run_task
+            try:
+                yield self
+            finally:
+                subprocess_task_handler.run_local_subprocess = original
 
     def start(self, cfg: Config, retries: int = 0):
         from kfp import local
