@@ -212,7 +212,7 @@ def test_sigterm_to_dpoflow_run_reaches_its_training_task_and_the_rerun_resumes(
 
     from test_pipeline import env_for, run_args
 
-    settings = ["registry.enabled=false", "sft.max_steps=400", "sft.log_every=1", "run.betas=[0.1]"]
+    settings = ["registry.enabled=false", "sft.max_steps=120", "sft.log_every=1", "run.betas=[0.1]"]
     run = subprocess.Popen(run_args(tmp_path, *settings), cwd=tmp_path, env=env_for(tmp_path), stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     metrics = tmp_path / "tiny" / "sft.partial" / "metrics.jsonl"
@@ -367,15 +367,21 @@ def test_disk_full_keeps_the_previous_output_whole(tmp_path, monkeypatch):
 def test_second_writer_of_a_step_folder_is_refused_with_the_first_ones_pid(tmp_path, pairs_dir, tiny_model_dir,
                                                                         reference_dir):
     out = tmp_path / "out"
-    # 2000 steps (~15 s): the first writer must still hold the folder once the second has started (~5 s of imports)
-    command = _dpo_command(tmp_path, out, pairs_dir, tiny_model_dir, reference_dir, max_steps=2000, checkpoint_every=0)
-    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for(out.with_name("out.partial") / "metrics.jsonl")
+    partial = out.with_name("out.partial")
+    # a first writer that cannot finish while this test looks (it is stopped with SIGTERM below)
+    command = _dpo_command(tmp_path, out, pairs_dir, tiny_model_dir, reference_dir, max_steps=100_000, checkpoint_every=0)
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for(partial / "metrics.jsonl")
     second = subprocess.run(command, capture_output=True, text=True)
+    assert first.poll() is None  # the first writer held the folder all the while
     assert second.returncode == 1
     assert f"step dpo writing {out} is already running (pid {first.pid})" in second.stderr
-    assert first.wait() == 0
-    verify(out)
+    first.send_signal(signal.SIGTERM)
+    _, stderr = first.communicate(timeout=120)
+    assert first.returncode == 143, stderr[-2000:]
+    # the refused writer touched nothing: the first one's checkpoint is whole, to resume from
+    step = int(stderr.split("terminated (SIGTERM) after step ")[1].split(":")[0])
+    assert complete_checkpoint(partial / "checkpoints" / f"step-{step}") and not out.exists()
 
 
 def test_a_shared_reference_cache_entry_appears_whole_or_not_at_all(tmp_path, pairs_dir, tiny_model_dir):
