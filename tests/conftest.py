@@ -83,6 +83,18 @@ LEARN = ["dpo.learning_rate=0.003", "dpo.max_steps=20"]  # the policy moves: met
 @pytest.fixture(autouse=True)
 def _hf_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path_factory.getbasetemp() / "hf_home"))
+    # converted GGUF models (gguf.py) in one folder all workers share: a model is converted once a session
+    monkeypatch.setenv("DPOFLOW_CACHE", str(tmp_path_factory.getbasetemp().parent / "dpoflow_cache"))
+
+
+SMOLLM2 = Path(__file__).parent.parent / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture
+def smollm2() -> Path:
+    """The real pretrained model `make real-model` installs (SmolLM2-135M-Instruct, 4-bit GGUF)."""
+    require("" if SMOLLM2.is_file() else f"{SMOLLM2.name} is missing: run `make real-model`")
+    return SMOLLM2
 
 
 PAIR_WORDS = "great fun lovely dull awful boring superb film movie plot acting was the a and it is".split()

@@ -67,7 +67,7 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    base: str | None = Field(None, description="base model: local dir, hub id, or models:/name@alias; None = build")
+    base: str | None = Field(None, description="base model: local dir, .gguf file, hub id or models:/name@alias; None = build")
     preset: Literal["tiny", "small"] = Field("small", description="size of a from-scratch model (base: null)")
     vocab_size: int = Field(2000, ge=300, description="BPE vocabulary of a from-scratch tokenizer")
     allow_pickle: bool = Field(False, description="allow non-safetensors weights (runs pickle: trusted files only)")

@@ -1,4 +1,4 @@
-"""Models and tokenizers: load from a local path, a hub id or an MLflow `models:/` URI; or build a
+"""Models and tokenizers: load from a local folder, a GGUF file, a hub id or an MLflow `models:/` URI; or build a
 tiny Llama-style model from a config plus a byte-level BPE tokenizer trained on the corpus.
 
 Safetensors only by default: a checkpoint whose weights exist only as pickle (`pytorch_model.bin`,
@@ -88,8 +88,13 @@ def _check_weights(path: Path, allow_pickle: bool) -> None:
 
 
 def resolve_model_path(uri: str) -> str:
-    """A local folder for `models:/name@alias` or `models:/name/version` (downloaded from MLflow) or
-    a hub id (downloaded, safetensors and configs only; needs network); a local path as it is."""
+    """A local folder for `models:/name@alias` or `models:/name/version` (downloaded from MLflow), a
+    `.gguf` file (converted once to a cached safetensors folder: gguf.py) or a hub id (downloaded,
+    safetensors and configs only; needs network); a local folder as it is."""
+    from dpoflow.gguf import gguf_folder, is_gguf
+
+    if is_gguf(uri):
+        return str(gguf_folder(uri))
     if uri.startswith("models:/"):
         from dpoflow.mlflow_registry import download_model
 

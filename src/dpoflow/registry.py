@@ -76,7 +76,7 @@ def model_card(name: str, version: str, tags: dict) -> str:
 
     lines = [f"# {name} v{version}: DPO policy (β {tag('beta')}, loss {tag('loss_type')}, round {tag('round', '1')})",
              "", f"Status: **{tag('status')}**.", "", "## Trained from",
-             f"- base model: {tag('base_model')}",
+             f"- base model: {tag('base_model')}" + (f" (md5 {tag('base_md5')})" if tags.get("dpoflow.base_md5") else ""),
              f"- data: md5 {tag('data.md5')}, rev {tag('data.rev')}, source {tag('data.source')}",
              f"- reference log-probs cache key: {tag('ref_cache_key')}; started from: {tag('policy_init') or 'the reference'}",
              "", "## Evaluation (held-out prompts, against the reference)",

@@ -4,6 +4,7 @@ sweep's best, gate it, promote it (compare-and-set). The rules themselves are re
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from dpoflow.config import Config, config_hash
 from dpoflow.pipeline.reuse import path_of
@@ -12,6 +13,7 @@ from dpoflow.pipeline.tasks import run_config, setup_task
 
 def register_task(*, config: str, parent_run_id: str, policy, results, data, reference, mlflow_uri: str) -> str:
     """A registered version (alias `candidate`) with lineage and quality tags. Returns the version."""
+    from dpoflow.data.sources import tree_md5
     from dpoflow.image import build_info, image_lineage
     from dpoflow.registry import run_register
     from dpoflow.tracking import git_sha
@@ -24,8 +26,11 @@ def register_task(*, config: str, parent_run_id: str, policy, results, data, ref
         return ""
     figures = json.loads(path_of(results, "metrics.json").read_text())
     train = json.loads(path_of(policy, "train_summary.json").read_text())
+    base = cfg.model.base
     lineage = {"beta": figures["beta"], "round": int(policy.metadata.get("round", 1)),
-               "base_model": cfg.model.base or f"built from scratch (preset {cfg.model.preset})",
+               "base_model": base or f"built from scratch (preset {cfg.model.preset})",
+               # a local base's content (a folder's DVC-style .dir md5, a GGUF file's md5); a models:/ base is its URI
+               "base_md5": tree_md5(Path(base)) if base and Path(base).exists() else "",
                "policy_init": policy.metadata.get("policy_init", ""), "data.md5": data_md5,
                "data.rev": data.metadata.get("rev", ""), "data.source": data.metadata.get("source", ""),
                "git_sha": git_sha() or build_info().get("git_sha", "unknown"), "config_hash": config_hash(cfg),

@@ -1,0 +1,111 @@
+"""A real pretrained model: SmolLM2-135M-Instruct from its GGUF file (`make real-model`), converted once
+to a safetensors folder (gguf.py) and taken through the pipeline."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dpoflow.data.sources import file_md5
+from dpoflow.gguf import gguf_folder
+from dpoflow.modeling import ModelLoadError, load_model, load_tokenizer
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.mark.slow
+def test_gguf_file_becomes_the_same_model_as_a_cached_safetensors_folder(smollm2):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    lines = []
+    folder = gguf_folder(smollm2, log=lines.append)
+    md5 = file_md5(smollm2)
+    assert json.loads((folder / "source.json").read_text()) == {"gguf": smollm2.name, "md5": md5, "architecture": "llama"}
+    assert folder.name.endswith(md5[:12]) and not list(folder.parent.glob("*.tmp-*"))
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["vocab_size"] == 49152
+    assert config["tie_word_embeddings"] and "quantization_config" not in config
+
+    # every step reads it through the usual loaders; a second use converts nothing
+    again = []
+    assert gguf_folder(smollm2, log=again.append) == folder and again == []
+    tokenizer, model = load_tokenizer(str(smollm2)), load_model(str(smollm2))
+    assert tokenizer.eos_token == "<|im_end|>" and "<|im_start|>assistant" in tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
+
+    # the same function as transformers' own GGUF model: equal logits, bit for bit
+    reference = AutoModelForCausalLM.from_pretrained(smollm2.parent, gguf_file=smollm2.name, dtype=torch.float32)
+    ids = tokenizer("The movie was", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+        greedy = model.generate(ids, max_new_tokens=12, do_sample=False)
+    text = tokenizer.decode(greedy[0, ids.shape[1]:])
+    assert sum(c.isalpha() or c.isspace() for c in text) > 0.8 * len(text), text  # words, not noise
+
+
+def test_gguf_files_it_cannot_read_are_refused_by_name(tmp_path):
+    import gguf
+
+    with pytest.raises(ModelLoadError, match="missing.gguf: no such GGUF file.*make real-model"):
+        gguf_folder(tmp_path / "missing.gguf")
+    (tmp_path / "notes.gguf").write_text("not a model")
+    with pytest.raises(ModelLoadError, match="notes.gguf: not a readable GGUF model file"):
+        gguf_folder(tmp_path / "notes.gguf")
+    writer = gguf.GGUFWriter(str(tmp_path / "rwkv.gguf"), "rwkv6")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelLoadError, match="rwkv.gguf: GGUF architecture 'rwkv6' cannot be dequantized.*llama"):
+        gguf_folder(tmp_path / "rwkv.gguf")
+    assert not (Path(os.environ["DPOFLOW_CACHE"]) / "gguf" / "rwkv").exists()
+
+
+# the CI slice of the real model's pipeline: the demo's review openings as prompts, pairs sampled from
+# SmolLM2 itself and judged, its cached log-probs, 2 DPO steps, evaluation, registry
+SLICE = ["run.name=smol", "run.betas=[0.1]", "data.demo.n_reviews=200", "sft.enabled=false", "prefs.k=2",
+         "prefs.min_gap=0.0", "prefs.max_prompts=8", "prefs.max_eval_prompts=4", "prefs.max_new_tokens=12",
+         "dpo.max_steps=2", "dpo.per_device_batch_size=4", "dpo.max_length=64", "dpo.learning_rate=1e-5",
+         "dpo.warmup_steps=0", "dpo.log_every=1", "eval.max_prompts=8", "eval.max_new_tokens=12"]
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_through_the_whole_pipeline_with_its_lineage(tmp_path, smollm2):
+    from dpoflow.registry import model_card
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    args = [str(Path(sys.executable).parent / "dpoflow"), "run", "-c", str(ROOT / "params.yaml"),
+            f"--set=run.output_dir={tmp_path}", f"--set=model.base={smollm2}"] + [f"--set={s}" for s in SLICE]
+    result = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = tmp_path / "smol"
+
+    import pandas as pd
+
+    pairs = pd.read_parquet(run / "prefs" / "train.parquet")
+    assert len(pairs) == 8 and (pairs.chosen != pairs.rejected).all()
+    text = "".join(pairs.chosen) + "".join(pairs.rejected)  # a pretrained model's samples: words, not noise
+    assert sum(c.isalpha() or c.isspace() for c in text) > 0.8 * len(text), text[:500]
+
+    # step 1 starts from the reference itself: the policy's log-probs equal the cached reference's
+    first = json.loads((run / "dpo" / "beta-0.1" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 1 and abs(first["loss"] - math.log(2)) < 1e-4 and abs(first["rewards/margins"]) < 1e-3
+    assert -200 < first["logps/chosen"] < -1  # summed over ~12 real tokens of a 49,152-token vocabulary
+
+    policy = run / "dpo" / "beta-0.1" / "model"
+    assert json.loads((policy / "config.json").read_text())["vocab_size"] == 49152
+    assert load_tokenizer(str(policy)).chat_template == load_tokenizer(str(smollm2)).chat_template
+
+    from mlflow import MlflowClient
+
+    tags = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"]).get_model_version("dpoflow-demo", "1").tags
+    md5 = file_md5(smollm2)
+    assert tags["dpoflow.base_model"] == str(smollm2) and tags["dpoflow.base_md5"] == md5
+    assert f"- base model: {smollm2} (md5 {md5})" in model_card("dpoflow-demo", "1", tags)
