@@ -80,12 +80,19 @@ SLICE = ["run.name=smol", "run.betas=[0.1]", "data.demo.n_reviews=200", "sft.ena
 def test_smollm2_gguf_through_the_whole_pipeline_with_its_lineage(tmp_path, smollm2):
     from dpoflow.registry import model_card
 
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    # every progress line is written (meter.py), so that a short run shows them all
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "DPOFLOW_PROGRESS_EVERY_S": "0"}
     args = [str(Path(sys.executable).parent / "dpoflow"), "run", "-c", str(ROOT / "params.yaml"),
             f"--set=run.output_dir={tmp_path}", f"--set=model.base={smollm2}"] + [f"--set={s}" for s in SLICE]
     result = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run = tmp_path / "smol"
+    # progress of every long loop, on the step's terminal line and in the task's log
+    for line in ("prefs: sample (train): 16/16 samples", "prefs: judge (train): 8/8 prompts", "reference: score: 8/8 pairs",
+                 "dpo beta-0.1: dpo: 2/2 steps", "eval beta-0.1: generate (policy): 8/8 samples",
+                 "eval beta-0.1: generate (reference): 8/8 samples"):
+        assert line in result.stdout, line
+    assert "dpo: 1/2 steps" in (run / "kfp.log").read_text()
 
     import pandas as pd
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from dpoflow.meter import Meter
+
 
 class _PreallocatedLayer(DynamicLayer):
     """A layer's keys and values in one buffer of the batch's final length; attention reads a view
@@ -95,10 +97,10 @@ def _nucleus_floor(x: torch.Tensor, top_p: float) -> torch.Tensor:
 
 @torch.no_grad()
 def _decode(model, input_ids, attention_mask, *, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
-            eos: int, pad: int, generator: torch.Generator) -> torch.Tensor:
+            eos: int, pad: int, generator: torch.Generator, on_token=None) -> torch.Tensor:
     """New tokens (rows × max_new_tokens, pad after EOS) for left-padded prompts. Rows that have
     ended leave the batch (and its cache) once they are a quarter of it: they cost a full row each
-    step otherwise."""
+    step otherwise. `on_token(fraction)` after each position (progress)."""
     rows, device = input_ids.shape[0], input_ids.device
     cache = _new_cache(model, input_ids.shape[1] + max_new_tokens)
     mask = None if bool(attention_mask.all()) else attention_mask  # no padding: plain causal attention
@@ -112,6 +114,8 @@ def _decode(model, input_ids, attention_mask, *, max_new_tokens: int, temperatur
                        use_cache=True, logits_to_keep=1).logits[:, -1]
         tokens = pick_tokens(logits, temperature, top_p, generator, top_k).masked_fill_(done, pad)
         out[live, t] = tokens
+        if on_token is not None:
+            on_token((t + 1) / max_new_tokens)
         done |= tokens == eos
         ended = int(done.sum())
         if ended == len(done):
@@ -129,22 +133,21 @@ def _decode(model, input_ids, attention_mask, *, max_new_tokens: int, temperatur
 
 def generate_ids(model, tokenizer, prompt_ids: list[list[int]], *, num_samples: int = 1, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 48, seed: int = 0,
-                 batch_size: int = 512) -> list[list[list[int]]]:
+                 batch_size: int = 512, what: str = "generate") -> list[list[list[int]]]:
     """k sampled completions (token ids, up to and including EOS) per prompt. `batch_size` counts rows
     (prompts × samples), fewer where the KV cache would outgrow its budget (`_rows_that_fit`). Each
     batch draws from its own generator seeded from (seed, first prompt's place in the sorted order),
-    so results do not depend on what ran before."""
-    from tqdm.auto import tqdm
-
+    so results do not depend on what ran before. Progress (meter.py) is reported as `what`."""
     model.eval()
     device = next(model.parameters()).device
     order = sorted(range(len(prompt_ids)), key=lambda i: (len(prompt_ids[i]), i))
     longest = max((len(ids) for ids in prompt_ids), default=0) + max_new_tokens
     per_batch = max(1, min(batch_size, _rows_that_fit(model, longest)) // num_samples)
     results: list[list[list[int]]] = [[] for _ in prompt_ids]
-    for start in tqdm(range(0, len(order), per_batch), desc="generate", unit="batch", leave=False,
-                      disable=len(order) <= per_batch):
+    meter = Meter(what, len(order) * num_samples, "samples")
+    for start in range(0, len(order), per_batch):
         members = order[start:start + per_batch]
+        rows, before = len(members) * num_samples, start * num_samples
         width = max(len(prompt_ids[i]) for i in members)
         input_ids = torch.full((len(members), width), tokenizer.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
@@ -155,10 +158,12 @@ def generate_ids(model, tokenizer, prompt_ids: list[list[int]], *, num_samples: 
         new = _decode(model, input_ids.repeat_interleave(num_samples, 0).to(device),
                       attention_mask.repeat_interleave(num_samples, 0).to(device), max_new_tokens=max_new_tokens,
                       temperature=temperature, top_p=top_p, top_k=top_k, eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id,
-                      generator=generator)
+                      generator=generator, on_token=lambda fraction, b=before, r=rows: meter.to(b + r * fraction))
         completions = [_until_eos(row, tokenizer.eos_token_id) for row in new.tolist()]
         for position, i in enumerate(members):
             results[i] = completions[position * num_samples:(position + 1) * num_samples]
+        meter.to(before + rows)
+    meter.close()
     return results
 
 

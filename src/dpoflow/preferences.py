@@ -17,6 +17,7 @@ from pathlib import Path
 
 from dpoflow.config import PrefsConfig
 from dpoflow.manifest import building
+from dpoflow.meter import Meter
 
 
 def build_pairs(prompts: list[str], samples: list[list[str]], scores: list[list[float]], min_gap: float):
@@ -77,8 +78,13 @@ def _run_prefs(cfg: PrefsConfig, data_dir, model_dir, out_dir, shard: tuple[int,
         prompts = frame.prompt.tolist()
         samples = sample_completions(model, tokenizer, prompts, num_samples=cfg.k, temperature=cfg.temperature,
                                      top_p=cfg.top_p, top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens,
-                                     seed=cfg.seed + (split == "eval"), prompt_messages=frame.prompt_messages.tolist())
-        scores = [judge.score([p] * len(s), s) for p, s in zip(prompts, samples)]
+                                     seed=cfg.seed + (split == "eval"), prompt_messages=frame.prompt_messages.tolist(),
+                                     what=f"sample ({split})")
+        scores = []
+        with Meter(f"judge ({split})", len(prompts), "prompts", log=log) as meter:
+            for prompt, completions in zip(prompts, samples):
+                scores.append(judge.score([prompt] * len(completions), completions))
+                meter.advance()
         pairs, dropped = build_pairs(prompts, samples, scores, cfg.min_gap)
         pd.DataFrame(pairs, columns=["prompt", "chosen", "rejected", "prompt_messages", "chosen_score",
                                      "rejected_score"]).to_parquet(out_dir / f"{split}.parquet", index=False)

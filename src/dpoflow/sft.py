@@ -21,6 +21,7 @@ import torch
 from dpoflow.config import ModelConfig, SftConfig
 from dpoflow.lm.logprobs import IGNORE, SequenceLogProbs, collate_packed, encode_completions
 from dpoflow.manifest import building
+from dpoflow.meter import Meter
 from dpoflow.training import (
     Guard,
     MetricsWriter,
@@ -111,7 +112,6 @@ def run_sft(cfg: SftConfig, model_cfg: ModelConfig, data_dir, out_dir, *, resume
 
 def _run_sft(cfg: SftConfig, model_cfg: ModelConfig, data_dir, out_dir, *, resume: bool, log_metrics, log) -> dict:
     import pandas as pd
-    from tqdm.auto import tqdm
 
     from dpoflow.modeling import load_model, load_tokenizer
 
@@ -147,9 +147,8 @@ def _run_sft(cfg: SftConfig, model_cfg: ModelConfig, data_dir, out_dir, *, resum
     world, rank = accelerator.num_processes, accelerator.process_index
     global_batch = cfg.per_device_batch_size * cfg.gradient_accumulation_steps * world
     started = time.perf_counter()
-    progress = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="sft",
-                    disable=not accelerator.is_local_main_process)
-    for step in progress:
+    meter = Meter("sft", cfg.max_steps, "steps", start=start, log=log, enabled=accelerator.is_local_main_process)
+    for step in range(start, cfg.max_steps):
         micro = micro_batches(global_batch_indices(len(train), global_batch, step, cfg.seed), rank, world,
                               cfg.per_device_batch_size)
         batches = [{k: v.to(accelerator.device) for k, v in collate(train, m, tokenizer.pad_token_id,
@@ -175,10 +174,11 @@ def _run_sft(cfg: SftConfig, model_cfg: ModelConfig, data_dir, out_dir, *, resum
         loss_value = accelerator.reduce(torch.tensor(total, device=accelerator.device), "sum").item() / tokens.item()
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
             write(step + 1, {"loss": loss_value, "grad_norm": float(grad_norm), "learning_rate": learning_rate})
-            progress.set_postfix(loss=f"{loss_value:.3f}")
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
             save_checkpoint(accelerator, out_dir, step + 1)
         guard.check_stop(step + 1)
+        meter.to(step + 1)
+    meter.close()
 
     accelerator.wait_for_everyone()
     summary = {}

@@ -37,6 +37,7 @@ from dpoflow.dpo.reference import cache_key, load_pair_frames, load_reference_lo
 from dpoflow.lm.logprobs import SequenceLogProbs, collate_shared_prefix
 from dpoflow.manifest import building
 from dpoflow.memory import activation_budget, training_costs
+from dpoflow.meter import Meter
 from dpoflow.training import (
     Guard,
     MetricsWriter,
@@ -122,8 +123,6 @@ def run_dpo(cfg: DpoConfig, pairs_dir, reference_model_dir, out_dir, *, referenc
 
 def _run_dpo(cfg: DpoConfig, pairs_dir, reference_model_dir, out_dir, *, reference_dir, resume: bool, init_model_dir,
              log_metrics, log) -> dict:
-    from tqdm.auto import tqdm
-
     from dpoflow.manifest import model_sha
     from dpoflow.modeling import load_model, load_tokenizer
 
@@ -173,11 +172,10 @@ def _run_dpo(cfg: DpoConfig, pairs_dir, reference_model_dir, out_dir, *, referen
     write = MetricsWriter(out_dir / "metrics.jsonl", accelerator.is_main_process, log_metrics, resume_from=start)
     world, rank = accelerator.num_processes, accelerator.process_index
     global_batch = cfg.per_device_batch_size * cfg.gradient_accumulation_steps * world
-    progress = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="dpo",
-                    disable=not accelerator.is_local_main_process)
+    meter = Meter("dpo", cfg.max_steps, "steps", start=start, log=log, enabled=accelerator.is_local_main_process)
     started, tokens, window = time.perf_counter(), 0, []
     guard = Guard(accelerator, out_dir, "dpo")
-    for step in progress:
+    for step in range(start, cfg.max_steps):
         indices = global_batch_indices(len(pairs), global_batch, step, cfg.seed)
         micro = micro_batches(indices, rank, world, cfg.per_device_batch_size)
         per_example = []
@@ -227,10 +225,11 @@ def _run_dpo(cfg: DpoConfig, pairs_dir, reference_model_dir, out_dir, *, referen
                 "grad_norm": float(grad_norm), "learning_rate": learning_rate,
             }
             write(step + 1, metrics)
-            progress.set_postfix(loss=f"{loss:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
             save_checkpoint(accelerator, out_dir, step + 1)
         guard.check_stop(step + 1)
+        meter.to(step + 1)
+    meter.close()
 
     seconds = time.perf_counter() - started
     accelerator.wait_for_everyone()

@@ -85,7 +85,8 @@ def _run_eval(cfg: EvalConfig, policy_dir, reference_model_dir, data_dir, out_di
     if (cfg.temperature, cfg.top_p, cfg.top_k) != (1.0, 1.0, 0):
         kl_ids = [s[0] for s in generate_ids(policy, tokenizer, prompt_ids, **{**sampling(cfg), "temperature": 1.0,
                                                                               "top_p": 1.0, "top_k": 0,
-                                                                              "seed": cfg.seed + 1})]
+                                                                              "seed": cfg.seed + 1},
+                                                        what="sample for KL")]
     policy_logps, _ = score_sequences(policy, prompt_ids, kl_ids, tokenizer.pad_token_id)
     reference_logps, _ = score_sequences(reference, prompt_ids, kl_ids, tokenizer.pad_token_id)
     kl_per_sample = (policy_logps - reference_logps).tolist()
@@ -151,14 +152,15 @@ def sampling(cfg: EvalConfig) -> dict:
                 seed=cfg.seed)
 
 
-def judge_pair(cfg: EvalConfig, model_a, model_b, tokenizer, prompts: list[str], prompt_ids) -> dict:
+def judge_pair(cfg: EvalConfig, model_a, model_b, tokenizer, prompts: list[str], prompt_ids,
+               names: tuple[str, str] = ("policy", "reference")) -> dict:
     """Sample both models with identical settings and seeds and let the judge decide each prompt:
     verdict 1 = a better, 0.5 tie, 0 = b better, None = the judge failed (never a win)."""
     from dpoflow.evaluation.judges import load_judge
     from dpoflow.generation import generate_ids
 
-    a_ids = [s[0] for s in generate_ids(model_a, tokenizer, prompt_ids, **sampling(cfg))]
-    b_ids = [s[0] for s in generate_ids(model_b, tokenizer, prompt_ids, **sampling(cfg))]
+    a_ids = [s[0] for s in generate_ids(model_a, tokenizer, prompt_ids, **sampling(cfg), what=f"generate ({names[0]})")]
+    b_ids = [s[0] for s in generate_ids(model_b, tokenizer, prompt_ids, **sampling(cfg), what=f"generate ({names[1]})")]
     a_text = tokenizer.batch_decode(a_ids, skip_special_tokens=True)
     b_text = tokenizer.batch_decode(b_ids, skip_special_tokens=True)
     judge = load_judge(cfg.judge, cfg.llm_judge)
@@ -186,7 +188,8 @@ def head_to_head(cfg: EvalConfig, challenger_dir, champion_dir, data_dir, log=pr
     prompts = frame.prompt.tolist()
     tokenizer = load_tokenizer(str(challenger_dir))
     prompt_ids = [tokenize_prompt(tokenizer, p, m) for p, m in zip(prompts, frame.prompt_messages)]
-    duel = judge_pair(cfg, load_model(str(challenger_dir)), load_model(str(champion_dir)), tokenizer, prompts, prompt_ids)
+    duel = judge_pair(cfg, load_model(str(challenger_dir)), load_model(str(champion_dir)), tokenizer, prompts, prompt_ids,
+                      ("challenger", "champion"))
     metrics = load_metric("win_rate").compute(verdicts=[v for v in duel["verdicts"] if v is not None])
     log(f"head to head: challenger wins {metrics['win_rate']:.3f} [{metrics['win_rate_ci_low']:.3f}, "
         f"{metrics['win_rate_ci_high']:.3f}] against the champion on {len(prompts)} prompts")

@@ -41,6 +41,7 @@ from torch import nn
 from dpoflow.lm.blocks import NO_MASK, Blocks, checked, enable_blocks
 from dpoflow.lm.head import head_logps, tied_rows
 from dpoflow.memory import logit_budget
+from dpoflow.meter import Meter
 
 IGNORE = -100
 
@@ -259,15 +260,14 @@ def score_pairs(model, pairs: TokenizedPairs, pad_token_id: int, batch_size: int
     scorer = SequenceLogProbs(model).eval()
     device = next(model.parameters()).device
     sums, counts = [], []
-    from tqdm.auto import tqdm
-
-    for start in tqdm(range(0, len(pairs), batch_size), desc="score", unit="batch", leave=False,
-                      disable=len(pairs) <= batch_size):
-        indices = range(start, min(start + batch_size, len(pairs)))
-        batch = collate_shared_prefix(pairs, indices, pad_token_id, blocks=scorer.blocks)
-        batch_sums, batch_counts = scorer({k: v.to(device) for k, v in batch.items()})
-        sums.append(batch_sums.view(2, -1).T.cpu())
-        counts.append(batch_counts.view(2, -1).T.cpu())
+    with Meter("score", len(pairs), "pairs") as meter:
+        for start in range(0, len(pairs), batch_size):
+            indices = range(start, min(start + batch_size, len(pairs)))
+            batch = collate_shared_prefix(pairs, indices, pad_token_id, blocks=scorer.blocks)
+            batch_sums, batch_counts = scorer({k: v.to(device) for k, v in batch.items()})
+            sums.append(batch_sums.view(2, -1).T.cpu())
+            counts.append(batch_counts.view(2, -1).T.cpu())
+            meter.to(indices.stop)
     return torch.cat(sums), torch.cat(counts)
 
 

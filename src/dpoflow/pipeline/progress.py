@@ -29,6 +29,16 @@ class ProgressLog:
         self.pending, self.started, self.tasks, self.t0 = "", {}, [], time.perf_counter()
         self.ran, self.reused, self.seconds = [], [], {}
         self.events, self.events_read = events, events.stat().st_size if events and events.exists() else 0
+        if events is not None:  # a long step's progress shows while the runner itself says nothing
+            threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self.file.closed:
+            time.sleep(2)
+            with self.lock:
+                if not self.file.closed:
+                    self._step_events()
+                    self.terminal.flush()
 
     def write(self, text: str) -> int:
         with self.lock:  # whole lines, secrets masked (a task that prints a credential leaks nothing)
@@ -57,6 +67,9 @@ class ProgressLog:
             if what == "finished":
                 self.seconds[name] = event["seconds"]
                 continue
+            if what == "progress":
+                self.terminal.write(f"[{elapsed:7.1f}s] {name}: {event['text']}\n")
+                continue
             (self.ran if what == "running" else self.reused).append(name)
             self.terminal.write(f"[{elapsed:7.1f}s] {name}: {what}\n")
 
@@ -81,10 +94,11 @@ class ProgressLog:
         return False
 
     def close(self) -> None:
-        self._step_events()
-        if self.pending:
-            self.file.write(redact(self.pending))
-        self.file.close()
+        with self.lock:
+            self._step_events()
+            if self.pending:
+                self.file.write(redact(self.pending))
+            self.file.close()
 
 
 def first_error(log_path: Path) -> str:

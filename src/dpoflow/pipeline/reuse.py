@@ -67,7 +67,7 @@ EVENTS = "events.jsonl"
 
 
 def step_event(records: Path, step: str, event: str, **fields) -> None:
-    """Append one event of a step (running, finished with its seconds, reused) to <records>/EVENTS:
+    """Append one event of a step (running, progress with its text, finished with its seconds, reused) to <records>/EVENTS:
     what `dpoflow run` shows and times, read as data (parallel tasks append whole lines)."""
     records.mkdir(parents=True, exist_ok=True)
     with open(records / EVENTS, "a") as handle:
@@ -91,7 +91,10 @@ def run_step(name: str, out_dir: Path, key: str, fn: Callable[[], object], recor
     started = time.perf_counter()
     log(f"[{name}] running -> {out_dir}")
     step_event(records, name, "running")
-    fn()
+    from dpoflow.meter import reporting
+
+    with reporting(lambda text: step_event(records, name, "progress", text=text)):
+        fn()
     seconds = time.perf_counter() - started
     marker.write_text(json.dumps({"key": key}) + "\n")
     step_event(records, name, "finished", seconds=round(seconds, 2))
