@@ -116,3 +116,66 @@ def test_smollm2_gguf_through_the_whole_pipeline_with_its_lineage(tmp_path, smol
     md5 = file_md5(smollm2)
     assert tags["dpoflow.base_model"] == str(smollm2) and tags["dpoflow.base_md5"] == md5
     assert f"- base model: {smollm2} (md5 {md5})" in model_card("dpoflow-demo", "1", tags)
+
+
+def _conversations():
+    """UltraFeedback-shaped pairs: a system turn, an earlier exchange, the last user turn; two replies."""
+    import pandas as pd
+
+    rows = [("Name a fruit.", "Apple.", "Another one?", "Pear.", "I do not know any fruit."),
+            ("Say hello.", "Hello!", "Now in French.", "Bonjour !", "Hello again."),
+            ("What is 2 + 2?", "4.", "And 3 + 3?", "6.", "It is 7, I think."),
+            ("Describe the sea.", "Blue and vast.", "Shorter, please.", "Vast.", "The sea is a large body of water.")]
+    frame = [{"prompt": turn, "chosen": good, "rejected": bad, "prompt_messages": json.dumps(
+        [{"role": "system", "content": "You are a concise assistant."}, {"role": "user", "content": first},
+         {"role": "assistant", "content": answer}, {"role": "user", "content": turn}])}
+        for first, answer, turn, good, bad in rows]
+    return pd.DataFrame(frame)
+
+
+@pytest.mark.slow
+def test_chat_pairs_on_smollm2s_template_score_the_reply_and_match_trl(tmp_path, smollm2):
+    """Through SmolLM2's real chat template and 49,152-token vocabulary: the scored tokens are exactly
+    the assistant's reply after the template's generation prompt, closed by the eos token the model
+    emits; the first DPO step gives TRL DPOTrainer's loss, rewards and log-probs (policy != reference)."""
+    import torch
+
+    from dpoflow.dpo.losses import preference_loss
+    from dpoflow.dpo.reference import compute_logps
+    from dpoflow.lm.logprobs import encode_completions, tokenize_prompt
+    from test_dpo_parity import _trl_first_step
+
+    tokenizer, reference = load_tokenizer(str(smollm2)), load_model(str(smollm2))
+    pairs = _conversations()
+    for row in pairs.itertuples():
+        generation_prompt = tokenizer.apply_chat_template(json.loads(row.prompt_messages), tokenize=False,
+                                                          add_generation_prompt=True)
+        assert generation_prompt.startswith("<|im_start|>system\nYou are a concise assistant.<|im_end|>\n")
+        assert generation_prompt.endswith(f"{row.prompt}<|im_end|>\n<|im_start|>assistant\n")
+        prompt_ids, (chosen_ids, rejected_ids) = encode_completions(tokenizer, row.prompt, row.prompt_messages,
+                                                                    [row.chosen, row.rejected])
+        assert prompt_ids == tokenize_prompt(tokenizer, row.prompt, row.prompt_messages)
+        assert tokenizer.decode(prompt_ids) == generation_prompt
+        for reply, ids in ((row.chosen, chosen_ids), (row.rejected, rejected_ids)):
+            # the reply's own tokens, the end of turn as one token (the eos generation stops at), and the
+            # template's newline after it (TRL scores the same conversation tokens)
+            assert ids[:-2] == tokenizer(reply, add_special_tokens=False).input_ids
+            assert ids[-2] == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+            assert tokenizer.decode(ids[-1:]) == "\n"
+
+    policy = load_model(str(smollm2))
+    torch.manual_seed(0)
+    with torch.no_grad():  # a policy that differs from the reference, so the loss is not ln 2
+        for parameter in policy.model.layers[-1].parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.02)
+    theirs = _trl_first_step(tmp_path, (tokenizer, reference, policy), pairs, ["sigmoid"])
+    ours_policy = compute_logps(policy.eval(), tokenizer, pairs, 128, "keep_start")[0].float()
+    ours_reference = compute_logps(reference.eval(), tokenizer, pairs, 128, "keep_start")[0].float()
+    losses, chosen, rejected = preference_loss(ours_policy[:, 0], ours_policy[:, 1], ours_reference[:, 0],
+                                               ours_reference[:, 1], beta=0.1, loss_type="sigmoid")
+    assert losses.mean().item() == pytest.approx(theirs["loss"], abs=1e-4)
+    assert chosen.mean().item() == pytest.approx(theirs["rewards/chosen"], abs=1e-4)
+    assert rejected.mean().item() == pytest.approx(theirs["rewards/rejected"], abs=1e-4)
+    assert ours_policy[:, 0].mean().item() == pytest.approx(theirs["logps/chosen"], abs=1e-3)
+    assert ours_policy[:, 1].mean().item() == pytest.approx(theirs["logps/rejected"], abs=1e-3)
+    assert abs(theirs["loss"] - math.log(2)) > 1e-3  # a real comparison, not two copies of ln 2
