@@ -76,22 +76,34 @@ SLICE = ["run.name=smol", "run.betas=[0.1]", "data.demo.n_reviews=200", "sft.ena
          "dpo.warmup_steps=0", "dpo.log_every=1", "eval.max_prompts=8", "eval.max_new_tokens=12"]
 
 
-@pytest.mark.slow
-def test_smollm2_gguf_through_the_whole_pipeline_with_its_lineage(tmp_path, smollm2):
-    from dpoflow.registry import model_card
+@pytest.fixture(scope="module")
+def smol_run(tmp_path_factory):
+    """`dpoflow run` of SLICE on SmolLM2: (tmp folder, its terminal output, its tracking URI)."""
+    from conftest import SMOLLM2, require
 
+    require("" if SMOLLM2.is_file() else f"{SMOLLM2.name} is missing: run `make real-model`")
+    tmp_path = tmp_path_factory.mktemp("smol")
     # every progress line is written (meter.py), so that a short run shows them all
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "DPOFLOW_PROGRESS_EVERY_S": "0"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "DPOFLOW_PROGRESS_EVERY_S": "0",
+           "DPOFLOW_CACHE": str(tmp_path_factory.getbasetemp().parent / "dpoflow_cache")}
     args = [str(Path(sys.executable).parent / "dpoflow"), "run", "-c", str(ROOT / "params.yaml"),
-            f"--set=run.output_dir={tmp_path}", f"--set=model.base={smollm2}"] + [f"--set={s}" for s in SLICE]
+            f"--set=run.output_dir={tmp_path}", f"--set=model.base={SMOLLM2}"] + [f"--set={s}" for s in SLICE]
     result = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return tmp_path, result.stdout, env["MLFLOW_TRACKING_URI"]
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_through_the_whole_pipeline_with_its_lineage(smol_run, smollm2):
+    from dpoflow.registry import model_card
+
+    tmp_path, stdout, tracking_uri = smol_run
     run = tmp_path / "smol"
     # progress of every long loop, on the step's terminal line and in the task's log
     for line in ("prefs: sample (train): 16/16 samples", "prefs: judge (train): 8/8 prompts", "reference: score: 8/8 pairs",
                  "dpo beta-0.1: dpo: 2/2 steps", "eval beta-0.1: generate (policy): 8/8 samples",
                  "eval beta-0.1: generate (reference): 8/8 samples"):
-        assert line in result.stdout, line
+        assert line in stdout, line
     assert "dpo: 1/2 steps" in (run / "kfp.log").read_text()
 
     import pandas as pd
@@ -112,10 +124,37 @@ def test_smollm2_gguf_through_the_whole_pipeline_with_its_lineage(tmp_path, smol
 
     from mlflow import MlflowClient
 
-    tags = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"]).get_model_version("dpoflow-demo", "1").tags
+    tags = MlflowClient(tracking_uri=tracking_uri).get_model_version("dpoflow-demo", "1").tags
     md5 = file_md5(smollm2)
     assert tags["dpoflow.base_model"] == str(smollm2) and tags["dpoflow.base_md5"] == md5
     assert f"- base model: {smollm2} (md5 {md5})" in model_card("dpoflow-demo", "1", tags)
+
+
+
+@pytest.mark.slow
+def test_the_smollm2_champion_answers_chat_requests_under_mlflow_serve(smol_run, monkeypatch):
+    """The registered SmolLM2 policy, promoted, served: a chat request is answered with the assistant's
+    reply (the template applied on the server), the same as the model answers in process; bounded
+    load (16 requests, 4 at a time) is answered in full."""
+    from dpoflow import mlflow_registry
+    from dpoflow.registry import run_promote
+    from dpoflow.serving import Policy
+    from dpoflow_bench.serve import chat_requests, load, mlflow_serve, post
+
+    _, _, tracking_uri = smol_run
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    run_promote("dpoflow-demo", "1", force=True, log=lambda *_: None)  # the slice's gate refused it (2 steps)
+    local = mlflow_registry.download_model("models:/dpoflow-demo@champion")
+    chat = [{"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "Write one sentence about a movie you loved."}]
+    settings = {"max_new_tokens": 16, "temperature": 0.0}
+    expected = Policy(local).predict({"messages": [chat]}, settings).completion[0]
+    assert sum(c.isalpha() or c.isspace() for c in expected) > 0.8 * len(expected) and "<|im" not in expected
+    with mlflow_serve("models:/dpoflow-demo@champion", tracking_uri) as port:
+        assert post(port, {"dataframe_records": [{"messages": chat}], "params": settings})[0]["completion"] == expected
+        report = load(port, chat_requests(16, max_new_tokens=8), concurrency=4)
+    print("load:", json.dumps(report))
+    assert (report["answered"], report["errors"]) == (16, 0), report
 
 
 def _conversations():

@@ -5,6 +5,9 @@ transformers loads it) and an MLflow pyfunc model at once, so
 
 answers generation requests: POST /invocations {"dataframe_records": [{"prompt": "..."}],
 "params": {"max_new_tokens": 32, "temperature": 0.7}} -> {"predictions": [{"completion": "..."}]}.
+A chat model answers chat requests the same way: {"dataframe_records": [{"messages": [{"role":
+"user", "content": "..."}]}]} -> the assistant's reply, the model's own chat template applied here,
+on the server (the generation prompt added; the reply ends at the template's end-of-turn token).
 
 The pyfunc flavor is a loader module (this one) over the same files, not MLflow's transformers
 flavor: that one saves its own copy of the weights in its own layout and needs a pipeline task,
@@ -30,10 +33,13 @@ def pyfunc_files() -> Path:
     from mlflow.models import Model, ModelSignature
     from mlflow.models.utils import _save_example
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Array, Object, Property
 
     folder = Path(tempfile.mkdtemp(prefix="dpoflow-pyfunc-"))
+    message = Object([Property("role", "string"), Property("content", "string")])
     model = Model(signature=ModelSignature(
-        inputs=Schema([ColSpec("string", "prompt")]), outputs=Schema([ColSpec("string", "completion")]),
+        inputs=Schema([ColSpec("string", "prompt", required=False), ColSpec(Array(message), "messages", required=False)]),
+        outputs=Schema([ColSpec("string", "completion")]),
         params=ParamSchema([ParamSpec(key, "long" if isinstance(value, int) else "double", value)
                             for key, value in PARAMS.items()])))
     mlflow.pyfunc.add_to_model(model, loader_module="dpoflow.serving", data=".")
@@ -65,10 +71,36 @@ class Policy:
             raise ValueError(f"unknown generation params {sorted(unknown)}; known: {sorted(PARAMS)}")
         settings = {**PARAMS, **(params or {})}
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        if "prompt" not in frame:
-            raise ValueError(f"requests need a 'prompt' column; got columns {list(frame.columns)}")
-        samples = sample_completions(self.model, self.tokenizer, [str(p) for p in frame["prompt"]], num_samples=1,
+        prompts, messages = self._requests(frame)
+        samples = sample_completions(self.model, self.tokenizer, prompts, prompt_messages=messages, num_samples=1,
                                      temperature=float(settings["temperature"]), top_p=float(settings["top_p"]),
                                      top_k=int(settings["top_k"]), max_new_tokens=int(settings["max_new_tokens"]),
                                      seed=int(settings["seed"]))
         return pd.DataFrame({"completion": [completions[0] for completions in samples]})
+
+    def _requests(self, frame) -> tuple[list[str], list[str]]:
+        """Each row's prompt text and its chat messages as JSON ('' for a plain prompt)."""
+        import json
+
+        if "prompt" not in frame and "messages" not in frame:
+            raise ValueError(f"requests need a 'prompt' or a 'messages' column; got columns {list(frame.columns)}")
+        prompts, messages = [], []
+        for number, row in enumerate(frame.to_dict(orient="records"), start=1):
+            chat = row.get("messages")
+            chat = None if chat is None or (isinstance(chat, float) and chat != chat) else chat  # NaN: not given
+            if chat is not None:
+                if not getattr(self.tokenizer, "chat_template", None):
+                    raise ValueError(f"request row {number} sends messages, but this model has no chat template: "
+                                     "send a 'prompt' instead")
+                chat = [dict(m) for m in chat]
+                if not chat or chat[-1].get("role") == "assistant":
+                    raise ValueError(f"request row {number}: messages must end with a user (or system) turn for "
+                                     "the assistant to answer")
+                prompts.append(str(chat[-1].get("content", "")))
+                messages.append(json.dumps(chat))
+            elif row.get("prompt") is not None:
+                prompts.append(str(row["prompt"]))
+                messages.append("")
+            else:
+                raise ValueError(f"request row {number} has neither a prompt nor messages")
+        return prompts, messages
