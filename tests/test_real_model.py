@@ -1,5 +1,5 @@
 """A real pretrained model: SmolLM2-135M-Instruct from its GGUF file (`make real-model`), converted once
-to a safetensors folder (gguf.py) and taken through the pipeline."""
+to a safetensors folder (modeling.gguf_folder) and taken through the pipeline."""
 
 import json
 import math
@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from dpoflow.data.sources import file_md5
-from dpoflow.gguf import gguf_folder
-from dpoflow.modeling import ModelLoadError, load_model, load_tokenizer
+from dpoflow.modeling import ModelLoadError, gguf_folder, load_model, load_tokenizer
 
 ROOT = Path(__file__).parent.parent
 

@@ -147,7 +147,7 @@ def _fingerprint(frames: dict) -> str:
 def data_config_for_run(cfg) -> DataConfig:
     """The run's data settings: prompts are counted with the base model's tokenizer when the base is
     a local folder or a GGUF file and data.tokenizer is not set (the tokenizer training will use)."""
-    from dpoflow.gguf import gguf_folder, is_gguf
+    from dpoflow.modeling import gguf_folder, is_gguf
 
     base = str(gguf_folder(cfg.model.base)) if is_gguf(cfg.model.base) else cfg.model.base
     if cfg.data.tokenizer is None and base and Path(base).is_dir() and (Path(base) / "tokenizer_config.json").exists():
